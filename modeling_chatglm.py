@@ -1,0 +1,1655 @@
+"""ChatGLM2/ChatGLM3 model: a drop-in, faster ``modeling_chatglm.py``.
+
+Copy this file (with ``configuration_chatglm.py`` and ``tokenization_chatglm.py``) into a downloaded
+chatglm3-6b checkpoint directory in place of the originals; ``AutoModel.from_pretrained(dir,
+trust_remote_code=True)`` then loads the checkpoint unchanged. Class, module and parameter names,
+config fields and outputs are the original's; the arithmetic is the same model.
+
+What is new, each switchable for an ablation (config field, else environment variable, else auto):
+  attention   ``attention_backend`` / CHATGLM_ATTENTION = auto | npu | sdpa | math
+  RMSNorm     ``rmsnorm_backend``   / CHATGLM_RMSNORM   = auto | npu | fused | math
+  KV cache    ``kv_cache``          / CHATGLM_KV_CACHE  = tuple | static
+  graph mode  ``exe_mode``          / EXE_MODE          = eager | dynamo
+  compiler    ``graph_backend``     / CHATGLM_GRAPH_BACKEND = auto | inductor | eager | aot_eager | ...
+
+Internally activations are batch-first, ``[batch, seq, hidden]``, and attention runs in BNSD
+(``[batch, heads, seq, head_dim]``), the layout the fused NPU kernels and SDPA take; the public
+outputs keep the original's layouts (hidden states ``[seq, batch, hidden]``, legacy cache
+``[seq, batch, kv_heads, head_dim]``). In graph mode only ``ChatGLMModel._wrap_graph`` (rotary
+embedding + the transformer layers) is compiled, once per model instance; masks, cache bookkeeping
+and every data-dependent decision stay outside it.
+"""
+
+import ast
+import contextlib
+import copy
+import importlib
+import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, LayerNorm, MSELoss
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.stopping_criteria import StoppingCriteriaList
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.utils import logging
+
+
+def _import_config_class():
+    # Remote code loads us as a package member (relative import); tests and scripts import the
+    # file from a directory on sys.path. importlib keeps transformers' import scanner from
+    # demanding a top-level "configuration_chatglm" package.
+    if __package__:
+        return importlib.import_module(".configuration_chatglm", __package__).ChatGLMConfig
+    return importlib.import_module("configuration_chatglm").ChatGLMConfig
+
+
+ChatGLMConfig = _import_config_class()
+
+logger = logging.get_logger(__name__)
+
+_CHECKPOINT_FOR_DOC = "THUDM/chatglm3-6b"
+_CONFIG_FOR_DOC = "ChatGLMConfig"
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-time options: config field > environment variable > default.
+# ---------------------------------------------------------------------------------------------
+
+_OPTION_SPECS = (
+    # (config field, environment variable, allowed values, default)
+    ("attention_backend", "CHATGLM_ATTENTION", ("auto", "npu", "sdpa", "math"), "auto"),
+    ("rmsnorm_backend", "CHATGLM_RMSNORM", ("auto", "npu", "fused", "math"), "auto"),
+    ("kv_cache", "CHATGLM_KV_CACHE", ("tuple", "static"), "tuple"),
+    ("exe_mode", "EXE_MODE", ("eager", "dynamo"), "eager"),
+)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """The fast-path switches of one model instance (names = the config fields)."""
+
+    attention_backend: str = "auto"
+    rmsnorm_backend: str = "auto"
+    kv_cache: str = "tuple"
+    exe_mode: str = "eager"
+    graph_backend: Any = "auto"
+
+    @classmethod
+    def from_config(cls, config) -> "RuntimeOptions":
+        values = {}
+        for field, env_name, allowed, default in _OPTION_SPECS:
+            value, source = getattr(config, field, None), f"config.{field}"
+            if value is None:
+                value, source = os.environ.get(env_name), env_name
+            if value is None or value == "":
+                value, source = default, None
+            value = str(value).strip().lower()
+            if value not in allowed:
+                raise ValueError(f"{source}={value!r} is not valid; use one of: {', '.join(allowed)}")
+            values[field] = value
+        backend = getattr(config, "graph_backend", None)
+        values["graph_backend"] = backend or os.environ.get("CHATGLM_GRAPH_BACKEND") or "auto"
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device capability probe (once, at import, never failing).
+# ---------------------------------------------------------------------------------------------
+
+
+def _optional_import(name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception:  # absent, or present but unusable (e.g. torch_npu without CANN)
+        return None
+
+
+_TORCH_NPU = _optional_import("torch_npu")
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+_HAS_F_RMS_NORM = hasattr(F, "rms_norm")
+
+_SUPPORTED_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    "npu": (torch.float32, torch.bfloat16, torch.float16),
+}
+# The fused NPU kernels compute in half precision only.
+_NPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _require_torch_npu(what: str):
+    if _TORCH_NPU is None:
+        raise RuntimeError(
+            f"{what} needs torch_npu, which cannot be imported here; install torch_npu and CANN "
+            "(see requirements-npu.txt) or choose another backend (e.g. CHATGLM_ATTENTION=sdpa, "
+            "CHATGLM_RMSNORM=fused)"
+        )
+    return _TORCH_NPU
+
+
+# ---------------------------------------------------------------------------------------------
+# Op implementations. Tensors in BNSD: q [b, heads, sq, d]; k, v [b, kv_heads, sk, d].
+# mask: bool [b, 1, sq, sk], True = masked (the original's polarity), or None = causal when
+# sq > 1 and "attend to everything" when sq == 1 (a decode step without padding).
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_math(q, k, v, mask):
+    """Unfused baseline: explicit matmul + fp32 softmax, K/V heads repeated like the original."""
+    heads, kv_heads, sq, sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = scores.float()
+    if mask is None and sq > 1:
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def _attention_sdpa(q, k, v, mask):
+    """``F.scaled_dot_product_attention`` without materialising repeated K/V heads."""
+    batch, heads, sq, head_dim = q.shape
+    kv_heads = k.shape[1]
+    keep = None if mask is None else ~mask
+    if kv_heads != heads and sq == 1:
+        # Decode: the query heads sharing a KV head become that head's "sequence" (the mask is
+        # per batch row, so it broadcasts); one plain SDPA call, no repeat, on any torch.
+        grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=keep)
+        return out.reshape(batch, heads, 1, head_dim)
+    # bool() turns a symbolic comparison into a guard (dynamic shapes in graph mode).
+    causal = bool(mask is None and sq > 1)
+    if kv_heads != heads:
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal, enable_gqa=True)
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal)
+
+
+def _attention_npu(q, k, v, mask):
+    """Ascend fused kernels: incremental (decode) kernel for one query token, prompt kernel else."""
+    npu = _require_torch_npu("attention_backend='npu'")
+    heads, kv_heads, sq = q.shape[1], k.shape[1], q.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if sq == 1:
+        return npu.npu_incre_flash_attention(
+            q,
+            k,
+            v,
+            atten_mask=mask,
+            num_heads=heads,
+            scale_value=scale,
+            input_layout="BNSD",
+            num_key_value_heads=kv_heads,
+        )
+    # next_tokens=0 with no mask is the kernel's causal band; with an explicit mask the band is
+    # opened fully and the mask alone decides (it already holds causality and padding).
+    return npu.npu_prompt_flash_attention(
+        q,
+        k,
+        v,
+        atten_mask=mask,
+        num_heads=heads,
+        scale_value=scale,
+        pre_tokens=65535,
+        next_tokens=0 if mask is None else 65535,
+        input_layout="BNSD",
+        num_key_value_heads=kv_heads,
+    )
+
+
+def _rmsnorm_math(x, weight, eps):
+    input_dtype = x.dtype
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return (weight * x).to(input_dtype)
+
+
+def _rmsnorm_fused(x, weight, eps):
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _rmsnorm_npu(x, weight, eps):
+    return _require_torch_npu("rmsnorm_backend='npu'").npu_rms_norm(x, weight, epsilon=eps)[0]
+
+
+def _cache_write_index_copy(buffer, positions, update):
+    # buffer [b, kv_heads, max_len, d]; positions [s] (same for every row); update [b, kv_heads, s, d]
+    buffer.index_copy_(2, positions, update)
+
+
+def _cache_write_npu(buffer, positions, update):
+    # scatter_update_ takes one start position per batch row on the given axis.
+    starts = positions[:1].expand(buffer.shape[0]).contiguous()
+    _require_torch_npu("kv_cache='static' on NPU").scatter_update_(buffer, starts, update, -2)
+
+
+ATTENTION_BACKENDS: Dict[str, Callable] = {
+    "npu": _attention_npu,
+    "sdpa": _attention_sdpa,
+    "math": _attention_math,
+}
+RMSNORM_BACKENDS: Dict[str, Callable] = {
+    "npu": _rmsnorm_npu,
+    "fused": _rmsnorm_fused,
+    "math": _rmsnorm_math,
+}
+CACHE_WRITERS: Dict[str, Callable] = {"npu": _cache_write_npu, "default": _cache_write_index_copy}
+
+
+def resolve_backends(options: RuntimeOptions, device: torch.device, dtype: torch.dtype):
+    """Pick (attention, rmsnorm, cache writer) names for tensors of ``dtype`` on ``device``."""
+    kind = device.type
+    allowed = _SUPPORTED_DTYPES.get(kind)
+    if allowed is not None and dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(
+            f"dtype {str(dtype).replace('torch.', '')} is not supported on {kind}; "
+            f"load the model with torch_dtype in ({names})"
+        )
+    attention, rmsnorm = options.attention_backend, options.rmsnorm_backend
+    on_npu = kind == "npu"
+    if attention == "auto":
+        attention = "npu" if on_npu and dtype in _NPU_KERNEL_DTYPES else "sdpa"
+    if rmsnorm == "auto":
+        rmsnorm = "npu" if on_npu else ("fused" if _HAS_F_RMS_NORM else "math")
+    if attention == "npu":
+        _require_torch_npu("attention_backend='npu'")
+        if on_npu and dtype not in _NPU_KERNEL_DTYPES:
+            raise TypeError(
+                "attention_backend='npu' runs in float16/bfloat16 only; load the model with "
+                "torch_dtype=torch.float16 or set CHATGLM_ATTENTION=sdpa"
+            )
+    if rmsnorm == "npu":
+        _require_torch_npu("rmsnorm_backend='npu'")
+    if rmsnorm == "fused" and not _HAS_F_RMS_NORM:
+        raise RuntimeError(
+            f"rmsnorm_backend='fused' needs torch.nn.functional.rms_norm (torch >= 2.4; this is "
+            f"torch {torch.__version__}); upgrade torch or set CHATGLM_RMSNORM=math"
+        )
+    writer = "npu" if attention == "npu" else "default"
+    return attention, rmsnorm, writer
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding (ChatGLM rotates the first half of each head, in interleaved pairs).
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [b, s, heads, d] by ``rope`` [b, s, rot/2, 2] (cos, sin) on its first rot dims."""
+    b, s, heads, _ = x.shape
+    rot_dim = rope.shape[-2] * 2
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    pairs = x_rot.reshape(b, s, heads, rot_dim // 2, 2)
+    rope = rope.view(b, s, 1, rot_dim // 2, 2)
+    rotated = torch.stack(
+        [
+            pairs[..., 0] * rope[..., 0] - pairs[..., 1] * rope[..., 1],
+            pairs[..., 1] * rope[..., 0] + pairs[..., 0] * rope[..., 1],
+        ],
+        -1,
+    ).flatten(3)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary table over all ``seq_length`` positions, base ``10000 * rope_ratio``."""
+
+    def __init__(self, dim, rope_ratio=1, original_impl=False, device=None, dtype=None):
+        super().__init__()
+        # Saved in the checkpoints (never read in forward; kept so loading reports no stray keys).
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device).to(dtype=dtype) / dim))
+        self.register_buffer("inv_freq", inv_freq)
+        self.dim = dim
+        self.original_impl = original_impl
+        self.rope_ratio = rope_ratio
+
+    def forward_impl(self, seq_len: int, n_elem: int, dtype, device, base: int = 10000):
+        base = base * self.rope_ratio
+        theta = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.float, device=device) / n_elem))
+        positions = torch.arange(seq_len, dtype=torch.float, device=device)
+        angles = torch.outer(positions, theta).float()
+        table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)  # [seq, n_elem/2, 2]
+        # The original rounds the table to the model's half dtype; same numbers, same rounding.
+        if dtype in (torch.float16, torch.bfloat16, torch.int8):
+            table = table.bfloat16() if dtype == torch.bfloat16 else table.half()
+        return table
+
+    def forward(self, max_seq_len, offset=0):
+        return self.forward_impl(
+            max_seq_len, self.dim, dtype=self.inv_freq.dtype, device=self.inv_freq.device
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Static KV cache.
+# ---------------------------------------------------------------------------------------------
+
+
+class StaticKVCache:
+    """Preallocated per-layer K/V buffers ``[batch, kv_heads, max_len, head_dim]``, written in place.
+
+    Every decode step sees the same shapes, so graph mode captures one decode graph. Indexing
+    (``cache[layer]``) returns the original's legacy ``(k, v)`` views ``[seq, batch, kv_heads, d]``
+    of the filled part, so code written against the tuple cache keeps working.
+    """
+
+    def __init__(self, num_layers, batch_size, kv_heads, max_len, head_dim, dtype, device):
+        shape = (batch_size, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.seq_len = 0
+        for buffer in self.keys + self.values:
+            if hasattr(torch._dynamo, "mark_static_address"):
+                torch._dynamo.mark_static_address(buffer)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def buffers(self):
+        return tuple(zip(self.keys, self.values))
+
+    def copy_from_legacy(self, legacy, length: int) -> None:
+        """Fill positions [0, length) from a legacy tuple cache (``[seq, batch, kv_heads, d]``)."""
+        for layer, (key, value) in enumerate(legacy):
+            self.keys[layer][:, :, :length].copy_(key.permute(1, 2, 0, 3))
+            self.values[layer][:, :, :length].copy_(value.permute(1, 2, 0, 3))
+        self.seq_len = length
+
+    def grown(self, new_max_len: int) -> "StaticKVCache":
+        bigger = StaticKVCache(
+            len(self.keys),
+            self.batch_size,
+            self.keys[0].shape[1],
+            new_max_len,
+            self.keys[0].shape[3],
+            self.keys[0].dtype,
+            self.keys[0].device,
+        )
+        for old, new in zip(self.keys + self.values, bigger.keys + bigger.values):
+            new[:, :, : self.seq_len].copy_(old[:, :, : self.seq_len])
+        bigger.seq_len = self.seq_len
+        return bigger
+
+    def reorder(self, beam_idx: torch.Tensor) -> "StaticKVCache":
+        for buffer in self.keys + self.values:
+            buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
+        return self
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, layer: int):
+        n = self.seq_len
+        return (
+            self.keys[layer][:, :, :n].permute(2, 0, 1, 3),
+            self.values[layer][:, :, :n].permute(2, 0, 1, 3),
+        )
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules (names and parameters exactly as in the original checkpoints).
+# ---------------------------------------------------------------------------------------------
+
+
+class InvalidScoreLogitsProcessor(LogitsProcessor):
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if torch.isnan(scores).any() or torch.isinf(scores).any():
+            scores.zero_()
+            scores[..., 5] = 5e4
+        return scores
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2 prefix: ``[batch, pre_seq_len] -> [batch, pre_seq_len, layers * 2 * kv_heads * d]``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.prefix_projection = config.prefix_projection
+        kv_size = config.num_layers * config.kv_channels * config.multi_query_group_num * 2
+        self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+        if self.prefix_projection:
+            self.trans = nn.Sequential(
+                nn.Linear(kv_size, config.hidden_size),
+                nn.Tanh(),
+                nn.Linear(config.hidden_size, kv_size),
+            )
+
+    def forward(self, prefix: torch.Tensor):
+        past = self.embedding(prefix)
+        return self.trans(past) if self.prefix_projection else past
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, normalized_shape, eps=1e-5, device=None, dtype=None, **kwargs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(normalized_shape, device=device, dtype=dtype))
+        self.eps = eps
+        self.impl = _rmsnorm_math
+
+    def forward(self, hidden_states: torch.Tensor):
+        return self.impl(hidden_states, self.weight, self.eps)
+
+
+class CoreAttention(nn.Module):
+    """Softmax attention through the backend chosen for the device (``self.impl``)."""
+
+    def __init__(self, config, layer_number):
+        super().__init__()
+        self.apply_query_key_layer_scaling = config.apply_query_key_layer_scaling
+        self.attention_softmax_in_fp32 = config.attention_softmax_in_fp32
+        if self.apply_query_key_layer_scaling:
+            self.attention_softmax_in_fp32 = True
+        self.layer_number = max(1, layer_number)
+        projection_size = config.kv_channels * config.num_attention_heads
+        self.hidden_size_per_partition = projection_size
+        self.hidden_size_per_attention_head = projection_size // config.num_attention_heads
+        self.num_attention_heads_per_partition = config.num_attention_heads
+        coeff = self.layer_number if self.apply_query_key_layer_scaling else None
+        self.norm_factor = math.sqrt(self.hidden_size_per_attention_head) * (coeff or 1)
+        self.coeff = coeff
+        self.attention_dropout = nn.Dropout(config.attention_dropout)
+        self.impl = _attention_math
+
+    def forward(self, query_layer, key_layer, value_layer, attention_mask):
+        # q [b, heads, sq, d]; k, v [b, kv_heads, sk, d] -> context [b, sq, heads * d]
+        context = self.impl(query_layer, key_layer, value_layer, attention_mask)
+        b, heads, sq, d = context.shape
+        return context.transpose(1, 2).reshape(b, sq, heads * d)
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection, rotary embedding, KV cache update, attention, output projection."""
+
+    def __init__(self, config, layer_number, device=None):
+        super().__init__()
+        self.layer_number = max(1, layer_number)
+        self.projection_size = config.kv_channels * config.num_attention_heads
+        self.hidden_size_per_attention_head = self.projection_size // config.num_attention_heads
+        self.num_attention_heads_per_partition = config.num_attention_heads
+        self.multi_query_attention = config.multi_query_attention
+        self.qkv_hidden_size = 3 * self.projection_size
+        self.num_multi_query_groups_per_partition = config.num_attention_heads
+        if self.multi_query_attention:
+            self.num_multi_query_groups_per_partition = config.multi_query_group_num
+            self.qkv_hidden_size = (
+                self.projection_size + 2 * self.hidden_size_per_attention_head * config.multi_query_group_num
+            )
+        self.query_key_value = nn.Linear(
+            config.hidden_size,
+            self.qkv_hidden_size,
+            bias=config.add_bias_linear or config.add_qkv_bias,
+            device=device,
+            **_config_to_kwargs(config),
+        )
+        self.core_attention = CoreAttention(config, self.layer_number)
+        self.dense = nn.Linear(
+            self.projection_size,
+            config.hidden_size,
+            bias=config.add_bias_linear,
+            device=device,
+            **_config_to_kwargs(config),
+        )
+        self.write_cache = _cache_write_index_copy
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask,
+        rotary_pos_emb,
+        kv_cache=None,
+        use_cache=True,
+        cache_position=None,
+        attend_to_cache=False,
+    ):
+        """``hidden_states`` [b, s, h]; ``kv_cache``: legacy (k, v) ``[past, b, g, d]``, or the static
+        buffers ``[b, g, max_len, d]`` when ``cache_position`` is given. Returns (output, present)."""
+        b, s, _ = hidden_states.shape
+        d = self.hidden_size_per_attention_head
+        heads = self.num_attention_heads_per_partition
+        groups = self.num_multi_query_groups_per_partition
+        mixed = self.query_key_value(hidden_states)
+        query, key, value = mixed.split([heads * d, groups * d, groups * d], dim=-1)
+        query = query.view(b, s, heads, d)
+        key = key.view(b, s, groups, d)
+        value = value.view(b, s, groups, d)
+        if rotary_pos_emb is not None:
+            query = apply_rotary_pos_emb(query, rotary_pos_emb)
+            key = apply_rotary_pos_emb(key, rotary_pos_emb)
+        query = query.transpose(1, 2)  # [b, heads, s, d]
+
+        if cache_position is not None:
+            # Static cache: write the new K/V in place; attend to the buffer, or (a prompt with
+            # no past) to the fresh K/V only, sparing a full-length attention.
+            key_bnsd, value_bnsd = key.transpose(1, 2), value.transpose(1, 2)
+            key_buffer, value_buffer = kv_cache
+            self.write_cache(key_buffer, cache_position, key_bnsd)
+            self.write_cache(value_buffer, cache_position, value_bnsd)
+            if attend_to_cache:
+                key_bnsd, value_bnsd = key_buffer, value_buffer
+            present = None
+        else:
+            key_sbgd, value_sbgd = key.transpose(0, 1), value.transpose(0, 1)  # [s, b, g, d]
+            if kv_cache is not None:
+                key_sbgd = torch.cat((kv_cache[0], key_sbgd), dim=0)
+                value_sbgd = torch.cat((kv_cache[1], value_sbgd), dim=0)
+            present = (key_sbgd, value_sbgd) if use_cache else None
+            key_bnsd = key_sbgd.permute(1, 2, 0, 3)  # [b, g, seq, d]
+            value_bnsd = value_sbgd.permute(1, 2, 0, 3)
+
+        context = self.core_attention(query, key_bnsd, value_bnsd, attention_mask)
+        return self.dense(context), present
+
+
+def _config_dtype(config) -> Optional[torch.dtype]:
+    """The checkpoint's dtype from ``config.torch_dtype`` (``config.dtype`` in transformers 5)."""
+    for name in ("dtype", "torch_dtype"):
+        value = config.__dict__.get(name)
+        if isinstance(value, str):
+            value = getattr(torch, value, None)
+        if isinstance(value, torch.dtype):
+            return value
+    return None
+
+
+def _config_to_kwargs(config):
+    dtype = _config_dtype(config)
+    return {} if dtype is None else {"dtype": dtype}
+
+
+class MLP(nn.Module):
+    """SwiGLU: h -> 2 * ffn (gate, up) -> silu(gate) * up -> h."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.add_bias = config.add_bias_linear
+        self.dense_h_to_4h = nn.Linear(
+            config.hidden_size,
+            config.ffn_hidden_size * 2,
+            bias=self.add_bias,
+            device=device,
+            **_config_to_kwargs(config),
+        )
+        self.dense_4h_to_h = nn.Linear(
+            config.ffn_hidden_size,
+            config.hidden_size,
+            bias=self.add_bias,
+            device=device,
+            **_config_to_kwargs(config),
+        )
+
+    def forward(self, hidden_states):
+        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    """Pre-norm transformer layer: RMSNorm -> attention -> residual -> RMSNorm -> MLP -> residual."""
+
+    def __init__(self, config, layer_number, device=None):
+        super().__init__()
+        self.layer_number = layer_number
+        self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
+        self.fp32_residual_connection = config.fp32_residual_connection
+        norm_class = RMSNorm if config.rmsnorm else LayerNorm
+        self.input_layernorm = norm_class(
+            config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
+        )
+        self.self_attention = SelfAttention(config, layer_number, device=device)
+        self.hidden_dropout = config.hidden_dropout
+        self.post_attention_layernorm = norm_class(
+            config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
+        )
+        self.mlp = MLP(config, device=device)
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask,
+        rotary_pos_emb,
+        kv_cache=None,
+        use_cache=True,
+        cache_position=None,
+        attend_to_cache=False,
+    ):
+        normed = self.input_layernorm(hidden_states)
+        attention_output, kv_cache = self.self_attention(
+            normed,
+            attention_mask,
+            rotary_pos_emb,
+            kv_cache=kv_cache,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            attend_to_cache=attend_to_cache,
+        )
+        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
+        hidden_states = residual + F.dropout(attention_output, p=self.hidden_dropout, training=self.training)
+        normed = self.post_attention_layernorm(hidden_states)
+        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
+        mlp_output = self.mlp(normed)
+        return residual + F.dropout(mlp_output, p=self.hidden_dropout, training=self.training), kv_cache
+
+
+class GLMTransformer(nn.Module):
+    """The stack of ``GLMBlock`` layers plus the final RMSNorm."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.fp32_residual_connection = config.fp32_residual_connection
+        self.post_layer_norm = config.post_layer_norm
+        self.num_layers = config.num_layers
+        self.layers = nn.ModuleList([GLMBlock(config, i + 1, device=device) for i in range(self.num_layers)])
+        if self.post_layer_norm:
+            norm_class = RMSNorm if config.rmsnorm else LayerNorm
+            self.final_layernorm = norm_class(
+                config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
+            )
+        self.gradient_checkpointing = False
+
+    def _get_layer(self, layer_number):
+        return self.layers[layer_number]
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask,
+        rotary_pos_emb,
+        kv_caches=None,
+        use_cache=True,
+        output_hidden_states=False,
+        cache_position=None,
+        attend_to_cache=False,
+    ):
+        """``hidden_states`` [b, s, h] -> (hidden [b, s, h], presents, all hidden states)."""
+        if kv_caches is None:
+            kv_caches = [None] * self.num_layers
+        presents = () if use_cache and cache_position is None else None
+        all_hidden_states = () if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training
+        for index in range(self.num_layers):
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+            layer = self._get_layer(index)
+            args = (
+                hidden_states,
+                attention_mask,
+                rotary_pos_emb,
+                kv_caches[index],
+                use_cache,
+                cache_position,
+                attend_to_cache,
+            )
+            if checkpointing:
+                hidden_states, kv_cache = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                hidden_states, kv_cache = layer(*args)
+            if presents is not None:
+                presents = presents + (kv_cache,)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states + (hidden_states,)
+        if self.post_layer_norm:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states, presents, all_hidden_states, None
+
+
+class Embedding(nn.Module):
+    """Word embeddings. ``forward`` returns the original's ``[seq, batch, hidden]`` layout."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.word_embeddings = nn.Embedding(
+            config.padded_vocab_size, self.hidden_size, device=device, **_config_to_kwargs(config)
+        )
+        self.fp32_residual_connection = config.fp32_residual_connection
+
+    def forward(self, input_ids):
+        embeddings = self.word_embeddings(input_ids).transpose(0, 1).contiguous()
+        return embeddings.float() if self.fp32_residual_connection else embeddings
+
+
+# transformers 5 renamed the outputs' ``past_key_values`` field to ``cache`` (keeping a deprecated
+# alias); we fill whichever field this version has.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _output_cache(outputs):
+    return outputs[_CACHE_FIELD] if _CACHE_FIELD in outputs else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-trained model base.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_hf_cache(obj) -> bool:
+    return (
+        obj is not None
+        and not isinstance(obj, (tuple, list, StaticKVCache))
+        and hasattr(obj, "get_seq_length")
+    )
+
+
+def _normalize_past(past):
+    """Accept the legacy tuple cache, our StaticKVCache, or a transformers ``Cache`` object."""
+    if _is_hf_cache(past):
+        if past.get_seq_length() == 0:
+            return None
+        if hasattr(past, "to_legacy_cache"):
+            return tuple((k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)) for k, v in past.to_legacy_cache())
+        raise TypeError(
+            f"past_key_values of type {type(past).__name__} is not supported by ChatGLM; pass the "
+            "tuple returned in outputs.past_key_values"
+        )
+    return past
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    """Weights loading and configuration shared by the ChatGLM heads."""
+
+    is_parallelizable = False
+    supports_gradient_checkpointing = True
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["GLMBlock"]
+
+    def _init_weights(self, module: nn.Module):
+        """Weights come from the checkpoint; nothing to initialise (as in the original)."""
+        return
+
+    def _set_gradient_checkpointing(self, module=None, value=False, **kwargs):
+        # transformers < 4.35 passes (module, value); newer ones (enable=..., gradient_checkpointing_func=...)
+        enable = kwargs.get("enable", value)
+        for sub in self.modules():
+            if isinstance(sub, GLMTransformer):
+                sub.gradient_checkpointing = bool(enable)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # We keep our own caches (legacy tuple or StaticKVCache); generate() must not make one.
+        return False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        _check_checkpoint_dir(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def get_masks(self, input_ids, past_key_values, padding_mask=None):
+        return _legacy_mask(
+            input_ids.shape[0],
+            input_ids.shape[1],
+            _past_length(past_key_values),
+            padding_mask,
+            input_ids.device,
+        )
+
+    def get_position_ids(self, input_ids, device):
+        batch_size, seq_length = input_ids.shape
+        return torch.arange(seq_length, dtype=torch.long, device=device).unsqueeze(0).repeat(batch_size, 1)
+
+
+def _check_checkpoint_dir(path) -> None:
+    """Clear errors for the local directories users point us at (hub ids pass through)."""
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        return
+    directory = Path(path)
+    if not directory.exists():
+        if os.path.isabs(path) or str(path).startswith("."):
+            raise FileNotFoundError(
+                f"checkpoint directory {path} does not exist; pass the folder holding the "
+                "downloaded chatglm3-6b files (config.json, *.safetensors or *.bin)"
+            )
+        return
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that contains it")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{path} has no config.json; pass the chatglm3-6b checkpoint directory (the one with "
+            "config.json and the weight shards)"
+        )
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error}); re-download the checkpoint") from None
+    if model_type != "chatglm":
+        raise ValueError(
+            f"{config_file} has model_type={model_type!r}, not 'chatglm'; this file only runs "
+            "ChatGLM2/ChatGLM3 checkpoints"
+        )
+
+
+def _past_length(past) -> int:
+    if past is None:
+        return 0
+    if isinstance(past, StaticKVCache):
+        return past.seq_len
+    return past[0][0].shape[0]
+
+
+def _legacy_mask(batch, seq, past_len, padding_mask, device):
+    """The original's mask, bool ``[b, 1, seq, past + seq]`` with True = masked.
+
+    Causal over the new tokens, everything over the past, times the padding mask; in a prompt
+    without past a padded query row attends to every position (keeps softmax finite).
+    """
+    mask = torch.ones(batch, seq, seq, device=device).tril_()
+    if past_len:
+        mask = torch.cat((torch.ones(batch, seq, past_len, device=device), mask), dim=-1)
+    if padding_mask is not None:
+        mask = mask * padding_mask.unsqueeze(1)
+        if not past_len:
+            mask -= padding_mask.unsqueeze(-1) - 1
+    return (mask < 0.5).bool().unsqueeze(1)
+
+
+def _static_mask(batch, seq, past_len, max_len, padding_mask, device):
+    """Mask over the whole static buffer, bool ``[b, 1, seq, max_len]``, True = masked."""
+    positions = torch.arange(max_len, device=device)
+    query_positions = torch.arange(past_len, past_len + seq, device=device)
+    mask = positions[None, :] > query_positions[:, None]  # future and unwritten slots
+    mask = mask[None, None].expand(batch, 1, seq, max_len)
+    if padding_mask is not None:
+        pad = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        pad[:, : padding_mask.shape[1]] = padding_mask == 0
+        mask = mask | pad[:, None, None, :]
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# ChatGLMModel: embedding -> (_wrap_graph: rotary + encoder) -> hidden states.
+# ---------------------------------------------------------------------------------------------
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    """The ChatGLM transformer (embedding, layers, final norm) with the output projection attached."""
+
+    def __init__(self, config, device=None, empty_init=True):
+        super().__init__(config)
+        build_device = torch.device("meta") if empty_init and device is None else device
+        with torch.device(build_device) if build_device is not None else contextlib.nullcontext():
+            self.embedding = Embedding(config)
+            self.num_layers = config.num_layers
+            self.multi_query_group_num = config.multi_query_group_num
+            self.kv_channels = config.kv_channels
+            self.seq_length = config.seq_length
+            rotary_dim = (
+                config.hidden_size // config.num_attention_heads
+                if config.kv_channels is None
+                else config.kv_channels
+            )
+            self.rotary_pos_emb = RotaryEmbedding(
+                rotary_dim // 2,
+                rope_ratio=getattr(config, "rope_ratio", 1),
+                original_impl=getattr(config, "original_rope", True),
+                dtype=_config_dtype(config),
+            )
+            self.encoder = GLMTransformer(config)
+            self.output_layer = nn.Linear(
+                config.hidden_size, config.padded_vocab_size, bias=False, **_config_to_kwargs(config)
+            )
+        if build_device is not None and build_device.type == "meta":
+            self.to_empty(device="cpu")
+            # to_empty leaves garbage; the rotary buffer is not always in checkpoints, recompute it.
+            dim = self.rotary_pos_emb.dim
+            self.rotary_pos_emb.inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
+        self.pre_seq_len = config.pre_seq_len
+        self.prefix_projection = config.prefix_projection
+        if self.pre_seq_len is not None:
+            for param in self.parameters():
+                param.requires_grad = False
+            self.prefix_tokens = torch.arange(self.pre_seq_len).long()
+            self.prefix_encoder = PrefixEncoder(config)
+            self.dropout = nn.Dropout(0.1)
+        self.options = RuntimeOptions.from_config(config)
+        self._backend_key = None
+        self._compiled_graph = None
+        self._rope_table = None
+
+    def get_input_embeddings(self):
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embedding.word_embeddings = value
+
+    def get_prompt(self, batch_size, device, dtype=torch.half):
+        prefix_tokens = self.prefix_tokens.unsqueeze(0).expand(batch_size, -1).to(device)
+        past_key_values = self.prefix_encoder(prefix_tokens).type(dtype)
+        past_key_values = past_key_values.view(
+            batch_size, self.pre_seq_len, self.num_layers * 2, self.multi_query_group_num, self.kv_channels
+        )
+        past_key_values = self.dropout(past_key_values)
+        return past_key_values.permute([2, 1, 0, 3, 4]).split(2)
+
+    # --- per-instance backend selection and graph compilation -------------------------------
+
+    def set_runtime_options(self, **changes) -> None:
+        """Change fast-path switches of a built model (e.g. ``exe_mode="dynamo"``) for ablations.
+
+        Takes the config field names; drops compiled graphs and re-selects backends."""
+        fields = RuntimeOptions.__dataclass_fields__
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown runtime option(s) {unknown}; use: {', '.join(fields)}")
+        for key, value in changes.items():
+            setattr(self.config, key, value)
+        self.options = RuntimeOptions.from_config(self.config)
+        self._backend_key = None
+        self._compiled_graph = None
+
+    def _select_backends(self, device: torch.device, dtype: torch.dtype) -> None:
+        key = (device.type, dtype)
+        if self._backend_key == key:
+            return
+        attention, rmsnorm, writer = resolve_backends(self.options, device, dtype)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.impl = RMSNORM_BACKENDS[rmsnorm]
+            elif isinstance(module, CoreAttention):
+                module.impl = ATTENTION_BACKENDS[attention]
+            elif isinstance(module, SelfAttention):
+                module.write_cache = CACHE_WRITERS[writer]
+        self.backends = {"attention": attention, "rmsnorm": rmsnorm, "device": device.type}
+        self._backend_key = key
+        self._compiled_graph = None
+
+    def _graph_fn(self, device: torch.device):
+        if self.options.exe_mode == "eager":
+            return self._wrap_graph
+        if self._compiled_graph is None:
+            self._compiled_graph = torch.compile(
+                self._wrap_graph, fullgraph=True, dynamic=None, **_compile_kwargs(self.options, device)
+            )
+        return self._compiled_graph
+
+    def _rotary_table(self):
+        inv_freq = self.rotary_pos_emb.inv_freq
+        key = (inv_freq.device, inv_freq.dtype)
+        if self._rope_table is None or self._rope_table[0] != key:
+            self._rope_table = (key, self.rotary_pos_emb(self.seq_length))
+        return self._rope_table[1]
+
+    def _wrap_graph(
+        self,
+        hidden_states,
+        position_ids,
+        rope_table,
+        attention_mask,
+        kv_caches,
+        cache_position,
+        use_cache: bool,
+        output_hidden_states: bool,
+        attend_to_cache: bool,
+    ):
+        """The compiled region: rotary embedding + all layers. Pure tensor math, no data-dependent
+        branches. ``hidden_states`` [b, s, h], ``position_ids`` [b, s]."""
+        rotary_pos_emb = rope_table[position_ids]  # [b, s, rot/2, 2]
+        return self.encoder(
+            hidden_states,
+            attention_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            kv_caches=kv_caches,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            cache_position=cache_position,
+            attend_to_cache=attend_to_cache,
+        )
+
+    def _new_static_cache(self, batch_size, needed, dtype, device):
+        capacity = min(self.seq_length, max(needed, getattr(self, "static_cache_len", 0) or 0))
+        capacity = max(capacity, needed)
+        attention = self.encoder.layers[0].self_attention
+        return StaticKVCache(
+            self.num_layers,
+            batch_size,
+            attention.num_multi_query_groups_per_partition,
+            capacity,
+            attention.hidden_size_per_attention_head,
+            dtype,
+            device,
+        )
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.BoolTensor] = None,
+        full_attention_mask: Optional[torch.BoolTensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (or inputs_embeds)")
+            batch_size, seq_length = input_ids.shape
+            hidden_states = self.embedding.word_embeddings(input_ids)  # [b, s, h]
+            if self.embedding.fp32_residual_connection:
+                hidden_states = hidden_states.float()
+        else:
+            hidden_states = inputs_embeds.transpose(0, 1)  # public layout is [s, b, h]
+            seq_length, batch_size = inputs_embeds.shape[:2]
+        device = hidden_states.device
+        self._select_backends(device, hidden_states.dtype)
+
+        past_key_values = _normalize_past(past_key_values)
+        if self.pre_seq_len is not None:
+            if past_key_values is None:
+                past_key_values = self.get_prompt(batch_size, device, hidden_states.dtype)
+            if attention_mask is not None:
+                attention_mask = torch.cat(
+                    [attention_mask.new_ones((batch_size, self.pre_seq_len)), attention_mask], dim=-1
+                )
+        past_len = _past_length(past_key_values)
+        total = past_len + seq_length
+        if total > self.seq_length:
+            raise ValueError(
+                f"input of {seq_length} tokens after {past_len} cached ones needs {total} positions, "
+                f"more than the model's context (seq_length={self.seq_length}); shorten the prompt or "
+                "max_new_tokens, or use a longer-context checkpoint (e.g. chatglm3-6b-32k)"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, total):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but must be "
+                f"[batch, past + seq] = [{batch_size}, {total}]; pass the mask of the whole sequence so far"
+            )
+        if position_ids is None:
+            offset = past_len - (self.pre_seq_len or 0)
+            position_ids = (
+                torch.arange(offset, offset + seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
+            )
+
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded and past_len == 0 and bool((attention_mask[:, :-1] > attention_mask[:, 1:]).any()):
+            raise ValueError(
+                "attention_mask is right-padded (a 0 after a 1); ChatGLM needs left padding: set "
+                "tokenizer.padding_side = 'left' (the default of our tokenizer)"
+            )
+
+        static = self.options.kv_cache == "static" and use_cache
+        cache_position = None
+        attend_to_cache = False
+        if static:
+            if not isinstance(past_key_values, StaticKVCache):
+                legacy = past_key_values
+                past_key_values = self._new_static_cache(batch_size, total, hidden_states.dtype, device)
+                if legacy is not None:
+                    past_key_values.copy_from_legacy(legacy, past_len)
+            elif total > past_key_values.max_len:
+                past_key_values = past_key_values.grown(
+                    min(self.seq_length, max(total, 2 * past_key_values.max_len))
+                )
+            cache_position = torch.arange(past_len, total, device=device)
+            attend_to_cache = past_len > 0
+            if full_attention_mask is None:
+                if attend_to_cache:
+                    full_attention_mask = _static_mask(
+                        batch_size, seq_length, past_len, past_key_values.max_len, attention_mask, device
+                    )
+                elif padded:
+                    full_attention_mask = _legacy_mask(batch_size, seq_length, 0, attention_mask, device)
+            kv_caches = past_key_values.buffers()
+        else:
+            if full_attention_mask is None and (padded or (past_len and seq_length != 1)):
+                full_attention_mask = _legacy_mask(batch_size, seq_length, past_len, attention_mask, device)
+            kv_caches = past_key_values
+
+        graph = self._graph_fn(device)
+        hidden_states, presents, all_hidden_states, _ = graph(
+            hidden_states,
+            position_ids,
+            self._rotary_table(),
+            full_attention_mask,
+            kv_caches,
+            cache_position,
+            use_cache,
+            bool(output_hidden_states),
+            attend_to_cache,
+        )
+        if static:
+            past_key_values.seq_len = total
+            presents = past_key_values
+
+        hidden_states = hidden_states.transpose(0, 1)  # public layout [s, b, h]
+        if all_hidden_states is not None:
+            all_hidden_states = tuple(h.transpose(0, 1) for h in all_hidden_states)
+        if not return_dict:
+            return tuple(v for v in [hidden_states, presents, all_hidden_states, None] if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=None,
+            **{_CACHE_FIELD: presents},
+        )
+
+
+def _compile_kwargs(options: RuntimeOptions, device: torch.device) -> Dict[str, Any]:
+    backend = options.graph_backend
+    if callable(backend):
+        return {"backend": backend}
+    backend = str(backend)
+    if backend == "auto":
+        backend = "torchair" if device.type == "npu" else "inductor"
+    if backend == "torchair":
+        _require_torch_npu("the torchair graph backend")
+        torchair = _optional_import("torchair")
+        if torchair is None:
+            raise RuntimeError(
+                "EXE_MODE=dynamo on NPU needs torchair (shipped with torch_npu); reinstall torch_npu "
+                "or set CHATGLM_GRAPH_BACKEND=eager"
+            )
+        config = torchair.CompilerConfig()
+        # Weights become graph constants: the NPU analogue of inductor's freezing.
+        config.experimental_config.frozen_parameter = True
+        return {"backend": torchair.get_npu_backend(compiler_config=config)}
+    if backend == "inductor" and device.type == "cpu":
+        # Freezing folds the weights into the graph and lets inductor prepack them for oneDNN.
+        return {"backend": "inductor", "options": {"freezing": True}}
+    return {"backend": backend}
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads.
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_checkpoint_quantizer(config):
+    candidates = [Path(__file__).resolve().parent / "quantization.py"]
+    name_or_path = getattr(config, "_name_or_path", None)
+    if name_or_path and Path(name_or_path).is_dir():
+        candidates.append(Path(name_or_path) / "quantization.py")
+    for candidate in candidates:
+        if candidate.is_file():
+            spec = importlib.util.spec_from_file_location(f"_chatglm_quantization_{id(config)}", candidate)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module.quantize
+    raise FileNotFoundError(
+        "quantize() uses the checkpoint's own quantization.py (shipped with THUDM/chatglm3-6b), "
+        f"which is not in {' or '.join(str(c.parent) for c in candidates)}; copy it next to "
+        "modeling_chatglm.py or load an already quantized checkpoint (chatglm3-6b-int4)"
+    )
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    """ChatGLM with its language-model head (``transformer.output_layer``), ``generate`` and chat."""
+
+    def __init__(self, config, empty_init=True, device=None):
+        super().__init__(config)
+        self.max_sequence_length = getattr(config, "max_length", None) or config.seq_length
+        self.transformer = ChatGLMModel(config, empty_init=empty_init, device=device)
+        self.config = config
+        self.quantized = False
+        if self.config.quantization_bit:
+            self.quantize(self.config.quantization_bit, empty_init=True)
+        self.post_init()
+
+    # --- generation plumbing (independent of the transformers version) ---------------------
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs, is_encoder_decoder=False, standardize_cache_format=False, **kwargs
+    ):
+        model_kwargs.pop("cache", None)
+        model_kwargs["past_key_values"] = _output_cache(outputs)
+        if model_kwargs.get("attention_mask") is not None:
+            mask = model_kwargs["attention_mask"]
+            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        if model_kwargs.get("position_ids") is not None:
+            position_ids = model_kwargs["position_ids"]
+            model_kwargs["position_ids"] = torch.cat([position_ids, position_ids[..., -1:] + 1], dim=-1)
+        model_kwargs["is_first_forward"] = False
+        return model_kwargs
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        attention_mask=None,
+        position_ids=None,
+        use_cache=None,
+        is_first_forward=True,
+        cache=None,
+        **kwargs,
+    ):
+        past_key_values = _normalize_past(past_key_values if past_key_values is not None else cache)
+        if position_ids is None:
+            position_ids = self.get_position_ids(input_ids, device=input_ids.device)
+        if not is_first_forward and past_key_values is not None:
+            position_ids = position_ids[..., -1:]
+            input_ids = input_ids[:, -1:]
+        return {
+            "input_ids": input_ids,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+            "attention_mask": attention_mask,
+            "return_last_logit": True,
+            "use_cache": use_cache if use_cache is not None else self.config.use_cache,
+        }
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate``; with ``kv_cache='static'`` the cache is sized for the run."""
+        if self.transformer.options.kv_cache == "static":
+            self.transformer.static_cache_len = _requested_length(self, args, kwargs)
+        return super().generate(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        return_last_logit: Optional[bool] = False,
+    ):
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        transformer_outputs = self.transformer(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        hidden_states = transformer_outputs[0]  # [s, b, h]
+        if return_last_logit:
+            hidden_states = hidden_states[-1:]
+        lm_logits = self.transformer.output_layer(hidden_states).transpose(0, 1).contiguous()
+
+        loss = None
+        if labels is not None:
+            lm_logits = lm_logits.to(torch.float32)
+            shift_logits = lm_logits[..., :-1, :].contiguous()
+            shift_labels = labels[..., 1:].contiguous()
+            loss = CrossEntropyLoss(ignore_index=-100)(
+                shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1)
+            )
+            lm_logits = lm_logits.to(hidden_states.dtype)
+            loss = loss.to(hidden_states.dtype)
+
+        if not return_dict:
+            output = (lm_logits,) + tuple(transformer_outputs[1:])
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=lm_logits,
+            hidden_states=transformer_outputs.hidden_states,
+            attentions=transformer_outputs.attentions,
+            **{_CACHE_FIELD: _output_cache(transformer_outputs)},
+        )
+
+    @staticmethod
+    def _reorder_cache(past, beam_idx: torch.LongTensor):
+        if isinstance(past, StaticKVCache):
+            return past.reorder(beam_idx)
+        return tuple(
+            (
+                layer_past[0].index_select(1, beam_idx.to(layer_past[0].device)),
+                layer_past[1].index_select(1, beam_idx.to(layer_past[1].device)),
+            )
+            for layer_past in past
+        )
+
+    def quantize(self, bits: int, empty_init=False, device=None, **kwargs):
+        """Weight-only quantisation through the checkpoint's own ``quantization.py``."""
+        if bits == 0:
+            return self
+        if self.quantized:
+            logger.info("Already quantized.")
+            return self
+        quantize_fn = _load_checkpoint_quantizer(self.config)
+        self.quantized = True
+        self.config.quantization_bit = bits
+        self.transformer.encoder = quantize_fn(
+            self.transformer.encoder, bits, empty_init=empty_init, device=device, **kwargs
+        )
+        return self
+
+    # --- chat helpers ---------------------------------------------------------------------
+
+    def process_response(self, output, history):
+        """Split the model's answer into (content, history); tool calls become dicts."""
+        content = ""
+        history = copy.deepcopy(history)
+        for response in output.split("<|assistant|>"):
+            metadata, content = response.split("\n", maxsplit=1) if "\n" in response else ("", response)
+            if not metadata.strip():
+                content = content.strip()
+                history.append({"role": "assistant", "metadata": metadata, "content": content})
+                content = content.replace("[[训练时间]]", "2023年")
+            else:
+                history.append({"role": "assistant", "metadata": metadata, "content": content})
+                if history[0]["role"] == "system" and "tools" in history[0]:
+                    code = "\n".join(content.split("\n")[1:-1])
+                    content = {"name": metadata.strip(), "parameters": _parse_tool_call(code)}
+                else:
+                    content = {"name": metadata.strip(), "content": content}
+        return content, history
+
+    @torch.inference_mode()
+    def chat(
+        self,
+        tokenizer,
+        query: str,
+        history: List[Dict] = None,
+        role: str = "user",
+        max_length: int = 8192,
+        num_beams=1,
+        do_sample=True,
+        top_p=0.8,
+        temperature=0.8,
+        logits_processor=None,
+        **kwargs,
+    ):
+        """One chat turn: returns (response, history)."""
+        history = [] if history is None else history
+        logits_processor = LogitsProcessorList() if logits_processor is None else logits_processor
+        logits_processor.append(InvalidScoreLogitsProcessor())
+        gen_kwargs = {
+            "max_length": max_length,
+            "num_beams": num_beams,
+            "do_sample": do_sample,
+            "top_p": top_p,
+            "temperature": temperature,
+            "logits_processor": logits_processor,
+            **kwargs,
+        }
+        inputs = tokenizer.build_chat_input(query, history=history, role=role).to(self.device)
+        eos_token_id = [
+            tokenizer.eos_token_id,
+            tokenizer.get_command("<|user|>"),
+            tokenizer.get_command("<|observation|>"),
+        ]
+        outputs = self.generate(**inputs, **gen_kwargs, eos_token_id=eos_token_id)
+        outputs = outputs.tolist()[0][len(inputs["input_ids"][0]) : -1]
+        response = tokenizer.decode(outputs)
+        history.append({"role": role, "content": query})
+        return self.process_response(response, history)
+
+    @torch.inference_mode()
+    def stream_chat(
+        self,
+        tokenizer,
+        query: str,
+        history: List[Dict] = None,
+        role: str = "user",
+        past_key_values=None,
+        max_length: int = 8192,
+        do_sample=True,
+        top_p=0.8,
+        temperature=0.8,
+        logits_processor=None,
+        return_past_key_values=False,
+        **kwargs,
+    ):
+        """Yield (response, history[, past_key_values]) as the answer grows."""
+        history = [] if history is None else history
+        logits_processor = LogitsProcessorList() if logits_processor is None else logits_processor
+        logits_processor.append(InvalidScoreLogitsProcessor())
+        eos_token_id = [
+            tokenizer.eos_token_id,
+            tokenizer.get_command("<|user|>"),
+            tokenizer.get_command("<|observation|>"),
+        ]
+        gen_kwargs = {
+            "max_length": max_length,
+            "do_sample": do_sample,
+            "top_p": top_p,
+            "temperature": temperature,
+            "logits_processor": logits_processor,
+            **kwargs,
+        }
+        if past_key_values is None:
+            inputs = tokenizer.build_chat_input(query, history=history, role=role)
+        else:
+            inputs = tokenizer.build_chat_input(query, role=role)
+        inputs = inputs.to(self.device)
+        if past_key_values is not None:
+            past_length = _past_length(past_key_values) - (self.transformer.pre_seq_len or 0)
+            inputs["position_ids"] = inputs["position_ids"] + past_length
+            attention_mask = inputs["attention_mask"]
+            inputs["attention_mask"] = torch.cat(
+                (attention_mask.new_ones(1, past_length), attention_mask), dim=1
+            )
+        history.append({"role": role, "content": query})
+        prompt_length = len(inputs["input_ids"][0])
+        for outputs in self.stream_generate(
+            **inputs,
+            past_key_values=past_key_values,
+            eos_token_id=eos_token_id,
+            return_past_key_values=return_past_key_values,
+            **gen_kwargs,
+        ):
+            if return_past_key_values:
+                outputs, past_key_values = outputs
+            response = tokenizer.decode(outputs.tolist()[0][prompt_length:-1])
+            if response and response[-1] != "�":
+                response, new_history = self.process_response(response, history)
+                if return_past_key_values:
+                    yield response, new_history, past_key_values
+                else:
+                    yield response, new_history
+
+    @torch.inference_mode()
+    def stream_generate(
+        self,
+        input_ids,
+        generation_config: Optional[GenerationConfig] = None,
+        logits_processor: Optional[LogitsProcessorList] = None,
+        stopping_criteria: Optional[StoppingCriteriaList] = None,
+        prefix_allowed_tokens_fn=None,
+        return_past_key_values=False,
+        **kwargs,
+    ):
+        """Yield the growing ``input_ids`` after every new token (greedy or sampling).
+
+        A small loop of our own over public logits processors, so it does not depend on
+        ``GenerationMixin`` internals that change between transformers releases.
+        """
+        if prefix_allowed_tokens_fn is not None:
+            raise NotImplementedError(
+                "stream_generate does not support prefix_allowed_tokens_fn; use generate()"
+            )
+        generation_config = copy.deepcopy(generation_config or self.generation_config)
+        model_kwargs = generation_config.update(**kwargs)
+        model_kwargs["use_cache"] = generation_config.use_cache
+        prompt_length = input_ids.shape[-1]
+        if kwargs.get("max_new_tokens") is not None:
+            max_length = prompt_length + generation_config.max_new_tokens
+        else:
+            max_length = generation_config.max_length or self.config.seq_length
+        if self.transformer.options.kv_cache == "static":
+            self.transformer.static_cache_len = max_length
+        eos = generation_config.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        eos_tensor = torch.tensor(eos, device=input_ids.device) if eos else None
+
+        processors = LogitsProcessorList(logits_processor or [])
+        if generation_config.repetition_penalty not in (None, 1.0):
+            processors.insert(0, RepetitionPenaltyLogitsProcessor(generation_config.repetition_penalty))
+        if generation_config.do_sample:
+            if generation_config.temperature not in (None, 1.0):
+                processors.append(TemperatureLogitsWarper(generation_config.temperature))
+            if generation_config.top_k not in (None, 0):
+                processors.append(TopKLogitsWarper(generation_config.top_k))
+            if generation_config.top_p not in (None, 1.0):
+                processors.append(TopPLogitsWarper(generation_config.top_p))
+        criteria = StoppingCriteriaList(stopping_criteria or [])
+
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        while True:
+            model_inputs = self.prepare_inputs_for_generation(input_ids, **model_kwargs)
+            outputs = self(
+                **model_inputs, return_dict=True, output_attentions=False, output_hidden_states=False
+            )
+            scores = processors(input_ids, outputs.logits[:, -1, :].float())
+            if generation_config.do_sample:
+                next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                next_tokens = torch.argmax(scores, dim=-1)
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
+            if eos_tensor is not None:
+                unfinished = unfinished * (~torch.isin(next_tokens, eos_tensor)).long()
+            yield (input_ids, _output_cache(outputs)) if return_past_key_values else input_ids
+            stop = bool(criteria(input_ids, scores).all()) if len(criteria) else False
+            if unfinished.max() == 0 or input_ids.shape[-1] >= max_length or stop:
+                break
+
+
+def _requested_length(model, args, kwargs) -> int:
+    """Total sequence length a ``generate`` call can reach (prompt + new tokens)."""
+    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if input_ids is None:
+        input_ids = kwargs.get("inputs")
+    prompt = input_ids.shape[-1] if input_ids is not None else 0
+    config = kwargs.get("generation_config") or model.generation_config
+    max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if max_new is not None:
+        return prompt + max_new
+    return kwargs.get("max_length", getattr(config, "max_length", None) or model.config.seq_length)
+
+
+def _parse_tool_call(code: str) -> Dict[str, Any]:
+    """Parse ``tool_call(a=1, b="x")`` safely (the original ran ``eval`` on model output)."""
+    try:
+        tree = ast.parse(code.strip(), mode="eval")
+    except SyntaxError as error:
+        raise ValueError(f"the model's tool call is not valid Python: {code!r} ({error.msg})") from None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "tool_call" and not call.args):
+        raise ValueError(f"expected tool_call(name=value, ...) in the model's answer, got {code!r}")
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+
+
+class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
+    """ChatGLM with a classification head on the last position (left padding puts a real token there)."""
+
+    def __init__(self, config, empty_init=True, device=None):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = ChatGLMModel(config, empty_init=empty_init, device=device)
+        self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        self.dropout = (
+            nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
+        )
+        self.config = config
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        full_attention_mask: Optional[torch.Tensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.LongTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        transformer_outputs = self.transformer(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            full_attention_mask=full_attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        pooled = transformer_outputs[0][-1]  # last position, [b, h]
+        if self.dropout is not None:
+            pooled = self.dropout(pooled)
+        logits = self.classifier_head(pooled.to(self.classifier_head.weight.dtype))
+
+        loss = None
+        if labels is not None:
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif self.num_labels > 1 and labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                loss_fct = MSELoss()
+                loss = (
+                    loss_fct(logits.squeeze().float(), labels.squeeze())
+                    if self.num_labels == 1
+                    else loss_fct(logits.float(), labels)
+                )
+            elif self.config.problem_type == "single_label_classification":
+                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels).float(), labels.view(-1))
+            else:
+                loss = BCEWithLogitsLoss()(logits.float(), labels.view(-1, self.num_labels))
+
+        if not return_dict:
+            output = (logits,) + tuple(transformer_outputs[1:])
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=transformer_outputs.hidden_states,
+            attentions=transformer_outputs.attentions,
+            **{_CACHE_FIELD: _output_cache(transformer_outputs)},
+        )

@@ -1,0 +1,1416 @@
+"""CPU reference semantics for the torch_npu ops that the NPU branch of the model calls.
+
+There is no NPU in CI, so the model's NPU branch runs on CPU against these functions, installed
+as a stand-in ``torch_npu`` (and ``torchair``) module by :func:`install_fake_torch_npu`. Each op
+follows its *documented* behaviour, written from the documentation alone, and rejects what the
+documentation says the kernel rejects, so a call that would fail or misbehave on the device fails
+here too. Each op is registered as an opaque ``torch.library`` custom op, exactly as the real
+torch_npu ops are, so ``torch.compile(..., fullgraph=True)`` traces *over* it instead of into it:
+shape and dtype checks run at trace time (in the fake kernel), value checks at run time.
+
+Sources (read 2026-11; Chinese API pages of torch_npu, identical in substance across versions
+except where noted):
+
+- PFA ``npu_prompt_flash_attention``: Ascend/op-plugin ``docs/context/torch_npu-npu_prompt_flash_
+  attention.md`` (commit 28212f9, = gitcode Ascend/op-plugin 7.3.0), hiascend.com Pytorch 7.0.0
+  ``apiref/apilist/ptaoplist_000171.html``, 6.0.RC1 ``ptaoplist_000453.html``.
+- IFA ``npu_incre_flash_attention``: Ascend/op-plugin ``docs/context/torch_npu-npu_incre_flash_
+  attention.md`` (commit 312f5ee).
+- FIA ``npu_fused_infer_attention_score``: Ascend/op-plugin ``docs/context/torch_npu-npu_fused_
+  infer_attention_score.md`` (commit 0adf450; keyword ``scale``, older 6.0 pages say
+  ``scale_value``), and the CANN "sparseMode介绍 / Introduction to Sparse Mode" page
+  (ops-transformer ``docs/*/context/sparse_mode*``).
+- ``npu_rms_norm``: hiascend.com Pytorch 7.0.0 ``ptaoplist_000860.html`` (rstd = 1/Rms(x)), the
+  RmsNorm IR (rstd is float32 whatever x is) in the 6.0.RC3 tuning guide
+  ``performance_tuning_0024.html``.
+- ``scatter_update_``: Ascend/op-plugin ``docs/context/torch_npu-scatter_update_.md`` (commit
+  5038c8c) and CANN ops-nn ``index/scatter/docs/aclnnInplaceScatterUpdate.md`` (the kernel behind
+  it: scenarios 1 and 2, and the shape constraints).
+- ``npu_rotary_mul``: Ascend/op-plugin ``docs/context/torch_npu-npu_rotary_mul.md`` (commit
+  0576042; ``interleave`` mode exists only in the 7.x docs, 6.0 docs know ``half`` only).
+
+Ambiguities and the reading chosen here:
+
+1. PFA band anchoring when S_q != S_kv. sparse_mode 0 (and 2) anchor the diagonal at the TOP-LEFT
+   corner: query row i may see key column j iff ``i - pre_tokens <= j <= i + next_tokens``.
+   sparse_mode 3 and 4 anchor it at the BOTTOM-RIGHT (offset ``S_kv - S_q`` per batch, from the
+   actual lengths). Evidence: the PFA doc's interception rules for int8 output say some rows get
+   nothing to attend to when ``actual_seq_lengths - actual_seq_lengths_kv - pre_tokens > 0 or
+   next_tokens < 0`` (sparse_mode 0) but when ``pre_tokens < 0 or next_tokens +
+   actual_seq_lengths_kv - actual_seq_lengths < 0`` (sparse_mode 4); those are exactly the empty
+   row conditions of a top-left and a bottom-right band. sparse_mode 2 is "leftUpCausal", 3 is
+   "rightDownCausal (以右顶点为划分的下三角)". Consequence for callers: with a KV cache longer than
+   the query (prefill after a prefix), ``next_tokens=0`` under sparse_mode 0 hides the cache
+   from row 0; pass a full mask with ``next_tokens=INT_MAX``, or use sparse_mode 3.
+2. PFA with sparse_mode 0 and NO atten_mask ignores pre_tokens/next_tokens ("内部赋值为INT_MAX"):
+   the default ``next_tokens=0`` is *not* causal on its own. Causality needs a mask.
+3. With a mask under sparse_mode 0 both apply: a position is attended iff the mask says 0/False
+   AND it lies inside the pre/next band AND inside the actual lengths.
+4. atten_mask True/1 = masked (not attended), documented for IFA/FIA and implied for PFA by its
+   formula (mask is added, upper triangle = -inf). int8/uint8 masks must hold only 0 and 1 here.
+5. Mask shapes. PFA and FIA with S_q > 1: (S_q, S_kv), (B, S_q, S_kv), (1, S_q, S_kv),
+   (B, 1, S_q, S_kv), (1, 1, S_q, S_kv). IFA and FIA with S_q == 1: (B, S_kv), (B, 1, S_kv),
+   (B, 1, 1, S_kv). The docs allow the trailing dims to be padded up (for alignment), so a mask
+   dim may exceed S_q / S_kv; only its leading [:S_q, :S_kv] part is read. Other shapes (e.g. a
+   per-head mask) are rejected. sparse_mode 2/3/4 need the 2048x2048 "compressed" triangle
+   (shape (2048, 2048), (1, 2048, 2048) or (1, 1, 2048, 2048), True above the diagonal); its
+   content is checked and the real band is generated.
+6. A row with nothing to attend to (fully masked, or a query row beyond actual_seq_lengths, or an
+   empty left-padding window) outputs zeros. The docs leave this to "row-invalid correction"
+   (FIA inner_precise 2/3) and say an empty key/value gives an all-zero output; zeros is that
+   reading. The model must not depend on such rows.
+7. GQA: KV head ``h // (num_heads // num_key_value_heads)`` serves query head h (consecutive
+   query heads share a KV head), as ``repeat_interleave`` on the head axis.
+8. Softmax and both matmuls run in float32; the output is cast to the query's dtype. On the
+   device fp16 "high performance" mode (IFA inner_precise=1) may be less precise; tests compare
+   with tolerances.
+9. actual_seq_lengths (PFA: query, FIA: query) and actual_seq_lengths_kv (PFA/FIA) are host int
+   lists; length 1 broadcasts to every batch, length >= B uses the first B (PFA/FIA doc), other
+   lengths are rejected. For IFA, actual_seq_lengths are the KV lengths and must have length 1
+   or B. Valid positions are at the START (right padding) unless kv_padding_size is given
+   together with the lengths: then the valid window is ``[S - pad - L_b, S - pad)`` (left
+   padding); a negative pad counts as 0; a window starting or ending below 0 gives zeros.
+   kv_padding_size is read as one int64 value for the whole batch.
+10. FIA with S_q == 1 follows IFA, except that its KV lengths come from actual_seq_lengths_kv
+    (FIA's actual_seq_lengths are query lengths); pre/next_tokens and sparse_mode are ignored.
+    FIA's pre/next_tokens default to INT_MAX, PFA's next_tokens to 0.
+11. dtypes: the kernels take float16/bfloat16 (int8 only with quantisation, not modelled).
+    ``ALLOW_FP32`` (a test convenience, see below) also lets float32 through so the CPU tests
+    can compare against float32 goldens; npu_rms_norm and npu_rotary_mul accept float32 anyway.
+12. Contiguity: PFA and FIA say "不支持非连续的Tensor" for query/key/value and atten_mask; that is
+    enforced. The IFA page says nothing, so IFA does not check it.
+13. D alignment: PFA "暂不支持D不对齐场景", FIA "输入类型全为float16、bfloat16时，D轴需16对齐"; so
+    PFA/FIA need head_dim % 16 == 0 (tiny test models must use head_dim 16, 32, ...).
+14. npu_rms_norm normalises over the trailing ``gamma.dim()`` axes (gamma has the shape of x's
+    last dims); rstd has x's leading dims and 1 for each normalised dim, float32. y is
+    ``x * rstd * gamma`` computed in float32, cast to x's dtype once at the end. gamma must have
+    x's dtype ("数据类型需要和self保持一致").
+15. scatter_update_ with 1-D indices of length n: batch i of ``updates`` (its dim 0) is written
+    into batch i of ``data`` at offset ``indices[i]`` along ``axis``, for the whole extent of
+    updates along axis: ``data[i, ..., indices[i] + k, ...] = updates[i, ..., k, ...]``. 0-D
+    indices act like shape (1,). The semantics of 2-D indices (shape (n, 2)) are not written
+    down anywhere (CANN ops-nn issue #5483 says so), so they raise NotImplementedError. The
+    device does not check bounds; the reference does, and raises.
+16. npu_rotary_mul: ``out = r1 * x + r2 * rotate(x)`` with rotate = ``cat(-x2, x1)`` of the two
+    halves (half) or ``(-x[1], x[0], -x[3], x[2], ...)`` (interleave). r1/r2 must have x's
+    dtype (assumption; the doc only lists the dtypes). Shapes per the doc's layout table;
+    values of r1/r2 must lie in [-1, 1].
+
+Not modelled (raise NotImplementedError when passed): pse_shift, quantisation and antiquant
+arguments, page attention (block_table), shared prefixes, rope inputs, TND layouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.machinery
+import math
+import sys
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+# Test convenience, not kernel behaviour: the attention kernels only take float16/bfloat16, but
+# the CPU suite compares the NPU branch with float32 goldens, so float32 is let through as well.
+# Set it to False (monkeypatch) to check that a caller never hands the kernels float32.
+ALLOW_FP32 = True
+
+INT_MAX = 2147483647
+COMPRESSED_MASK_SIZE = 2048
+MAX_HEADS = 256
+MAX_HEAD_DIM = 512
+MAX_GQA_RATIO = 64
+ATTENTION_LAYOUTS = {
+    "npu_prompt_flash_attention": ("BSH", "BSND", "BNSD", "BNSD_BSND"),
+    "npu_incre_flash_attention": ("BSH", "BSND", "BNSD"),
+    "npu_fused_infer_attention_score": ("BSH", "BSND", "BNSD", "BNSD_BSND"),
+}
+MASK_DTYPES = (torch.bool, torch.int8, torch.uint8)
+
+# One library namespace per import name, so importing this file twice under different module
+# names does not register the same op twice.
+_NS = __name__.replace(".", "_")
+
+# Lists that record every op call while a stand-in is installed (see install_fake_torch_npu).
+_RECORDERS: tuple[list["OpCall"], ...] = ()
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """One executed call of a reference op: its torch_npu name and the static facts of the call."""
+
+    name: str
+    detail: dict
+
+
+def _record(name: str, **detail: object) -> None:
+    for calls in _RECORDERS:
+        calls.append(OpCall(name, detail))
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise RuntimeError(message)
+
+
+def _unsupported(op: str, **arguments: object) -> None:
+    for name, value in arguments.items():
+        if value is not None:
+            raise NotImplementedError(f"{op}: {name} is not modelled by the CPU reference")
+
+
+def _kernel_dtypes() -> tuple[torch.dtype, ...]:
+    return (torch.float16, torch.bfloat16) + ((torch.float32,) if ALLOW_FP32 else ())
+
+
+def _host_lengths(op: str, name: str, lengths: Optional[Sequence[int]]) -> Optional[list[int]]:
+    if lengths is None:
+        return None
+    _require(
+        isinstance(lengths, (list, tuple)) and all(isinstance(n, (int, torch.SymInt)) for n in lengths),
+        f"{op}: {name} must be a host list of ints, got {type(lengths).__name__}",
+    )
+    return list(lengths)
+
+
+# --------------------------------------------------------------------------- attention: geometry
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    layout: str  # the input layout (BNSD for BNSD_BSND)
+    out_layout: str
+
+
+def _geometry(
+    op: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    num_heads: int,
+    num_key_value_heads: int,
+    input_layout: str,
+) -> _Geometry:
+    layouts = ATTENTION_LAYOUTS[op]
+    _require(input_layout in layouts, f"{op}: input_layout must be one of {layouts}, got {input_layout!r}")
+    layout, _, out_layout = input_layout.partition("_")
+    out_layout = out_layout or layout
+    rank = 3 if layout == "BSH" else 4
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _require(t.dim() == rank, f"{op}: {name} must be {rank}-D for layout {layout}, got {tuple(t.shape)}")
+    _require(key.shape == value.shape, f"{op}: key and value must have the same shape")
+    dtypes = _kernel_dtypes()
+    _require(query.dtype in dtypes, f"{op}: query dtype must be one of {dtypes}, got {query.dtype}")
+    _require(
+        key.dtype == query.dtype and value.dtype == query.dtype,
+        f"{op}: query, key and value must share one dtype (int8 KV needs antiquant, not modelled)",
+    )
+    _require(num_heads >= 1, f"{op}: num_heads must be >= 1")
+    kv_heads = num_key_value_heads or num_heads
+    _require(
+        num_heads % kv_heads == 0,
+        f"{op}: num_heads ({num_heads}) must be divisible by num_key_value_heads ({kv_heads})",
+    )
+    _require(
+        num_heads // kv_heads <= MAX_GQA_RATIO,
+        f"{op}: num_heads / num_key_value_heads must be <= {MAX_GQA_RATIO}",
+    )
+    if layout == "BSH":
+        batch, q_len, hidden = query.shape
+        _require(hidden % num_heads == 0, f"{op}: query H ({hidden}) must be divisible by num_heads")
+        head_dim = hidden // num_heads
+        kv_batch, kv_len, kv_hidden = key.shape
+        _require(
+            kv_hidden == kv_heads * head_dim,
+            f"{op}: key H ({kv_hidden}) must equal num_key_value_heads * D ({kv_heads} * {head_dim})",
+        )
+    else:
+        n_axis, s_axis = (1, 2) if layout == "BNSD" else (2, 1)
+        batch, q_len, head_dim = query.shape[0], query.shape[s_axis], query.shape[3]
+        _require(
+            query.shape[n_axis] == num_heads,
+            f"{op}: num_heads ({num_heads}) must equal the query's N axis ({query.shape[n_axis]})",
+        )
+        _require(
+            key.shape[n_axis] == kv_heads,
+            f"{op}: num_key_value_heads ({kv_heads}) must equal the key's N axis ({key.shape[n_axis]})",
+        )
+        _require(key.shape[3] == head_dim, f"{op}: key D must equal query D")
+        kv_batch, kv_len = key.shape[0], key.shape[s_axis]
+    _require(kv_batch == batch, f"{op}: key batch ({kv_batch}) must equal query batch ({batch})")
+    _require(num_heads <= MAX_HEADS, f"{op}: N must be <= {MAX_HEADS}, got {num_heads}")
+    _require(head_dim <= MAX_HEAD_DIM, f"{op}: D must be <= {MAX_HEAD_DIM}, got {head_dim}")
+    return _Geometry(batch, num_heads, kv_heads, q_len, kv_len, head_dim, layout, out_layout)
+
+
+def _check_prompt_limits(op: str, g: _Geometry, tensors: Sequence[Optional[torch.Tensor]]) -> None:
+    _require(g.batch <= 65536, f"{op}: B must be <= 65536")
+    _require(g.head_dim % 16 == 0, f"{op}: D must be a multiple of 16 (32-byte aligned), got {g.head_dim}")
+    if g.layout in ("BSH", "BSND"):
+        _require(g.heads * g.head_dim < 65535, f"{op}: N * D must be < 65535 for BSH/BSND")
+    for t in tensors:
+        _require(
+            t is None or t.is_contiguous(), f"{op}: non-contiguous query/key/value/atten_mask not supported"
+        )
+
+
+def _check_decode_limits(op: str, g: _Geometry) -> None:
+    _require(g.q_len == 1, f"{op}: the query's S must be 1 (decode kernel), got {g.q_len}")
+    _require(g.batch <= 65535, f"{op}: B must be <= 65535")
+    _require(g.kv_len <= 262144, f"{op}: KV S must be <= 262144")
+
+
+def _to_bnsd(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
+    if layout == "BSH":
+        batch, seq, hidden = x.shape
+        return x.reshape(batch, seq, heads, hidden // heads).transpose(1, 2)
+    if layout == "BSND":
+        return x.transpose(1, 2)
+    return x
+
+
+def _from_bnsd(out: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "BSH":
+        batch, heads, seq, dim = out.shape
+        return out.transpose(1, 2).reshape(batch, seq, heads * dim)
+    if layout == "BSND":
+        return out.transpose(1, 2).contiguous()
+    return out.contiguous()
+
+
+def _output_shape(g: _Geometry) -> tuple[int, ...]:
+    if g.out_layout == "BSH":
+        return (g.batch, g.q_len, g.heads * g.head_dim)
+    if g.out_layout == "BSND":
+        return (g.batch, g.q_len, g.heads, g.head_dim)
+    return (g.batch, g.heads, g.q_len, g.head_dim)
+
+
+# ----------------------------------------------------------------------------- attention: masks
+
+
+def _check_lengths(
+    op: str, name: str, lengths: Optional[list[int]], batch: int, limit: int, exact: bool
+) -> None:
+    """exact: length 1 or B (IFA); otherwise length 1 or at least B, the first B used (PFA/FIA)."""
+    if lengths is None:
+        return
+    fits = len(lengths) in (1, batch) if exact else (len(lengths) == 1 or len(lengths) >= batch)
+    _require(
+        fits,
+        f"{op}: {name} must have length 1 or {'' if exact else 'at least '}B={batch}, got {len(lengths)}",
+    )
+    used = _per_batch(lengths, batch, limit)
+    _require(
+        all(0 <= n <= limit for n in used), f"{op}: every {name} entry must lie in [0, {limit}], got {used}"
+    )
+
+
+def _per_batch(lengths: Optional[list[int]], batch: int, full: int) -> list[int]:
+    if lengths is None:
+        return [full] * batch
+    return lengths * batch if len(lengths) == 1 else lengths[:batch]
+
+
+def _check_mask(op: str, mask: torch.Tensor, g: _Geometry, decode: bool) -> None:
+    _require(
+        mask.dtype in MASK_DTYPES, f"{op}: atten_mask dtype must be bool, int8 or uint8, got {mask.dtype}"
+    )
+    shape = tuple(mask.shape)
+    if decode:
+        ok = mask.dim() in (2, 3, 4) and shape[0] == g.batch and all(d == 1 for d in shape[1:-1])
+        ok = ok and shape[-1] >= g.kv_len
+        expected = "(B, S_kv), (B, 1, S_kv) or (B, 1, 1, S_kv)"
+    else:
+        ok = mask.dim() in (2, 3, 4) and shape[-2] >= g.q_len and shape[-1] >= g.kv_len
+        if mask.dim() >= 3:
+            ok = ok and shape[0] in (1, g.batch) and (mask.dim() == 3 or shape[1] == 1)
+        expected = "(S_q, S_kv), (B|1, S_q, S_kv) or (B|1, 1, S_q, S_kv)"
+    _require(
+        ok,
+        f"{op}: atten_mask shape must be {expected}, got {shape} (B={g.batch}, S_q={g.q_len}, S_kv={g.kv_len})",
+    )
+
+
+def _masked_4d(mask: torch.Tensor, g: _Geometry, decode: bool) -> torch.Tensor:
+    """The mask as bool [B or 1, 1, S_q, S_kv], True = masked, alignment padding cut off."""
+    if decode:
+        mask = mask.reshape(g.batch, 1, 1, mask.shape[-1])
+    elif mask.dim() == 2:
+        mask = mask[None, None]
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    return mask[..., : g.q_len, : g.kv_len] != 0
+
+
+def _check_mask_values(op: str, mask: torch.Tensor) -> None:
+    if mask.dtype != torch.bool:
+        _require(
+            bool(((mask == 0) | (mask == 1)).all()), f"{op}: an int8/uint8 atten_mask may only hold 0 and 1"
+        )
+
+
+def _band(q_len: int, kv_len: int, pre_tokens: int, next_tokens: int, offset: int) -> torch.Tensor:
+    """bool [S_q, S_kv]: True where key j lies within [i+offset-pre, i+offset+next] of query i."""
+    row = torch.arange(q_len).unsqueeze(1) + offset
+    col = torch.arange(kv_len).unsqueeze(0)
+    return (col >= row - pre_tokens) & (col <= row + next_tokens)
+
+
+def _valid_positions(lengths: list[int], size: int, start: Optional[list[int]] = None) -> torch.Tensor:
+    """bool [B, size]: True on [start_b, start_b + length_b)."""
+    starts = torch.tensor(start if start is not None else [0] * len(lengths)).unsqueeze(1)
+    pos = torch.arange(size).unsqueeze(0)
+    return (pos >= starts) & (pos < starts + torch.tensor(lengths).unsqueeze(1))
+
+
+# ------------------------------------------------------------------------------ attention: core
+
+
+def _softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B,N,Sq,D], k/v [B,Nkv,Skv,D], allowed bool broadcastable to [B,N,Sq,Skv].
+
+    Returns the float32 output [B,N,Sq,D] (zero on rows with nothing to attend to) and the
+    float32 log-sum-exp [B,N,Sq,1] of the scaled, masked scores.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.where(allowed, torch.exp(scores - lse), 0.0)
+    return torch.matmul(probs, v), lse
+
+
+def _prompt_allowed(
+    op: str,
+    g: _Geometry,
+    atten_mask: Optional[torch.Tensor],
+    q_lengths: list[int],
+    kv_lengths: list[int],
+    pre_tokens: int,
+    next_tokens: int,
+    sparse_mode: int,
+) -> torch.Tensor:
+    """bool [B, 1, S_q, S_kv]: which (query, key) pairs take part, per the sparse_mode rules."""
+    inside = (
+        _valid_positions(q_lengths, g.q_len)[:, None, :, None]
+        & _valid_positions(kv_lengths, g.kv_len)[:, None, None, :]
+    )
+    if sparse_mode == 0:
+        if atten_mask is None:
+            return inside
+        _check_mask_values(op, atten_mask)
+        return (
+            inside
+            & ~_masked_4d(atten_mask, g, decode=False)
+            & _band(g.q_len, g.kv_len, pre_tokens, next_tokens, 0)
+        )
+    if sparse_mode == 1:
+        _check_mask_values(op, atten_mask)
+        return inside & ~_masked_4d(atten_mask, g, decode=False)
+    triangle = torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool).triu(1)
+    _require(
+        torch.equal(atten_mask.reshape(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE) != 0, triangle),
+        f"{op}: sparse_mode {sparse_mode} needs the compressed mask triu(ones(2048, 2048), 1)",
+    )
+    if sparse_mode == 2:
+        return inside & _band(g.q_len, g.kv_len, INT_MAX, 0, 0)
+    pre, nxt = (INT_MAX, 0) if sparse_mode == 3 else (pre_tokens, next_tokens)
+    bands = [_band(g.q_len, g.kv_len, pre, nxt, kv - q) for q, kv in zip(q_lengths, kv_lengths)]
+    return inside & torch.stack(bands)[:, None]
+
+
+def _check_prompt_arguments(
+    op: str,
+    g: _Geometry,
+    atten_mask: Optional[torch.Tensor],
+    q_lengths: Optional[list[int]],
+    kv_lengths: Optional[list[int]],
+    pre_tokens: int,
+    next_tokens: int,
+    sparse_mode: int,
+) -> None:
+    _check_lengths(op, "actual_seq_lengths", q_lengths, g.batch, g.q_len, exact=False)
+    _check_lengths(op, "actual_seq_lengths_kv", kv_lengths, g.batch, g.kv_len, exact=False)
+    _require(sparse_mode in (0, 1, 2, 3, 4), f"{op}: sparse_mode must be 0, 1, 2, 3 or 4, got {sparse_mode}")
+    if sparse_mode == 0 and atten_mask is not None:
+        _check_mask(op, atten_mask, g, decode=False)
+        _require(pre_tokens + next_tokens >= 0, f"{op}: pre_tokens + next_tokens must be >= 0 (empty band)")
+        _require(
+            next_tokens >= 0 or -next_tokens < g.kv_len, f"{op}: |next_tokens| must be < S_kv when negative"
+        )
+        _require(pre_tokens >= 0 or -pre_tokens < g.q_len, f"{op}: |pre_tokens| must be < S_q when negative")
+    elif sparse_mode == 1:
+        _require(atten_mask is not None, f"{op}: sparse_mode 1 (allMask) needs a full atten_mask")
+        _check_mask(op, atten_mask, g, decode=False)
+    elif sparse_mode in (2, 3, 4):
+        size = COMPRESSED_MASK_SIZE
+        _require(
+            atten_mask is not None
+            and atten_mask.dtype in MASK_DTYPES
+            and tuple(atten_mask.shape) in ((size, size), (1, size, size), (1, 1, size, size)),
+            f"{op}: sparse_mode {sparse_mode} needs the compressed atten_mask of shape (2048, 2048),"
+            " (1, 2048, 2048) or (1, 1, 2048, 2048)",
+        )
+
+
+def _prompt_attention(
+    op: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: _Geometry,
+    atten_mask: Optional[torch.Tensor],
+    q_lengths: Optional[list[int]],
+    kv_lengths: Optional[list[int]],
+    scale: float,
+    pre_tokens: int,
+    next_tokens: int,
+    sparse_mode: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    allowed = _prompt_allowed(
+        op,
+        g,
+        atten_mask,
+        _per_batch(q_lengths, g.batch, g.q_len),
+        _per_batch(kv_lengths, g.batch, g.kv_len),
+        pre_tokens,
+        next_tokens,
+        sparse_mode,
+    )
+    out, lse = _softmax_attention(
+        _to_bnsd(query, g.layout, g.heads),
+        _to_bnsd(key, g.layout, g.kv_heads),
+        _to_bnsd(value, g.layout, g.kv_heads),
+        allowed,
+        scale,
+    )
+    return _from_bnsd(out.to(query.dtype), g.out_layout), lse
+
+
+def _decode_attention(
+    op: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    g: _Geometry,
+    atten_mask: Optional[torch.Tensor],
+    kv_lengths: Optional[list[int]],
+    kv_padding_size: Optional[torch.Tensor],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = _per_batch(kv_lengths, g.batch, g.kv_len)
+    starts = None
+    if kv_padding_size is not None and kv_lengths is not None:
+        # Left padding: the valid window ends `pad` short of S; a window reaching below 0 is empty.
+        end = g.kv_len - max(int(kv_padding_size.reshape(()).item()), 0)
+        starts = [max(end - n, 0) for n in lengths]
+        lengths = [n if end - n >= 0 else 0 for n in lengths]
+    allowed = _valid_positions(lengths, g.kv_len, starts)[:, None, None, :]
+    if atten_mask is not None:
+        _check_mask_values(op, atten_mask)
+        allowed = allowed & ~_masked_4d(atten_mask, g, decode=True)
+    out, lse = _softmax_attention(
+        _to_bnsd(query, g.layout, g.heads),
+        _to_bnsd(key, g.layout, g.kv_heads),
+        _to_bnsd(value, g.layout, g.kv_heads),
+        allowed,
+        scale,
+    )
+    return _from_bnsd(out.to(query.dtype), g.out_layout), lse
+
+
+def _check_decode_arguments(
+    op: str,
+    g: _Geometry,
+    atten_mask: Optional[torch.Tensor],
+    kv_lengths: Optional[list[int]],
+    kv_padding_size: Optional[torch.Tensor],
+    exact: bool,
+) -> None:
+    _check_decode_limits(op, g)
+    name = "actual_seq_lengths" if exact else "actual_seq_lengths_kv"
+    _check_lengths(op, name, kv_lengths, g.batch, g.kv_len, exact=exact)
+    if atten_mask is not None:
+        _check_mask(op, atten_mask, g, decode=True)
+    if kv_padding_size is not None:
+        _require(
+            kv_padding_size.dtype == torch.int64 and kv_padding_size.numel() == 1,
+            f"{op}: kv_padding_size must be a one-element int64 tensor",
+        )
+
+
+# -------------------------------------------------------------------- attention: registered ops
+
+
+@torch.library.custom_op(f"{_NS}::prompt_flash_attention", mutates_args=())
+def _pfa_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    atten_mask: Optional[torch.Tensor],
+    actual_seq_lengths: Optional[list[int]],
+    actual_seq_lengths_kv: Optional[list[int]],
+    num_heads: int,
+    scale_value: float,
+    pre_tokens: int,
+    next_tokens: int,
+    input_layout: str,
+    num_key_value_heads: int,
+    sparse_mode: int,
+) -> torch.Tensor:
+    op = "npu_prompt_flash_attention"
+    g = _pfa_static(
+        query,
+        key,
+        value,
+        atten_mask,
+        actual_seq_lengths,
+        actual_seq_lengths_kv,
+        num_heads,
+        pre_tokens,
+        next_tokens,
+        input_layout,
+        num_key_value_heads,
+        sparse_mode,
+    )
+    _record(
+        op,
+        input_layout=input_layout,
+        query_shape=tuple(query.shape),
+        key_shape=tuple(key.shape),
+        num_heads=num_heads,
+        num_key_value_heads=num_key_value_heads,
+        atten_mask_shape=None if atten_mask is None else tuple(atten_mask.shape),
+        sparse_mode=sparse_mode,
+        pre_tokens=pre_tokens,
+        next_tokens=next_tokens,
+        scale_value=scale_value,
+    )
+    out, _ = _prompt_attention(
+        op,
+        query,
+        key,
+        value,
+        g,
+        atten_mask,
+        actual_seq_lengths,
+        actual_seq_lengths_kv,
+        scale_value,
+        pre_tokens,
+        next_tokens,
+        sparse_mode,
+    )
+    return out
+
+
+def _pfa_static(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    atten_mask: Optional[torch.Tensor],
+    q_lengths: Optional[list[int]],
+    kv_lengths: Optional[list[int]],
+    num_heads: int,
+    pre_tokens: int,
+    next_tokens: int,
+    input_layout: str,
+    num_key_value_heads: int,
+    sparse_mode: int,
+) -> _Geometry:
+    op = "npu_prompt_flash_attention"
+    g = _geometry(op, query, key, value, num_heads, num_key_value_heads, input_layout)
+    _check_prompt_limits(op, g, (query, key, value, atten_mask))
+    _check_prompt_arguments(op, g, atten_mask, q_lengths, kv_lengths, pre_tokens, next_tokens, sparse_mode)
+    return g
+
+
+@_pfa_op.register_fake
+def _pfa_fake(
+    query,
+    key,
+    value,
+    atten_mask,
+    actual_seq_lengths,
+    actual_seq_lengths_kv,
+    num_heads,
+    scale_value,
+    pre_tokens,
+    next_tokens,
+    input_layout,
+    num_key_value_heads,
+    sparse_mode,
+):
+    g = _pfa_static(
+        query,
+        key,
+        value,
+        atten_mask,
+        actual_seq_lengths,
+        actual_seq_lengths_kv,
+        num_heads,
+        pre_tokens,
+        next_tokens,
+        input_layout,
+        num_key_value_heads,
+        sparse_mode,
+    )
+    return query.new_empty(_output_shape(g))
+
+
+@torch.library.custom_op(f"{_NS}::incre_flash_attention", mutates_args=())
+def _ifa_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    atten_mask: Optional[torch.Tensor],
+    actual_seq_lengths: Optional[list[int]],
+    kv_padding_size: Optional[torch.Tensor],
+    num_heads: int,
+    scale_value: float,
+    input_layout: str,
+    num_key_value_heads: int,
+) -> torch.Tensor:
+    op = "npu_incre_flash_attention"
+    g = _ifa_static(
+        query,
+        key,
+        value,
+        atten_mask,
+        actual_seq_lengths,
+        kv_padding_size,
+        num_heads,
+        input_layout,
+        num_key_value_heads,
+    )
+    _record(
+        op,
+        input_layout=input_layout,
+        query_shape=tuple(query.shape),
+        key_shape=tuple(key.shape),
+        num_heads=num_heads,
+        num_key_value_heads=num_key_value_heads,
+        atten_mask_shape=None if atten_mask is None else tuple(atten_mask.shape),
+        actual_seq_lengths=actual_seq_lengths,
+        scale_value=scale_value,
+    )
+    out, _ = _decode_attention(
+        op, query, key, value, g, atten_mask, actual_seq_lengths, kv_padding_size, scale_value
+    )
+    return out
+
+
+def _ifa_static(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    atten_mask: Optional[torch.Tensor],
+    kv_lengths: Optional[list[int]],
+    kv_padding_size: Optional[torch.Tensor],
+    num_heads: int,
+    input_layout: str,
+    num_key_value_heads: int,
+) -> _Geometry:
+    op = "npu_incre_flash_attention"
+    g = _geometry(op, query, key, value, num_heads, num_key_value_heads, input_layout)
+    _check_decode_arguments(op, g, atten_mask, kv_lengths, kv_padding_size, exact=True)
+    return g
+
+
+@_ifa_op.register_fake
+def _ifa_fake(
+    query,
+    key,
+    value,
+    atten_mask,
+    actual_seq_lengths,
+    kv_padding_size,
+    num_heads,
+    scale_value,
+    input_layout,
+    num_key_value_heads,
+):
+    g = _ifa_static(
+        query,
+        key,
+        value,
+        atten_mask,
+        actual_seq_lengths,
+        kv_padding_size,
+        num_heads,
+        input_layout,
+        num_key_value_heads,
+    )
+    return query.new_empty(_output_shape(g))
+
+
+@torch.library.custom_op(f"{_NS}::fused_infer_attention_score", mutates_args=())
+def _fia_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    atten_mask: Optional[torch.Tensor],
+    actual_seq_lengths: Optional[list[int]],
+    actual_seq_lengths_kv: Optional[list[int]],
+    kv_padding_size: Optional[torch.Tensor],
+    num_heads: int,
+    scale: float,
+    pre_tokens: int,
+    next_tokens: int,
+    input_layout: str,
+    num_key_value_heads: int,
+    sparse_mode: int,
+    inner_precise: int,
+    softmax_lse_flag: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "npu_fused_infer_attention_score"
+    g = _fia_static(
+        query,
+        key,
+        value,
+        atten_mask,
+        actual_seq_lengths,
+        actual_seq_lengths_kv,
+        kv_padding_size,
+        num_heads,
+        pre_tokens,
+        next_tokens,
+        input_layout,
+        num_key_value_heads,
+        sparse_mode,
+        inner_precise,
+    )
+    _record(
+        op,
+        input_layout=input_layout,
+        query_shape=tuple(query.shape),
+        key_shape=tuple(key.shape),
+        num_heads=num_heads,
+        num_key_value_heads=num_key_value_heads,
+        atten_mask_shape=None if atten_mask is None else tuple(atten_mask.shape),
+        sparse_mode=sparse_mode,
+        pre_tokens=pre_tokens,
+        next_tokens=next_tokens,
+        scale=scale,
+    )
+    if g.q_len == 1:
+        out, lse = _decode_attention(
+            op, query, key, value, g, atten_mask, actual_seq_lengths_kv, kv_padding_size, scale
+        )
+    else:
+        out, lse = _prompt_attention(
+            op,
+            query,
+            key,
+            value,
+            g,
+            atten_mask,
+            actual_seq_lengths,
+            actual_seq_lengths_kv,
+            scale,
+            pre_tokens,
+            next_tokens,
+            sparse_mode,
+        )
+    return out, lse if softmax_lse_flag else torch.zeros(1, dtype=torch.float32)
+
+
+def _fia_static(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    atten_mask: Optional[torch.Tensor],
+    q_lengths: Optional[list[int]],
+    kv_lengths: Optional[list[int]],
+    kv_padding_size: Optional[torch.Tensor],
+    num_heads: int,
+    pre_tokens: int,
+    next_tokens: int,
+    input_layout: str,
+    num_key_value_heads: int,
+    sparse_mode: int,
+    inner_precise: int,
+) -> _Geometry:
+    op = "npu_fused_infer_attention_score"
+    g = _geometry(op, query, key, value, num_heads, num_key_value_heads, input_layout)
+    _check_prompt_limits(op, g, (query, key, value, atten_mask))
+    _require(inner_precise in (0, 1, 2, 3), f"{op}: inner_precise must be 0, 1, 2 or 3")
+    if g.q_len == 1:
+        _require(g.out_layout == g.layout, f"{op}: {input_layout} needs a query S > 1")
+        _require(inner_precise in (0, 1), f"{op}: inner_precise must be 0 or 1 when the query S is 1")
+        _check_decode_arguments(op, g, atten_mask, kv_lengths, kv_padding_size, exact=False)
+    else:
+        _require(kv_padding_size is None, f"{op}: kv_padding_size with a query S > 1 is not modelled")
+        _check_prompt_arguments(
+            op, g, atten_mask, q_lengths, kv_lengths, pre_tokens, next_tokens, sparse_mode
+        )
+    return g
+
+
+@_fia_op.register_fake
+def _fia_fake(
+    query,
+    key,
+    value,
+    atten_mask,
+    actual_seq_lengths,
+    actual_seq_lengths_kv,
+    kv_padding_size,
+    num_heads,
+    scale,
+    pre_tokens,
+    next_tokens,
+    input_layout,
+    num_key_value_heads,
+    sparse_mode,
+    inner_precise,
+    softmax_lse_flag,
+):
+    g = _fia_static(
+        query,
+        key,
+        value,
+        atten_mask,
+        actual_seq_lengths,
+        actual_seq_lengths_kv,
+        kv_padding_size,
+        num_heads,
+        pre_tokens,
+        next_tokens,
+        input_layout,
+        num_key_value_heads,
+        sparse_mode,
+        inner_precise,
+    )
+    lse_shape = (g.batch, g.heads, g.q_len, 1) if softmax_lse_flag else (1,)
+    return query.new_empty(_output_shape(g)), query.new_empty(lse_shape, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------ attention: public API
+
+
+def npu_prompt_flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    pse_shift: Optional[torch.Tensor] = None,
+    padding_mask: Optional[torch.Tensor] = None,
+    atten_mask: Optional[torch.Tensor] = None,
+    actual_seq_lengths: Optional[Sequence[int]] = None,
+    deq_scale1: Optional[torch.Tensor] = None,
+    quant_scale1: Optional[torch.Tensor] = None,
+    deq_scale2: Optional[torch.Tensor] = None,
+    quant_scale2: Optional[torch.Tensor] = None,
+    quant_offset2: Optional[torch.Tensor] = None,
+    num_heads: int = 1,
+    scale_value: float = 1.0,
+    pre_tokens: int = 2147473647,
+    next_tokens: int = 0,
+    input_layout: str = "BSH",
+    num_key_value_heads: int = 0,
+    actual_seq_lengths_kv: Optional[Sequence[int]] = None,
+    sparse_mode: int = 0,
+) -> torch.Tensor:
+    """Prefill ("full") flash attention: softmax(scale * Q K^T + mask) V, output shaped like query.
+
+    See the module docstring for the band, mask and length rules.
+    """
+    op = "npu_prompt_flash_attention"
+    _require(padding_mask is None, f"{op}: padding_mask is a reserved, unused parameter; pass None")
+    _unsupported(
+        op,
+        pse_shift=pse_shift,
+        deq_scale1=deq_scale1,
+        quant_scale1=quant_scale1,
+        deq_scale2=deq_scale2,
+        quant_scale2=quant_scale2,
+        quant_offset2=quant_offset2,
+    )
+    return _pfa_op(
+        query,
+        key,
+        value,
+        atten_mask,
+        _host_lengths(op, "actual_seq_lengths", actual_seq_lengths),
+        _host_lengths(op, "actual_seq_lengths_kv", actual_seq_lengths_kv),
+        num_heads,
+        float(scale_value),
+        pre_tokens,
+        next_tokens,
+        input_layout,
+        num_key_value_heads,
+        sparse_mode,
+    )
+
+
+def npu_incre_flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    padding_mask: Optional[torch.Tensor] = None,
+    pse_shift: Optional[torch.Tensor] = None,
+    atten_mask: Optional[torch.Tensor] = None,
+    actual_seq_lengths: Optional[Sequence[int]] = None,
+    dequant_scale1: Optional[torch.Tensor] = None,
+    quant_scale1: Optional[torch.Tensor] = None,
+    dequant_scale2: Optional[torch.Tensor] = None,
+    quant_scale2: Optional[torch.Tensor] = None,
+    quant_offset2: Optional[torch.Tensor] = None,
+    antiquant_scale: Optional[torch.Tensor] = None,
+    antiquant_offset: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    kv_padding_size: Optional[torch.Tensor] = None,
+    num_heads: int = 1,
+    scale_value: float = 1.0,
+    input_layout: str = "BSH",
+    num_key_value_heads: int = 0,
+    block_size: int = 0,
+    inner_precise: int = 1,
+) -> torch.Tensor:
+    """Decode ("incremental") flash attention for a query of sequence length 1."""
+    op = "npu_incre_flash_attention"
+    _require(padding_mask is None, f"{op}: padding_mask is a reserved, unused parameter; pass None")
+    _unsupported(
+        op,
+        pse_shift=pse_shift,
+        dequant_scale1=dequant_scale1,
+        quant_scale1=quant_scale1,
+        dequant_scale2=dequant_scale2,
+        quant_scale2=quant_scale2,
+        quant_offset2=quant_offset2,
+        antiquant_scale=antiquant_scale,
+        antiquant_offset=antiquant_offset,
+        block_table=block_table,
+    )
+    _require(block_size == 0, f"{op}: block_size only applies to page attention, which is not modelled")
+    _require(
+        inner_precise in (0, 1), f"{op}: inner_precise must be 0 (high precision) or 1 (high performance)"
+    )
+    return _ifa_op(
+        query,
+        key,
+        value,
+        atten_mask,
+        _host_lengths(op, "actual_seq_lengths", actual_seq_lengths),
+        kv_padding_size,
+        num_heads,
+        float(scale_value),
+        input_layout,
+        num_key_value_heads,
+    )
+
+
+_FIA_UNMODELLED = frozenset(
+    {
+        "pse_shift",
+        "dequant_scale1",
+        "quant_scale1",
+        "dequant_scale2",
+        "quant_scale2",
+        "quant_offset2",
+        "antiquant_scale",
+        "antiquant_offset",
+        "block_table",
+        "query_padding_size",
+        "key_antiquant_scale",
+        "key_antiquant_offset",
+        "value_antiquant_scale",
+        "value_antiquant_offset",
+        "key_shared_prefix",
+        "value_shared_prefix",
+        "actual_shared_prefix_len",
+        "query_rope",
+        "key_rope",
+        "key_rope_antiquant_scale",
+    }
+)
+_FIA_MODE_DEFAULTS = {
+    "block_size": 0,
+    "antiquant_mode": 0,
+    "key_antiquant_mode": 0,
+    "value_antiquant_mode": 0,
+}
+
+
+def npu_fused_infer_attention_score(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    atten_mask: Optional[torch.Tensor] = None,
+    actual_seq_lengths: Optional[Sequence[int]] = None,
+    actual_seq_lengths_kv: Optional[Sequence[int]] = None,
+    kv_padding_size: Optional[torch.Tensor] = None,
+    num_heads: int = 1,
+    scale: float = 1.0,
+    pre_tokens: int = INT_MAX,
+    next_tokens: int = INT_MAX,
+    input_layout: str = "BSH",
+    num_key_value_heads: int = 0,
+    sparse_mode: int = 0,
+    inner_precise: int = 0,
+    softmax_lse_flag: bool = False,
+    **unmodelled: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill or decode attention in one op: query S == 1 behaves like IFA, otherwise like PFA.
+
+    Returns (attention_out, softmax_lse); softmax_lse is [B, N, S_q, 1] float32 when
+    softmax_lse_flag is set, otherwise a one-element zero tensor. The documented arguments that
+    are not modelled may be passed only as None (their mode switches only at their defaults).
+    """
+    op = "npu_fused_infer_attention_score"
+    for name, value_ in unmodelled.items():
+        if name in _FIA_MODE_DEFAULTS:
+            _require(
+                value_ == _FIA_MODE_DEFAULTS[name],
+                f"{op}: {name} != {_FIA_MODE_DEFAULTS[name]} is not modelled",
+            )
+        elif name in _FIA_UNMODELLED:
+            _unsupported(op, **{name: value_})
+        else:
+            raise TypeError(f"{op}() got an unexpected keyword argument {name!r}")
+    return _fia_op(
+        query,
+        key,
+        value,
+        atten_mask,
+        _host_lengths(op, "actual_seq_lengths", actual_seq_lengths),
+        _host_lengths(op, "actual_seq_lengths_kv", actual_seq_lengths_kv),
+        kv_padding_size,
+        num_heads,
+        float(scale),
+        pre_tokens,
+        next_tokens,
+        input_layout,
+        num_key_value_heads,
+        sparse_mode,
+        inner_precise,
+        softmax_lse_flag,
+    )
+
+
+# ------------------------------------------------------------------------------------- RMSNorm
+
+_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _rms_norm_static(x: torch.Tensor, gamma: torch.Tensor) -> tuple[int, ...]:
+    op = "npu_rms_norm"
+    _require(1 <= x.dim() <= 8, f"{op}: x must have 1 to 8 dims, got {x.dim()}")
+    _require(x.dtype in _NORM_DTYPES, f"{op}: x dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    _require(gamma.dtype == x.dtype, f"{op}: gamma dtype ({gamma.dtype}) must equal x dtype ({x.dtype})")
+    _require(
+        1 <= gamma.dim() <= x.dim() and tuple(gamma.shape) == tuple(x.shape[x.dim() - gamma.dim() :]),
+        f"{op}: gamma shape {tuple(gamma.shape)} must equal the trailing dims of x {tuple(x.shape)}",
+    )
+    lead = x.dim() - gamma.dim()
+    return tuple(x.shape[:lead]) + (1,) * gamma.dim()
+
+
+@torch.library.custom_op(f"{_NS}::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, gamma: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _rms_norm_static(x, gamma)
+    _record("npu_rms_norm", x_shape=tuple(x.shape), gamma_shape=tuple(gamma.shape), epsilon=epsilon)
+    dims = tuple(range(x.dim() - gamma.dim(), x.dim()))
+    xf = x.float()
+    rstd = torch.rsqrt(xf.square().mean(dim=dims, keepdim=True) + epsilon)
+    return (xf * rstd * gamma.float()).to(x.dtype), rstd
+
+
+@_rms_norm_op.register_fake
+def _rms_norm_fake(x, gamma, epsilon):
+    rstd_shape = _rms_norm_static(x, gamma)
+    return torch.empty_like(x), x.new_empty(rstd_shape, dtype=torch.float32)
+
+
+def npu_rms_norm(
+    x: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-06
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): y = x / sqrt(mean(x^2) + eps) * gamma over gamma's dims; rstd float32."""
+    return _rms_norm_op(x, gamma, float(epsilon))
+
+
+# ------------------------------------------------------------------------------- rotary (RoPE)
+
+_ROTARY_MODES = ("half", "interleave")
+
+
+def _rotary_static(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotary_mode: str) -> None:
+    op = "npu_rotary_mul"
+    _require(
+        rotary_mode in _ROTARY_MODES, f"{op}: rotary_mode must be 'half' or 'interleave', got {rotary_mode!r}"
+    )
+    for name, t in (("input", x), ("r1", r1), ("r2", r2)):
+        _require(t.dim() == 4, f"{op}: {name} must be 4-D, got {tuple(t.shape)}")
+    _require(
+        x.dtype in _NORM_DTYPES, f"{op}: input dtype must be float16, bfloat16 or float32, got {x.dtype}"
+    )
+    _require(r1.dtype == x.dtype and r2.dtype == x.dtype, f"{op}: r1 and r2 must have the input's dtype")
+    _require(r1.shape == r2.shape, f"{op}: r1 and r2 must have the same shape")
+    dim = x.shape[3]
+    _require(dim % 2 == 0 and dim < 896, f"{op}: D must be even and < 896, got {dim}")
+    _require(r1.shape[3] == dim, f"{op}: r1/r2 last dim must equal D ({dim})")
+    _require(
+        all(r1.shape[i] in (1, x.shape[i]) for i in range(3)),
+        f"{op}: r1/r2 {tuple(r1.shape)} must broadcast to the input {tuple(x.shape)}",
+    )
+    spread = [i for i in range(3) if r1.shape[i] != 1]
+    if rotary_mode == "interleave":
+        # r1/r2 vary along S only (11SD, 1S1D, S11D); all-ones is 11SD with S == 1.
+        _require(
+            len(spread) == 1 or (not spread and 1 in tuple(x.shape[:3])),
+            f"{op}: interleave needs r1/r2 shaped 11SD, 1S1D or S11D, got {tuple(r1.shape)}",
+        )
+        seq = x.shape[spread[0]] if spread else 1
+        _require(math.prod(x.shape[:3]) // seq < 1000, f"{op}: interleave needs B * N < 1000")
+    else:
+        _require(
+            spread != [1, 2], f"{op}: half-mode r1/r2 shape {tuple(r1.shape)} matches no documented layout"
+        )
+        _require(sum(d < 1000 for d in x.shape[:3]) >= 2, f"{op}: half mode needs B < 1000 and N < 1000")
+
+
+def _rotate(x: torch.Tensor, rotary_mode: str) -> torch.Tensor:
+    if rotary_mode == "half":
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((-second, first), dim=-1)
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+@torch.library.custom_op(f"{_NS}::rotary_mul", mutates_args=())
+def _rotary_mul_op(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotary_mode: str) -> torch.Tensor:
+    op = "npu_rotary_mul"
+    _rotary_static(x, r1, r2, rotary_mode)
+    _require(
+        bool(r1.abs().max() <= 1.001) and bool(r2.abs().max() <= 1.001),
+        f"{op}: r1/r2 values must lie in [-1, 1] (cos/sin, not angles)",
+    )
+    _record(op, rotary_mode=rotary_mode, input_shape=tuple(x.shape), r_shape=tuple(r1.shape))
+    xf = x.float()
+    return (r1.float() * xf + r2.float() * _rotate(xf, rotary_mode)).to(x.dtype)
+
+
+@_rotary_mul_op.register_fake
+def _rotary_mul_fake(x, r1, r2, rotary_mode):
+    _rotary_static(x, r1, r2, rotary_mode)
+    return torch.empty_like(x)
+
+
+def npu_rotary_mul(
+    x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotary_mode: str = "half"
+) -> torch.Tensor:
+    """Rotary embedding: r1 * x + r2 * rotate(x), rotate per rotary_mode ('half' or 'interleave')."""
+    return _rotary_mul_op(x, r1, r2, rotary_mode)
+
+
+# ------------------------------------------------------------------------------ scatter_update_
+
+_SCATTER_DTYPES = (torch.int8, torch.uint8, torch.float16, torch.float32, torch.bfloat16, torch.int32)
+
+
+def _scatter_static(data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> int:
+    op = "scatter_update_"
+    rank = data.dim()
+    _require(2 <= rank <= 8, f"{op}: data must have 2 to 8 dims, got {rank}")
+    _require(updates.dim() == rank, f"{op}: updates must have data's rank ({rank}), got {updates.dim()}")
+    _require(data.dtype in _SCATTER_DTYPES, f"{op}: data dtype {data.dtype} is not supported")
+    _require(updates.dtype == data.dtype, f"{op}: updates dtype must equal data dtype")
+    _require(indices.dtype in (torch.int32, torch.int64), f"{op}: indices dtype must be int32 or int64")
+    _require(indices.dim() <= 2, f"{op}: indices must be 0-D, 1-D or 2-D")
+    if indices.dim() == 2:
+        raise NotImplementedError(f"{op}: 2-D indices have no documented semantics; not modelled")
+    _require(
+        data.numel() > 0 and indices.numel() > 0 and updates.numel() > 0,
+        f"{op}: empty tensors are not supported",
+    )
+    _require(-rank < axis < rank and axis % rank != 0, f"{op}: axis must lie in (-rank, rank) and not be 0")
+    dim = axis % rank
+    _require(
+        updates.shape[0] == indices.numel(),
+        f"{op}: updates dim 0 ({updates.shape[0]}) must equal the number of indices ({indices.numel()})",
+    )
+    _require(updates.shape[0] <= data.shape[0], f"{op}: updates dim 0 must be <= data dim 0")
+    _require(
+        all(updates.shape[d] == data.shape[d] for d in range(1, rank) if d != dim),
+        f"{op}: updates {tuple(updates.shape)} must match data {tuple(data.shape)} outside dim 0 and axis",
+    )
+    _require(updates.shape[dim] <= data.shape[dim], f"{op}: updates along axis must fit in data")
+    return dim
+
+
+@torch.library.custom_op(f"{_NS}::scatter_update_", mutates_args=("data",))
+def _scatter_update_op(data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> None:
+    op = "scatter_update_"
+    dim = _scatter_static(data, indices, updates, axis)
+    starts = [int(i) for i in indices.reshape(-1).tolist()]
+    extent = updates.shape[dim]
+    _require(
+        all(0 <= s and s + extent <= data.shape[dim] for s in starts),
+        f"{op}: indices {starts} + {extent} run outside data's axis of size {data.shape[dim]}"
+        " (the device would not check this)",
+    )
+    _record(op, data_shape=tuple(data.shape), updates_shape=tuple(updates.shape), axis=axis)
+    for batch, start in enumerate(starts):
+        data[batch].narrow(dim - 1, start, extent).copy_(updates[batch])
+
+
+@_scatter_update_op.register_fake
+def _scatter_update_fake(data, indices, updates, axis):
+    _scatter_static(data, indices, updates, axis)
+
+
+def scatter_update_(
+    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """Write updates[i] into data[i] starting at indices[i] along axis, in place; returns data."""
+    _scatter_update_op(data, indices, updates, axis)
+    return data
+
+
+# ------------------------------------------------------------------- the stand-in modules
+
+
+class ExperimentalConfig:
+    """Stand-in for torchair's experimental_config; slots make a misspelt option fail loudly."""
+
+    __slots__ = ("frozen_parameter",)
+
+    def __init__(self) -> None:
+        self.frozen_parameter = False
+
+
+class CompilerConfig:
+    """Stand-in for torchair.CompilerConfig: only the options this project sets."""
+
+    __slots__ = ("mode", "experimental_config")
+
+    def __init__(self) -> None:
+        self.mode = "max-autotune"
+        self.experimental_config = ExperimentalConfig()
+
+
+@dataclass
+class NpuBackend:
+    """A torch.compile backend that records its config and graphs, then runs each graph eagerly."""
+
+    compiler_config: CompilerConfig
+    graphs: list[torch.fx.GraphModule] = field(default_factory=list)
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.graphs.append(gm)
+        return gm.forward
+
+
+@dataclass
+class FakeNpu:
+    """What install_fake_torch_npu put in place, and what ran through it."""
+
+    torch_npu: types.ModuleType
+    torchair: types.ModuleType
+    calls: list[OpCall] = field(default_factory=list)
+    backends: list[NpuBackend] = field(default_factory=list)
+
+    def op_names(self) -> list[str]:
+        return [call.name for call in self.calls]
+
+
+TORCH_NPU_OPS = {
+    "npu_prompt_flash_attention": npu_prompt_flash_attention,
+    "npu_incre_flash_attention": npu_incre_flash_attention,
+    "npu_fused_infer_attention_score": npu_fused_infer_attention_score,
+    "npu_rms_norm": npu_rms_norm,
+    "npu_rotary_mul": npu_rotary_mul,
+    "scatter_update_": scatter_update_,
+}
+
+
+def _module(name: str, package: bool = False) -> types.ModuleType:
+    module = types.ModuleType(name, f"CPU stand-in for {name} (tests/npu_reference.py)")
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=package)
+    if package:
+        module.__path__ = []
+    return module
+
+
+def _build_fake() -> tuple[FakeNpu, dict[str, types.ModuleType]]:
+    torch_npu = _module("torch_npu")
+    for name, fn in TORCH_NPU_OPS.items():
+        setattr(torch_npu, name, fn)
+
+    def missing(name: str) -> object:
+        raise AttributeError(
+            f"the torch_npu stand-in models only {sorted(TORCH_NPU_OPS)}; {name!r} is not one"
+        )
+
+    torch_npu.__getattr__ = missing
+
+    torchair = _module("torchair", package=True)
+    configs = _module("torchair.configs", package=True)
+    compiler_config = _module("torchair.configs.compiler_config")
+    fake = FakeNpu(torch_npu, torchair)
+
+    def get_npu_backend(
+        *, compiler_config: Optional[CompilerConfig] = None, custom_decompositions: Optional[dict] = None
+    ) -> NpuBackend:
+        config = CompilerConfig() if compiler_config is None else compiler_config
+        _require(
+            isinstance(config, CompilerConfig), "get_npu_backend: compiler_config must be a CompilerConfig"
+        )
+        _require(
+            config.mode in ("max-autotune", "reduce-overhead"),
+            f"get_npu_backend: mode must be 'max-autotune' or 'reduce-overhead', got {config.mode!r}",
+        )
+        backend = NpuBackend(config)
+        fake.backends.append(backend)
+        return backend
+
+    compiler_config.CompilerConfig = CompilerConfig
+    configs.compiler_config = compiler_config
+    torchair.configs = configs
+    torchair.CompilerConfig = CompilerConfig
+    torchair.get_npu_backend = get_npu_backend
+    modules = {
+        "torch_npu": torch_npu,
+        "torchair": torchair,
+        "torchair.configs": configs,
+        "torchair.configs.compiler_config": compiler_config,
+    }
+    return fake, modules
+
+
+def install_fake_torch_npu(monkeypatch) -> FakeNpu:
+    """Put stand-in torch_npu and torchair modules into sys.modules until monkeypatch undoes it.
+
+    A module that probed for torch_npu at import time must be re-imported (or reloaded) after
+    this to see the stand-in. Every reference op executed meanwhile is appended to
+    ``FakeNpu.calls``; every backend built by ``torchair.get_npu_backend`` to ``FakeNpu.backends``.
+    """
+    fake, modules = _build_fake()
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(sys.modules[__name__], "_RECORDERS", (*_RECORDERS, fake.calls))
+    return fake
+
+
+@contextlib.contextmanager
+def fake_torch_npu() -> Iterator[FakeNpu]:
+    """install_fake_torch_npu as a context manager, for code outside a pytest fixture."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield install_fake_torch_npu(monkeypatch)
