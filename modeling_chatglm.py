@@ -30,7 +30,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,17 +55,13 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import logging
 
-
-def _import_config_class():
-    # Remote code loads us as a package member (relative import); tests and scripts import the
-    # file from a directory on sys.path. importlib keeps transformers' import scanner from
-    # demanding a top-level "configuration_chatglm" package.
-    if __package__:
-        return importlib.import_module(".configuration_chatglm", __package__).ChatGLMConfig
-    return importlib.import_module("configuration_chatglm").ChatGLMConfig
-
-
-ChatGLMConfig = _import_config_class()
+try:
+    # As remote code, inside the checkpoint's package (transformers copies this relative import).
+    from .configuration_chatglm import ChatGLMConfig
+except ImportError:
+    # Imported as a plain module (tests, scripts): the file beside us on sys.path. importlib keeps
+    # transformers' import scanner from asking for a "configuration_chatglm" package.
+    ChatGLMConfig = importlib.import_module("configuration_chatglm").ChatGLMConfig
 
 logger = logging.get_logger(__name__)
 
@@ -130,6 +126,12 @@ _TORCH_NPU = _optional_import("torch_npu")
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 _HAS_F_RMS_NORM = hasattr(F, "rms_norm")
 
+# Dynamo's per-function limit on compiled variants; the config key was renamed in torch 2.6.
+_RECOMPILE_LIMIT_NAME = (
+    "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+)
+GRAPH_RECOMPILE_LIMIT = 64
+
 _SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float16),
     "cuda": (torch.float32, torch.bfloat16, torch.float16),
@@ -183,14 +185,17 @@ def _attention_sdpa(q, k, v, mask):
         grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
         out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=keep)
         return out.reshape(batch, heads, 1, head_dim)
-    # bool() turns a symbolic comparison into a guard (dynamic shapes in graph mode).
-    causal = bool(mask is None and sq > 1)
+    extra = {}
     if kv_heads != heads:
         if _SDPA_HAS_GQA:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal, enable_gqa=True)
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal)
+            extra["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(heads // kv_heads, dim=1)
+            v = v.repeat_interleave(heads // kv_heads, dim=1)
+    # A branch, not is_causal=<expression>: with dynamic shapes the comparison is symbolic.
+    if mask is None and sq > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, **extra)
 
 
 def _attention_npu(q, k, v, mask):
@@ -331,6 +336,13 @@ class RotaryEmbedding(nn.Module):
         self.dim = dim
         self.original_impl = original_impl
         self.rope_ratio = rope_ratio
+
+    @torch.no_grad()
+    def reset_inv_freq(self) -> None:
+        buffer = self.inv_freq
+        if buffer.device.type != "meta":
+            positions = torch.arange(0, self.dim, 2, device=buffer.device).float()
+            buffer.copy_(1.0 / (10000 ** (positions / self.dim)))
 
     def forward_impl(self, seq_len: int, n_elem: int, dtype, device, base: int = 10000):
         base = base * self.rope_ratio
@@ -794,8 +806,10 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock"]
 
     def _init_weights(self, module: nn.Module):
-        """Weights come from the checkpoint; nothing to initialise (as in the original)."""
-        return
+        """Weights come from the checkpoint (as in the original); only the derived rotary buffer,
+        absent from some checkpoints, is recomputed."""
+        if isinstance(module, RotaryEmbedding):
+            module.reset_inv_freq()
 
     def _set_gradient_checkpointing(self, module=None, value=False, **kwargs):
         # transformers < 4.35 passes (module, value); newer ones (enable=..., gradient_checkpointing_func=...)
@@ -928,11 +942,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             self.output_layer = nn.Linear(
                 config.hidden_size, config.padded_vocab_size, bias=False, **_config_to_kwargs(config)
             )
-        if build_device is not None and build_device.type == "meta":
+        # Like the original's skip_init: allocate without initialising. Inside an ambient meta
+        # context (transformers' empty-weight loading) stay on meta: the loader fills the weights.
+        if build_device is not None and build_device.type == "meta" and torch.empty(()).device.type != "meta":
             self.to_empty(device="cpu")
-            # to_empty leaves garbage; the rotary buffer is not always in checkpoints, recompute it.
-            dim = self.rotary_pos_emb.dim
-            self.rotary_pos_emb.inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
+            self.rotary_pos_emb.reset_inv_freq()
         self.pre_seq_len = config.pre_seq_len
         self.prefix_projection = config.prefix_projection
         if self.pre_seq_len is not None:
@@ -997,9 +1011,18 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if self.options.exe_mode == "eager":
             return self._wrap_graph
         if self._compiled_graph is None:
-            self._compiled_graph = torch.compile(
+            compiled = torch.compile(
                 self._wrap_graph, fullgraph=True, dynamic=None, **_compile_kwargs(self.options, device)
             )
+
+            def run(*args):
+                # Prefill/decode, padded/unpadded and batch sizes are separate graphs; dynamo's
+                # default limit (8 per function, shared by all instances) would turn a long-running
+                # process into a hard error under fullgraph=True. Raised for this call only.
+                with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_NAME: GRAPH_RECOMPILE_LIMIT}):
+                    return compiled(*args)
+
+            self._compiled_graph = run
         return self._compiled_graph
 
     def _rotary_table(self):
