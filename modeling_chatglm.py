@@ -30,7 +30,8 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -132,11 +133,13 @@ _RECOMPILE_LIMIT_NAME = (
 )
 GRAPH_RECOMPILE_LIMIT = 64
 
-_SUPPORTED_DTYPES = {
-    "cpu": (torch.float32, torch.bfloat16, torch.float16),
-    "cuda": (torch.float32, torch.bfloat16, torch.float16),
-    "npu": (torch.float32, torch.bfloat16, torch.float16),
-}
+_SUPPORTED_DTYPES: Mapping[str, tuple] = MappingProxyType(
+    {
+        "cpu": (torch.float32, torch.bfloat16, torch.float16),
+        "cuda": (torch.float32, torch.bfloat16, torch.float16),
+        "npu": (torch.float32, torch.bfloat16, torch.float16),
+    }
+)
 # The fused NPU kernels compute in half precision only.
 _NPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -256,17 +259,16 @@ def _cache_write_npu(buffer, positions, update):
     _require_torch_npu("kv_cache='static' on NPU").scatter_update_(buffer, starts, update, -2)
 
 
-ATTENTION_BACKENDS: Dict[str, Callable] = {
-    "npu": _attention_npu,
-    "sdpa": _attention_sdpa,
-    "math": _attention_math,
-}
-RMSNORM_BACKENDS: Dict[str, Callable] = {
-    "npu": _rmsnorm_npu,
-    "fused": _rmsnorm_fused,
-    "math": _rmsnorm_math,
-}
-CACHE_WRITERS: Dict[str, Callable] = {"npu": _cache_write_npu, "default": _cache_write_index_copy}
+# The one place device kernels are chosen from (read-only: no module-level mutable state).
+ATTENTION_BACKENDS: Mapping[str, Callable] = MappingProxyType(
+    {"npu": _attention_npu, "sdpa": _attention_sdpa, "math": _attention_math}
+)
+RMSNORM_BACKENDS: Mapping[str, Callable] = MappingProxyType(
+    {"npu": _rmsnorm_npu, "fused": _rmsnorm_fused, "math": _rmsnorm_math}
+)
+CACHE_WRITERS: Mapping[str, Callable] = MappingProxyType(
+    {"npu": _cache_write_npu, "default": _cache_write_index_copy}
+)
 
 
 def resolve_backends(options: RuntimeOptions, device: torch.device, dtype: torch.dtype):
@@ -433,10 +435,6 @@ class StaticKVCache:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1085,10 +1083,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return_dict: Optional[bool] = None,
     ):
         output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+            output_hidden_states
+            if output_hidden_states is not None
+            else getattr(self.config, "output_hidden_states", False)
         )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
+        return_dict = (
+            return_dict if return_dict is not None else getattr(self.config, "use_return_dict", True)
+        )
 
         if inputs_embeds is None:
             if input_ids is None:
@@ -1294,7 +1296,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             "position_ids": position_ids,
             "attention_mask": attention_mask,
             "return_last_logit": True,
-            "use_cache": use_cache if use_cache is not None else self.config.use_cache,
+            "use_cache": use_cache if use_cache is not None else getattr(self.config, "use_cache", True),
         }
 
     @torch.no_grad()
@@ -1318,8 +1320,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         return_last_logit: Optional[bool] = False,
     ):
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
+        return_dict = (
+            return_dict if return_dict is not None else getattr(self.config, "use_return_dict", True)
+        )
         transformer_outputs = self.transformer(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -1628,7 +1632,9 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ):
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = (
+            return_dict if return_dict is not None else getattr(self.config, "use_return_dict", True)
+        )
         transformer_outputs = self.transformer(
             input_ids=input_ids,
             position_ids=position_ids,
