@@ -24,13 +24,10 @@ from typing import Any
 from sentencepiece import SentencePieceProcessor
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import BatchEncoding
-from transformers.utils import PaddingStrategy, logging
-
-logger = logging.get_logger(__name__)
+from transformers.utils import PaddingStrategy
 
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 COMMAND_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", *ROLE_TOKENS)
-ROLES = tuple(token[2:-2] for token in ROLE_TOKENS)
 
 
 class SPTokenizer:
@@ -188,9 +185,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     ) -> str:
         """Ids to text the way the original renders them, on every transformers version.
 
-        bos/eos/pad never produce text (with or without ``skip_special_tokens``); command tokens are spelled out in place (SentencePiece
-        passes pieces it does not know through verbatim); everything else is decoded as ONE piece
-        sequence, so a space that starts a word after a role token is kept.
+        bos/eos/pad never produce text, whatever ``skip_special_tokens`` says. Command tokens are
+        spelled out in place (SentencePiece passes pieces it does not know through verbatim), and
+        everything is decoded as ONE piece sequence, so the space that starts a word after a role
+        token survives.
         """
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
         skipped = set(self.all_special_ids) if skip_special_tokens else set()
@@ -253,13 +251,16 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return mask
 
     def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
-        """``<|role|>`` + ids of ``metadata + "\\n"`` + ids of ``message`` (no prefix)."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        """``<|role|>`` + ids of ``metadata + "\\n"`` + ids of ``message`` (no prefix).
+
+        ``role`` is system, user, assistant or observation; anything else raises ValueError.
+        """
         header = [self.get_command(f"<|{role}|>")] + self.tokenizer.encode(f"{metadata}\n")
         return header + self.tokenizer.encode(message)
 
-    def build_chat_input(self, query: str, history: list[dict] | None = None, role: str = "user") -> BatchEncoding:
+    def build_chat_input(
+        self, query: str, history: list[dict] | None = None, role: str = "user"
+    ) -> BatchEncoding:
         """Prompt for one chat turn as a batch of one: ``input_ids``, ``attention_mask``, ``position_ids``.
 
         ``history`` holds ``{"role", "content", "metadata"?}`` dicts; a system message may carry

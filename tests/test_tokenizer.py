@@ -18,6 +18,7 @@ import torch
 import transformers
 from packaging import version
 from transformers import AutoTokenizer
+from transformers.utils import PaddingStrategy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,9 @@ def _corpus(seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for _ in range(300):
-        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + rng.choice([".", "?", " ,"]))
+        lines.append(
+            " ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + rng.choice([".", "?", " ,"])
+        )
         lines.append(rng.choice(chinese) + "。" + rng.choice(chinese))
     return lines
 
@@ -309,7 +312,9 @@ def test_right_padding_when_explicitly_asked(tok_dir, sp, ask):
 
 def test_pad_to_max_length_multiple_and_new_keywords(tokenizer, sp):
     ids = _prefix(sp) + sp.encode("a")
-    out = tokenizer.pad({"input_ids": [ids]}, padding="max_length", max_length=len(ids) + 1, pad_to_multiple_of=8)
+    out = tokenizer.pad(
+        {"input_ids": [ids]}, padding="max_length", max_length=len(ids) + 1, pad_to_multiple_of=8
+    )
     width = -(-(len(ids) + 1) // 8) * 8
     assert out["input_ids"] == [[sp.unk_id()] * (width - len(ids)) + ids]
     assert out["position_ids"] == [[0] * (width - len(ids)) + list(range(len(ids)))]
@@ -318,7 +323,7 @@ def test_pad_to_max_length_multiple_and_new_keywords(tokenizer, sp):
     single = tokenizer._pad(
         {"input_ids": list(ids)},
         max_length=len(ids) + 2,
-        padding_strategy="max_length",
+        padding_strategy=PaddingStrategy.MAX_LENGTH,
         padding_side="right",
         a_keyword_from_the_future=True,
     )
@@ -341,7 +346,9 @@ def test_save_pretrained_round_trip_gives_identical_ids(tmp_path, tok_dir, sp_mo
     assert again.get_vocab() == tok.get_vocab()
     assert again(TEXTS, padding=True)["input_ids"] == tok(TEXTS, padding=True)["input_ids"]
     assert again.encode("<|user|>\nhi") == tok.encode("<|user|>\nhi")
-    assert again.build_chat_input("hi")["input_ids"].tolist() == tok.build_chat_input("hi")["input_ids"].tolist()
+    assert (
+        again.build_chat_input("hi")["input_ids"].tolist() == tok.build_chat_input("hi")["input_ids"].tolist()
+    )
     assert (again.eos_token_id, again.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
 
 
@@ -373,4 +380,6 @@ def test_loads_a_config_that_names_special_and_added_tokens(tmp_path, sp_model_p
     assert tok.vocab_size == n + len(COMMAND_ORDER)
     assert (tok.eos_token_id, tok.pad_token_id) == (sp.eos_id(), sp.unk_id())
     assert tok(TEXTS, padding=True)["input_ids"] == ref(TEXTS, padding=True)["input_ids"]
-    assert tok.build_chat_input("hi")["input_ids"].tolist() == ref.build_chat_input("hi")["input_ids"].tolist()
+    assert (
+        tok.build_chat_input("hi")["input_ids"].tolist() == ref.build_chat_input("hi")["input_ids"].tolist()
+    )

@@ -1,0 +1,130 @@
+"""Graph mode: one compiled region (_wrap_graph) per model instance, no graph breaks, a bounded
+number of compiles over a whole generation."""
+
+import pytest
+import torch
+from golden_protocol import (
+    build_golden_model,
+    compare_to_golden,
+    golden_expected,
+    run_protocol,
+    variant_inputs,
+)
+
+
+class CountingBackend:
+    """A torch.compile backend that records every graph it is handed and runs it eagerly."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    @property
+    def count(self):
+        return len(self.graphs)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+# Documented bound (README "Graph mode"): per distinct (batch size, padded or not) a generation
+# compiles the prefill graph plus one decode graph with the static cache; the tuple cache adds one
+# more decode graph when the growing cache length turns dynamic (step 2). Later generations of the
+# same kind compile nothing.
+COMPILE_BOUND = {"static": 2, "tuple": 3}
+
+
+@pytest.mark.parametrize("kv_cache", ["tuple", "static"])
+@pytest.mark.parametrize("variant", ["", "nopad_"], ids=["padded", "unpadded"])
+def test_generation_compiles_a_bounded_number_of_graphs_without_breaks(variant, kv_cache):
+    backend = CountingBackend()
+    model = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend=backend, kv_cache=kv_cache)
+    expected = golden_expected("tiny-chatglm3")
+    inputs = variant_inputs(expected, variant)
+
+    result = run_protocol(model, *inputs)
+    compare_to_golden(result, expected, variant, atol=1e-5)
+    assert 2 <= backend.count <= COMPILE_BOUND[kv_cache]
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+
+    compiled = backend.count
+    run_protocol(model, *inputs)
+    assert backend.count == compiled, "a second identical generation must reuse the graphs"
+
+
+def test_only_the_rotary_and_encoder_region_is_compiled():
+    backend = CountingBackend()
+    model = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend=backend)
+    ids, mask, pos = variant_inputs(golden_expected("tiny-chatglm3"), "")
+    model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    (graph,) = backend.graphs
+    code = graph.code
+    assert "encoder" in code and "layers" in code
+    assert "word_embeddings" not in code and "output_layer" not in code
+    # The data-dependent mask test (attention_mask.all()) happens outside: no such op inside.
+    assert "aten.all" not in code and ".all(" not in code
+
+
+def test_two_models_in_one_process_each_compile_their_own_graph():
+    first_backend, second_backend = CountingBackend(), CountingBackend()
+    first = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend=first_backend)
+    second = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend=second_backend)
+    with torch.no_grad():
+        for param in second.parameters():
+            param.mul_(1.5)
+    eager_second = build_golden_model("tiny-chatglm3")
+    eager_second.load_state_dict(second.state_dict())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        out_first = first(input_ids=ids).logits
+        out_second = second(input_ids=ids).logits
+        want_second = eager_second(input_ids=ids).logits
+        want_first = build_golden_model("tiny-chatglm3")(input_ids=ids).logits
+    assert first_backend.count >= 1 and second_backend.count >= 1
+    torch.testing.assert_close(out_second, want_second, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out_first, want_first, rtol=0, atol=1e-5)
+    assert first.transformer._compiled_graph is not second.transformer._compiled_graph
+
+
+def test_exe_mode_environment_variable_turns_graph_mode_on(monkeypatch):
+    monkeypatch.setenv("EXE_MODE", "dynamo")
+    monkeypatch.setenv("CHATGLM_GRAPH_BACKEND", "eager")
+    model = build_golden_model("tiny-chatglm3")
+    assert model.transformer.options.exe_mode == "dynamo"
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert model.transformer._compiled_graph is not None
+    eager = build_golden_model("tiny-chatglm3", exe_mode="eager")
+    eager(input_ids=torch.tensor([[5, 6, 7]]))
+    assert eager.transformer._compiled_graph is None
+
+
+def test_set_runtime_options_switches_a_built_model_and_drops_old_graphs():
+    backend = CountingBackend()
+    model = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend=backend)
+    ids = torch.tensor([[5, 6, 7]])
+    model(input_ids=ids)
+    model.transformer.set_runtime_options(exe_mode="eager")
+    assert model.transformer._compiled_graph is None
+    model(input_ids=ids)
+    assert backend.count == 1
+    with pytest.raises(ValueError, match="unknown runtime option"):
+        model.transformer.set_runtime_options(attention="sdpa")
+
+
+@pytest.mark.slow
+def test_inductor_graph_matches_golden_with_static_cache():
+    """One real inductor compile (CPU, weight freezing): the default graph backend off-NPU."""
+    model = build_golden_model("tiny-chatglm3", exe_mode="dynamo", kv_cache="static")
+    expected = golden_expected("tiny-chatglm3")
+    result = run_protocol(model, *variant_inputs(expected, ""), n_decode=3)
+    assert torch.equal(result.greedy_tokens, expected["greedy_tokens"][:, :3])
+    assert (result.prefill_logits - expected["prefill_logits"]).abs().max() <= 1e-5
+    assert (result.decode_logits - expected["decode_logits"][:3]).abs().max() <= 1e-5
