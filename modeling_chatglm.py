@@ -201,11 +201,17 @@ def _attention_sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, **extra)
 
 
+_NPU_NO_BAND = 2147483647  # pre/next_tokens wide open: the explicit mask alone decides
+
+
 def _attention_npu(q, k, v, mask):
-    """Ascend fused kernels: incremental (decode) kernel for one query token, prompt kernel else."""
+    """Ascend fused kernels: the incremental (decode) kernel for one query token, the prompt kernel
+    otherwise. Both take contiguous BNSD tensors, GQA via ``num_key_value_heads`` and a bool mask
+    with True = masked."""
     npu = _require_torch_npu("attention_backend='npu'")
-    heads, kv_heads, sq = q.shape[1], k.shape[1], q.shape[2]
+    heads, kv_heads, sq, sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if sq == 1:
         return npu.npu_incre_flash_attention(
             q,
@@ -217,17 +223,19 @@ def _attention_npu(q, k, v, mask):
             input_layout="BNSD",
             num_key_value_heads=kv_heads,
         )
-    # next_tokens=0 with no mask is the kernel's causal band; with an explicit mask the band is
-    # opened fully and the mask alone decides (it already holds causality and padding).
+    if mask is None:
+        # Without a mask the prompt kernel ignores its pre/next_tokens band (documented), so
+        # causality must be spelled out.
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1 + sk - sq)
     return npu.npu_prompt_flash_attention(
         q,
         k,
         v,
-        atten_mask=mask,
+        atten_mask=mask.contiguous(),
         num_heads=heads,
         scale_value=scale,
-        pre_tokens=65535,
-        next_tokens=0 if mask is None else 65535,
+        pre_tokens=_NPU_NO_BAND,
+        next_tokens=_NPU_NO_BAND,
         input_layout="BNSD",
         num_key_value_heads=kv_heads,
     )
