@@ -26,15 +26,17 @@ def golden_expected(name: str) -> Dict[str, torch.Tensor]:
     return load_file(str(GOLDEN / name / "expected.safetensors"))
 
 
-def build_golden_model(name: str, dtype: torch.dtype = torch.float32, **options):
-    """Our ChatGLMForConditionalGeneration with the fixture's weights and the given fast-path options."""
-    from configuration_chatglm import ChatGLMConfig
-    from modeling_chatglm import ChatGLMForConditionalGeneration
+def build_golden_model(name: str, dtype: torch.dtype = torch.float32, module=None, **options):
+    """Our ChatGLMForConditionalGeneration with the fixture's weights and the given fast-path
+    options; ``module`` is a separately imported copy of modeling_chatglm (e.g. one that saw the
+    stand-in torch_npu)."""
+    if module is None:
+        import modeling_chatglm as module
 
-    config = ChatGLMConfig(**golden_config(name))
+    config = module.ChatGLMConfig(**golden_config(name))
     for key, value in options.items():
         setattr(config, key, value)
-    model = ChatGLMForConditionalGeneration(config)
+    model = module.ChatGLMForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(golden_weights(name), strict=True)
     assert not missing and not unexpected
     return model.to(dtype).eval()

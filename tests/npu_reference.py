@@ -135,7 +135,7 @@ MASK_DTYPES = (torch.bool, torch.int8, torch.uint8)
 _NS = __name__.replace(".", "_")
 
 # Lists that record every op call while a stand-in is installed (see install_fake_torch_npu).
-_RECORDERS: tuple[list["OpCall"], ...] = ()
+_RECORDERS: tuple[list[OpCall], ...] = ()
 
 
 @dataclass(frozen=True)

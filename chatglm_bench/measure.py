@@ -1,0 +1,282 @@
+"""Measure: prefill (全量) and per-step decode (增量) timings of one model, as plain records.
+
+Everything here is a pure function of (model, inputs, options) returning dataclasses; printing and
+files live in ``report``, ranks and sharding in ``distributed``.
+"""
+
+import math
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Left-padded model inputs for one batch size."""
+
+    input_ids: torch.Tensor  # [b, s]
+    attention_mask: torch.Tensor  # [b, s]
+    position_ids: torch.Tensor  # [b, s]
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device))
+
+
+@dataclass
+class Run:
+    """One generation: prefill seconds, per-decode-step seconds, generated token ids."""
+
+    prefill_s: float
+    step_s: List[float]
+    tokens: torch.Tensor  # [b, new]
+
+
+@dataclass
+class Measurement:
+    """Timings of one (batch size, mode, optimization set), plus hardware-level figures."""
+
+    label: str
+    batch_size: int
+    input_len: int
+    new_tokens: int
+    exe_mode: str
+    attention: str
+    rmsnorm: str
+    kv_cache: str
+    prefill_ms: float
+    decode_ms_mean: float
+    decode_ms_p50: float
+    decode_ms_p90: float
+    decode_ms_p99: float
+    ttft_ms: float
+    decode_tokens_per_s: float
+    e2e_ms: float
+    first_run_overhead_s: float  # compile + first-touch cost: first run minus a steady run
+    peak_memory_bytes: Optional[int]
+    peak_memory_kind: str
+    decode_bytes_per_step: float
+    decode_bandwidth_gbs: float
+    prefill_flops: float
+    prefill_tflops: float
+    iters: int
+    prefill_ms_all: List[float] = field(default_factory=list)
+
+    def as_dict(self) -> Dict:
+        return asdict(self)
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for the device's queued work (timings are meaningless without it)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "npu":
+        return lambda: torch.npu.synchronize(device)
+    return lambda: None
+
+
+def cache_of(outputs):
+    # transformers 5 renamed the outputs' past_key_values field to cache.
+    return outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
+
+
+@torch.inference_mode()
+def timed_generation(model, batch: Batch, new_tokens: int, sync: Callable[[], None], on_step=None) -> Run:
+    """Greedy generation of exactly ``new_tokens`` tokens (no stopping), each forward timed.
+
+    The first token comes from the prefill; ``new_tokens - 1`` decode steps follow, each a
+    one-token forward on the KV cache (what HF ``generate`` does, without its Python overhead).
+    """
+    sync()
+    start = time.perf_counter()
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=True,
+        return_dict=True,
+        return_last_logit=True,
+    )
+    token = out.logits[:, -1].argmax(-1)
+    sync()
+    prefill_s = time.perf_counter() - start
+    tokens = [token]
+    cache = cache_of(out)
+    mask = batch.attention_mask
+    position = batch.position_ids[:, -1:]
+    ones = mask.new_ones((batch.size, 1))
+    steps: List[float] = []
+    for _ in range(new_tokens - 1):
+        mask = torch.cat([mask, ones], dim=-1)
+        position = position + 1
+        start = time.perf_counter()
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+            return_last_logit=True,
+        )
+        token = out.logits[:, -1].argmax(-1)
+        sync()
+        steps.append(time.perf_counter() - start)
+        cache = cache_of(out)
+        tokens.append(token)
+        if on_step is not None:
+            on_step()
+    return Run(prefill_s=prefill_s, step_s=steps, tokens=torch.stack(tokens, dim=1))
+
+
+def percentile(values: List[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class ModelFacts:
+    """Sizes the hardware figures are computed from (per rank under tensor parallelism)."""
+
+    weight_bytes_per_step: int  # bytes of every weight a decode step reads (not the embedding table)
+    encoder_params: int
+    head_params: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+
+
+def model_facts(model) -> ModelFacts:
+    transformer = model.transformer
+    embedding = transformer.embedding.word_embeddings.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    attention = transformer.encoder.layers[0].self_attention
+    head = transformer.output_layer.weight
+    encoder = sum(p.numel() for p in transformer.encoder.parameters())
+    return ModelFacts(
+        weight_bytes_per_step=total - embedding.numel() * embedding.element_size(),
+        encoder_params=encoder,
+        head_params=head.numel(),
+        layers=len(transformer.encoder.layers),
+        heads=attention.num_attention_heads_per_partition,
+        kv_heads=attention.num_multi_query_groups_per_partition,
+        head_dim=attention.hidden_size_per_attention_head,
+        dtype_bytes=head.element_size(),
+    )
+
+
+def decode_bytes_per_step(facts: ModelFacts, batch: int, input_len: int, new_tokens: int) -> float:
+    """Weights once, plus the K and V of every cached position (mean context over the run)."""
+    mean_context = input_len + max(new_tokens - 1, 0) / 2.0
+    kv = 2 * facts.layers * batch * facts.kv_heads * facts.head_dim * facts.dtype_bytes * mean_context
+    return facts.weight_bytes_per_step + kv
+
+
+def prefill_flops(facts: ModelFacts, batch: int, input_len: int) -> float:
+    """Matmul FLOPs of a prefill: 2*params per token in the layers, the head on the last token
+    only (return_last_logit), and causal attention (QK^T and PV over half the square)."""
+    tokens = batch * input_len
+    dense = 2.0 * facts.encoder_params * tokens + 2.0 * facts.head_params * batch
+    attention = 2.0 * 2.0 * facts.layers * batch * facts.heads * facts.head_dim * input_len * input_len / 2.0
+    return dense + attention
+
+
+def peak_memory(device: torch.device):
+    """(bytes, kind): device allocator peak on CUDA/NPU, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "device allocator peak"
+    if device.type == "npu":
+        return torch.npu.max_memory_allocated(device), "device allocator peak"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "npu":
+        torch.npu.reset_peak_memory_stats(device)
+
+
+def measure(
+    model,
+    batch: Batch,
+    new_tokens: int,
+    *,
+    label: str,
+    options: Dict[str, str],
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    progress=None,
+) -> (Measurement, Run):
+    """Warm up (first run timed apart: compile), then ``iters`` timed generations.
+
+    Warm-up runs decode only a few steps: enough to compile and touch the decode path, without
+    paying for a full generation. Returns the record and the last timed run (its tokens)."""
+    sync = synchronizer(device)
+    reset_peak_memory(device)
+    warm_tokens = min(new_tokens, 4)
+    first = None
+    for i in range(max(warmup, 1)):
+        run = timed_generation(model, batch, warm_tokens, sync)
+        if i == 0:
+            first = run
+    runs = []
+    for _ in range(iters):
+        runs.append(timed_generation(model, batch, new_tokens, sync, on_step=progress))
+    steady = runs[-1]
+    prefill_all = [r.prefill_s * 1e3 for r in runs]
+    steps = [s * 1e3 for r in runs for s in r.step_s]
+    prefill_ms = statistics.median(prefill_all)
+    decode_mean = statistics.fmean(steps) if steps else float("nan")
+    warm_steady = prefill_ms / 1e3 + (decode_mean / 1e3) * len(first.step_s) if steps else prefill_ms / 1e3
+    overhead = max(0.0, first.prefill_s + sum(first.step_s) - warm_steady)
+    facts = model_facts(model)
+    step_bytes = decode_bytes_per_step(facts, batch.size, batch.length, new_tokens)
+    flops = prefill_flops(facts, batch.size, batch.length)
+    memory, memory_kind = peak_memory(device)
+    record = Measurement(
+        label=label,
+        batch_size=batch.size,
+        input_len=batch.length,
+        new_tokens=new_tokens,
+        exe_mode=options["exe_mode"],
+        attention=options["attention_backend"],
+        rmsnorm=options["rmsnorm_backend"],
+        kv_cache=options["kv_cache"],
+        prefill_ms=prefill_ms,
+        decode_ms_mean=decode_mean,
+        decode_ms_p50=percentile(steps, 50),
+        decode_ms_p90=percentile(steps, 90),
+        decode_ms_p99=percentile(steps, 99),
+        ttft_ms=prefill_ms,
+        decode_tokens_per_s=batch.size * 1e3 / decode_mean if steps else float("nan"),
+        e2e_ms=prefill_ms + (sum(steps) / max(len(runs), 1)),
+        first_run_overhead_s=overhead,
+        peak_memory_bytes=memory,
+        peak_memory_kind=memory_kind,
+        decode_bytes_per_step=step_bytes,
+        decode_bandwidth_gbs=step_bytes / (decode_mean / 1e3) / 1e9 if steps else float("nan"),
+        prefill_flops=flops,
+        prefill_tflops=flops / (prefill_ms / 1e3) / 1e12,
+        iters=iters,
+        prefill_ms_all=prefill_all,
+    )
+    return record, steady

@@ -1,0 +1,148 @@
+"""Every fast path gives the original's answers: attention x RMSNorm x mode x cache x padding.
+
+The ``npu`` ops run on CPU through tests/npu_reference.py, the documented semantics of each
+torch_npu op, installed as a stand-in ``torch_npu`` only inside these tests.
+"""
+
+import importlib.util
+import itertools
+
+import pytest
+import torch
+from conftest import REPO
+from golden_protocol import (
+    FIXTURES,
+    build_golden_model,
+    compare_to_golden,
+    golden_expected,
+    run_protocol,
+    variant_inputs,
+)
+from npu_reference import install_fake_torch_npu
+
+ATTENTION = ("npu", "sdpa", "math")
+RMSNORM = ("npu", "fused", "math")
+CACHES = ("tuple", "static")
+VARIANTS = {"padded": "", "unpadded": "nopad_"}
+_COUNTER = itertools.count()
+
+
+def import_model_module():
+    """A fresh copy of modeling_chatglm.py, so its import-time probe sees the current torch_npu."""
+    spec = importlib.util.spec_from_file_location(
+        f"modeling_chatglm_copy{next(_COUNTER)}", REPO / "modeling_chatglm.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def npu(monkeypatch):
+    """(stand-in record, model module that imported the stand-in torch_npu)."""
+    fake = install_fake_torch_npu(monkeypatch)
+    return fake, import_model_module()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kv_cache", CACHES)
+@pytest.mark.parametrize("exe_mode", ["eager", "dynamo"])
+@pytest.mark.parametrize("rmsnorm", RMSNORM)
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_every_combination_matches_golden(npu, attention, rmsnorm, exe_mode, kv_cache, variant):
+    fake, module = npu
+    model = build_golden_model(
+        "tiny-chatglm3",
+        module=module,
+        attention_backend=attention,
+        rmsnorm_backend=rmsnorm,
+        exe_mode=exe_mode,
+        kv_cache=kv_cache,
+        graph_backend="aot_eager" if kv_cache == "static" else "eager",
+    )
+    expected = golden_expected("tiny-chatglm3")
+    result = run_protocol(model, *variant_inputs(expected, VARIANTS[variant]))
+    compare_to_golden(result, expected, VARIANTS[variant], atol=1e-5)
+    used = set(fake.op_names())
+    assert ("npu_prompt_flash_attention" in used) == (attention == "npu")
+    assert ("npu_incre_flash_attention" in used) == (attention == "npu")
+    assert ("npu_rms_norm" in used) == (rmsnorm == "npu")
+    assert ("scatter_update_" in used) == (attention == "npu" and kv_cache == "static")
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_npu_kernels_match_golden_on_both_fixtures(npu, fixture):
+    _, module = npu
+    expected = golden_expected(fixture)
+    for kv_cache in CACHES:
+        model = build_golden_model(
+            fixture, module=module, attention_backend="npu", rmsnorm_backend="npu", kv_cache=kv_cache
+        )
+        for variant in ("", "nopad_", "single_"):
+            compare_to_golden(run_protocol(model, *variant_inputs(expected, variant)), expected, variant)
+
+
+def test_decode_calls_the_incremental_kernel_and_prefill_the_prompt_kernel(npu):
+    fake, module = npu
+    model = build_golden_model("tiny-chatglm3", module=module, attention_backend="npu", rmsnorm_backend="npu")
+    expected = golden_expected("tiny-chatglm3")
+    run_protocol(model, *variant_inputs(expected, ""), n_decode=2)
+    attention_calls = [c for c in fake.calls if "flash_attention" in c.name]
+    layers = model.config.num_layers
+    assert [c.name for c in attention_calls[:layers]] == ["npu_prompt_flash_attention"] * layers
+    assert [c.name for c in attention_calls[layers:]] == ["npu_incre_flash_attention"] * (2 * layers)
+
+
+def test_torchair_backend_is_built_with_frozen_parameters(npu):
+    fake, module = npu
+    model = build_golden_model(
+        "tiny-chatglm3",
+        module=module,
+        attention_backend="npu",
+        rmsnorm_backend="npu",
+        exe_mode="dynamo",
+        graph_backend="torchair",
+        kv_cache="static",
+    )
+    expected = golden_expected("tiny-chatglm3")
+    compare_to_golden(run_protocol(model, *variant_inputs(expected, ""), n_decode=8), expected, "")
+    assert len(fake.backends) == 1
+    assert fake.backends[0].compiler_config.experimental_config.frozen_parameter is True
+
+
+def test_auto_picks_sdpa_and_fused_on_cpu_and_never_the_npu_kernels(npu):
+    fake, module = npu
+    model = build_golden_model("tiny-chatglm3", module=module)
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert model.transformer.backends == {"attention": "sdpa", "rmsnorm": "fused", "device": "cpu"}
+    assert fake.op_names() == []
+
+
+@pytest.mark.parametrize("rmsnorm", RMSNORM)
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_bf16_gives_the_same_greedy_tokens_as_the_bf16_baseline(npu, attention, rmsnorm):
+    _, module = npu
+    expected = golden_expected("tiny-chatglm3")
+    baseline = build_golden_model(
+        "tiny-chatglm3", dtype=torch.bfloat16, module=module, attention_backend="math", rmsnorm_backend="math"
+    )
+    fast = build_golden_model(
+        "tiny-chatglm3",
+        dtype=torch.bfloat16,
+        module=module,
+        attention_backend=attention,
+        rmsnorm_backend=rmsnorm,
+        kv_cache="static",
+    )
+    for variant in ("", "nopad_"):
+        inputs = variant_inputs(expected, variant)
+        want = run_protocol(baseline, *inputs).greedy_tokens
+        got = run_protocol(fast, *inputs).greedy_tokens
+        assert torch.equal(got, want), (variant, got, want)
