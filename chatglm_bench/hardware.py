@@ -1,0 +1,103 @@
+"""What the hardware allows: nominal peaks of known accelerators, measured figures on a CPU."""
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Vendor-nominal dense 16-bit throughput and memory bandwidth of one device."""
+
+    name: str
+    tflops_16bit: float
+    bandwidth_gbs: float
+    source: str
+
+
+# Nominal datasheet figures (dense fp16/bf16, no sparsity), used only to express measurements as a
+# share of what the card advertises. Matched against the device name, first hit wins.
+KNOWN_PEAKS = (
+    Peak("H200", 989.0, 4800.0, "NVIDIA H200 SXM datasheet"),
+    Peak("H100", 989.0, 3350.0, "NVIDIA H100 SXM datasheet (PCIe: 756 TFLOPS, 2000 GB/s)"),
+    Peak("A100", 312.0, 2039.0, "NVIDIA A100 80GB SXM datasheet"),
+    Peak("910B", 313.0, 1600.0, "Ascend 910B (Atlas 800T/800I A2), vendor figures"),
+    Peak("800I A2", 280.0, 1600.0, "Atlas 800I A2 inference server (910B4), vendor figures"),
+)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "npu":
+        return torch.npu.get_device_name(device)
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def known_peak(name: str) -> Optional[Peak]:
+    for peak in KNOWN_PEAKS:
+        if peak.name.lower() in name.lower():
+            return peak
+    return None
+
+
+def measure_cpu_bandwidth(size_mb: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth in GB/s (bytes read + bytes written per second), best of ``repeats``."""
+    source = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * 4 / best / 1e9
+
+
+def measure_cpu_matmul_tflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
+    """Achieved TFLOP/s of an n x n matmul in ``dtype`` on this CPU, best of ``repeats``."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
+@dataclass
+class HardwareRef:
+    """The references a run's bandwidth and FLOP/s are compared with."""
+
+    device_name: str
+    bandwidth_gbs: Optional[float]
+    tflops: Optional[float]
+    source: str
+
+
+def hardware_reference(device: torch.device, dtype: torch.dtype) -> HardwareRef:
+    name = device_name(device)
+    if device.type == "cpu":
+        return HardwareRef(
+            name,
+            measure_cpu_bandwidth(),
+            measure_cpu_matmul_tflops(dtype),
+            f"measured here: tensor copy bandwidth, {str(dtype).replace('torch.', '')} 1024^3 matmul",
+        )
+    peak = known_peak(name)
+    if peak is None:
+        return HardwareRef(name, None, None, "unknown device: no nominal peak on file")
+    return HardwareRef(name, peak.bandwidth_gbs, peak.tflops_16bit, f"nominal: {peak.source}")

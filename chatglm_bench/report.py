@@ -1,0 +1,165 @@
+"""Report: tables, JSON and a plot built from measurement records (no timing here)."""
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from . import UsageError
+from .hardware import HardwareRef
+from .measure import Measurement
+
+
+def _fmt(value: Optional[float], digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _pct(value: Optional[float], reference: Optional[float]) -> str:
+    if not value or not reference or math.isnan(value):
+        return "-"
+    return f"{100.0 * value / reference:.0f}%"
+
+
+def markdown_table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
+    widths = [
+        max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def latency_table(records: List[Measurement], hardware: HardwareRef) -> str:
+    """The reference's table (batch x mode: prefill ms, decode ms/token) with the figures around it."""
+    header = [
+        "batch",
+        "mode",
+        "prefill ms",
+        "decode ms/token",
+        "p50",
+        "p90",
+        "p99",
+        "tokens/s",
+        "e2e s",
+        "decode GB/s",
+        "% BW",
+        "prefill TFLOP/s",
+        "% FLOP/s",
+        "compile s",
+    ]
+    rows = []
+    for r in records:
+        rows.append(
+            [
+                r.batch_size,
+                f"{r.exe_mode} ({r.label})" if r.label != "run" else r.exe_mode,
+                _fmt(r.prefill_ms),
+                _fmt(r.decode_ms_mean, 2),
+                _fmt(r.decode_ms_p50, 2),
+                _fmt(r.decode_ms_p90, 2),
+                _fmt(r.decode_ms_p99, 2),
+                _fmt(r.decode_tokens_per_s),
+                _fmt(r.e2e_ms / 1e3, 2),
+                _fmt(r.decode_bandwidth_gbs),
+                _pct(r.decode_bandwidth_gbs, hardware.bandwidth_gbs),
+                _fmt(r.prefill_tflops, 3),
+                _pct(r.prefill_tflops, hardware.tflops),
+                _fmt(r.first_run_overhead_s, 2),
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def ablation_table(records: List[Measurement]) -> str:
+    """Baseline, each optimization alone, all together: per batch size, speed-ups vs the baseline."""
+    header = [
+        "batch",
+        "configuration",
+        "attention",
+        "rmsnorm",
+        "cache",
+        "mode",
+        "prefill ms",
+        "decode ms/token",
+        "prefill x",
+        "decode x",
+    ]
+    rows = []
+    baselines: Dict[int, Measurement] = {}
+    for r in records:
+        base = baselines.setdefault(r.batch_size, r)
+        rows.append(
+            [
+                r.batch_size,
+                r.label,
+                r.attention,
+                r.rmsnorm,
+                r.kv_cache,
+                r.exe_mode,
+                _fmt(r.prefill_ms),
+                _fmt(r.decode_ms_mean, 2),
+                _fmt(base.prefill_ms / r.prefill_ms, 2),
+                _fmt(base.decode_ms_mean / r.decode_ms_mean, 2),
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def write_json(path: Path, payload: Dict) -> None:
+    try:
+        path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot write --output {path}: {error.strerror}; pick a writable path") from None
+
+
+def write_plot(path: Path, records: List[Measurement], title: str) -> None:
+    """Prefill ms and decode ms/token against batch size, one line per (mode, configuration)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    series: Dict[str, List[Measurement]] = {}
+    for r in records:
+        series.setdefault(f"{r.label} / {r.exe_mode}", []).append(r)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, points in series.items():
+        points = sorted(points, key=lambda r: r.batch_size)
+        batches = [p.batch_size for p in points]
+        left.plot(batches, [p.prefill_ms for p in points], marker="o", label=name)
+        right.plot(batches, [p.decode_ms_mean for p in points], marker="o", label=name)
+    left.set(title="prefill (全量)", xlabel="batch size", ylabel="ms")
+    right.set(title="decode (增量)", xlabel="batch size", ylabel="ms / token")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as error:
+        raise UsageError(f"cannot write --plot {path}: {error.strerror}; pick a writable path") from None
+    finally:
+        plt.close(fig)
+
+
+def check_writable(path: Optional[str], option: str) -> Optional[Path]:
+    """Fail before hours of benchmarking, not after, if an output file cannot be written."""
+    if path is None:
+        return None
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(
+            f"{option} {path}: directory {parent} does not exist; create it or pick another path"
+        )
+    if target.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    import os
+
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{option} {path} is not writable; pick a writable path")
+    return target
