@@ -512,9 +512,8 @@ def run(args) -> int:
 
     env = distributed.detect_env()
     device = resolve_device(args.device)
-    distributed.init_distributed(env, device.type)
-    if env.world_size > 1 and device.type != "cpu":
-        device = torch.device(device.type, env.local_rank)
+    env = distributed.init_distributed(env, device.type)
+    device = torch.device(env.device)
     n_params = checkpoint_params(directory) if directory else preset_params(args.preset)
     dtype = resolve_dtype(args.dtype, device, n_params)
 

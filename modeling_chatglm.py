@@ -1096,9 +1096,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             else getattr(self.config, "output_hidden_states", False)
         )
         use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
-        return_dict = (
-            return_dict if return_dict is not None else getattr(self.config, "use_return_dict", True)
-        )
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
 
         if inputs_embeds is None:
             if input_ids is None:
@@ -1329,9 +1327,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return_last_logit: Optional[bool] = False,
     ):
         use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
-        return_dict = (
-            return_dict if return_dict is not None else getattr(self.config, "use_return_dict", True)
-        )
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         transformer_outputs = self.transformer(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -1640,9 +1636,7 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ):
-        return_dict = (
-            return_dict if return_dict is not None else getattr(self.config, "use_return_dict", True)
-        )
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         transformer_outputs = self.transformer(
             input_ids=input_ids,
             position_ids=position_ids,

@@ -131,8 +131,8 @@ def write_plot(path: Path, records: List[Measurement], title: str) -> None:
         batches = [p.batch_size for p in points]
         left.plot(batches, [p.prefill_ms for p in points], marker="o", label=name)
         right.plot(batches, [p.decode_ms_mean for p in points], marker="o", label=name)
-    left.set(title="prefill (全量)", xlabel="batch size", ylabel="ms")
-    right.set(title="decode (增量)", xlabel="batch size", ylabel="ms / token")
+    left.set(title="prefill", xlabel="batch size", ylabel="ms")
+    right.set(title="decode (per token)", xlabel="batch size", ylabel="ms / token")
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
@@ -147,19 +147,26 @@ def write_plot(path: Path, records: List[Measurement], title: str) -> None:
 
 
 def check_writable(path: Optional[str], option: str) -> Optional[Path]:
-    """Fail before hours of benchmarking, not after, if an output file cannot be written."""
+    """Fail before a long benchmark, not after, if an output file cannot be written: open it for
+    appending (never truncating what is there) and remove it again if we created it."""
     if path is None:
         return None
     target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    parent = target.parent
     if not parent.is_dir():
         raise UsageError(
             f"{option} {path}: directory {parent} does not exist; create it or pick another path"
         )
-    if target.is_dir():
-        raise UsageError(f"{option} {path} is a directory; give a file name")
-    import os
-
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UsageError(f"{option} {path} is not writable; pick a writable path")
+    existed = target.exists()
+    try:
+        with open(target, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"{option} {path} is not writable ({error.strerror}); pick a writable path"
+        ) from None
+    if not existed:
+        target.unlink()
     return target

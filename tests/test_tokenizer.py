@@ -250,10 +250,24 @@ def _right_by_from_pretrained(tok_dir):
 
 
 def _right_by_call_keyword(tok_dir):
-    if version.parse(transformers.__version__) < version.parse("4.45"):
-        pytest.skip("padding_side= on __call__ arrived in transformers 4.45")
     tok = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=True)
-    out = tok(BATCH, padding=True, padding_side="right", return_tensors="pt")
+    if version.parse(transformers.__version__) < version.parse("4.45"):
+        # Before 4.45 __call__ has no padding_side=; pad() hands it to our _pad directly.
+        encoded = [tok(text)["input_ids"] for text in BATCH]
+        out = tok.pad({"input_ids": encoded}, padding=True, return_tensors="pt")
+        width = out["input_ids"].shape[1]
+        rows = [
+            tok._pad(
+                {"input_ids": ids},
+                max_length=width,
+                padding_strategy=PaddingStrategy.MAX_LENGTH,
+                padding_side="right",
+            )
+            for ids in encoded
+        ]
+        out = {key: torch.tensor([row[key] for row in rows]) for key in rows[0]}
+    else:
+        out = tok(BATCH, padding=True, padding_side="right", return_tensors="pt")
     assert tok.padding_side == "left"
     return out
 

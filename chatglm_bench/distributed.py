@@ -1,0 +1,350 @@
+"""Ranks, backends and tensor-parallel sharding for ``benchmark_chatglm.py``.
+
+Launchers (``deepspeed --num_gpus N``, ``deepspeed --num_accelerators N``, ``torchrun``) describe
+each process through environment variables; :func:`detect_env` reads them and
+:func:`init_distributed` opens the process group on the device's own collective library.
+:func:`shard_model` then splits the model with DeepSpeed AutoTP (``deepspeed.init_inference``).
+
+chatglm3 has 32 query heads reading only 2 KV groups. AutoTP cuts attention in KV-group units,
+so past 2 ranks some ranks would get no heads at all. We first repeat the KV groups until every
+rank can own one (:func:`replicate_kv_groups`: the same model, more KV rows), and where
+DeepSpeed's fused-QKV split does not understand the result we cut ``query_key_value`` for this
+rank ourselves and let AutoTP shard everything else (see :func:`shard_model`).
+"""
+
+import contextlib
+import io
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from chatglm_bench import UsageError
+
+BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+DEEPSPEED_INSTALL_HINT = "pip install --no-build-isolation deepspeed"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the launch, and (after :func:`init_distributed`) what it runs on.
+
+    ``backend`` is the process group's backend, ``None`` for a single process; ``device`` is the
+    torch device string of this rank (``"cuda:3"``, ``"npu:0"``, ``"cpu"``)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    backend: Optional[str] = None
+    device: str = "cpu"
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(
+            f"environment variable {name}={value!r} is not an integer; unset it or fix the launcher"
+        ) from None
+
+
+def detect_env() -> DistEnv:
+    """Read the launcher's variables; a plain ``python benchmark_chatglm.py`` is rank 0 of 1.
+
+    DeepSpeed's launcher also appends ``--local_rank=N`` to argv: the CLI accepts and ignores it,
+    since ``LOCAL_RANK`` carries the same number."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    rank = _env_int("RANK", local_rank)
+    # torchrun says LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE: ranks on this node.
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", _env_int("LOCAL_SIZE", world_size))
+    if world_size < 1 or not 0 <= rank < world_size or not 0 <= local_rank < local_world_size:
+        raise UsageError(
+            f"inconsistent launch: RANK={rank} LOCAL_RANK={local_rank} WORLD_SIZE={world_size} "
+            f"LOCAL_WORLD_SIZE={local_world_size}; start through deepspeed or torchrun"
+        )
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world_size)
+
+
+def backend_for(device_kind: str) -> str:
+    """The collective library of a device type: hccl on Ascend NPUs, nccl on CUDA, gloo on CPU.
+
+    (DeepSpeed alone would take oneCCL on CPU when it is installed; gloo needs nothing extra.)"""
+    try:
+        return BACKENDS[device_kind]
+    except KeyError:
+        raise UsageError(f"unknown device {device_kind!r}; use one of: {', '.join(BACKENDS)}") from None
+
+
+def visible_devices(device_kind: str) -> Optional[int]:
+    """Accelerators of ``device_kind`` this process can see; ``None`` for the CPU (no limit)."""
+    if device_kind == "cpu":
+        return None
+    if device_kind == "npu":
+        try:
+            import torch_npu  # noqa: F401  (registers torch.npu and the hccl backend)
+        except ImportError:
+            raise UsageError(
+                "--device npu needs torch_npu (pip install -r requirements-npu.txt, with the CANN toolkit)"
+            ) from None
+    return getattr(torch, device_kind).device_count()
+
+
+def init_distributed(env: DistEnv, device_kind: str) -> DistEnv:
+    """Bind this rank to its device and, for several ranks, open the process group.
+
+    Returns ``env`` with ``backend`` and ``device`` filled in."""
+    backend = backend_for(device_kind)
+    count = visible_devices(device_kind)
+    device = torch.device("cpu")
+    if count is not None:
+        if env.local_world_size > count:
+            raise UsageError(
+                f"{env.local_world_size} rank(s) on this node but {count} {device_kind} device(s) visible; "
+                f"launch at most {count} (deepspeed --num_gpus={count}) or pick another --device"
+            )
+        device = torch.device(device_kind, env.local_rank)
+        getattr(torch, device_kind).set_device(device)
+    if env.world_size == 1:
+        return replace(env, backend=None, device=str(device))
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+    return replace(env, backend=dist.get_backend(), device=str(device))
+
+
+def rank0_print(env: DistEnv, *args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only: N ranks must not print N copies of every line."""
+    if env.is_rank0:
+        print(*args, **kwargs)
+
+
+def rank_param_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters this rank holds (after sharding: its shard plus replicated ones)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def gather_per_rank(value: Any, env: DistEnv) -> List[Any]:
+    """``value`` from every rank, in rank order (a collective: every rank must call it)."""
+    if env.world_size == 1:
+        return [value]
+    values: List[Any] = [None] * env.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor parallelism
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_layers(model: nn.Module) -> List[nn.Module]:
+    # By duck type: a model loaded as remote code has its own copy of the SelfAttention class.
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "query_key_value") and hasattr(m, "num_multi_query_groups_per_partition")
+    ]
+
+
+def valid_tp_sizes(heads: int, groups: int) -> List[int]:
+    """Rank counts that give every rank whole query heads plus the whole KV groups they read."""
+    return [n for n in range(1, heads + 1) if heads % (groups * n // math.gcd(groups, n)) == 0]
+
+
+def kv_groups_for(heads: int, groups: int, tp_size: int) -> int:
+    """KV groups the model needs so that each of ``tp_size`` ranks owns whole groups.
+
+    ``lcm(groups, tp_size)``: chatglm3 (32 heads, 2 groups) keeps 2 groups for 1-2 ranks and
+    needs 4 for 4 ranks, 8 for 8 ranks, each a copy of the original group its heads read."""
+    sizes = valid_tp_sizes(heads, groups)
+    if tp_size not in sizes:
+        raise UsageError(
+            f"{tp_size} ranks cannot share {heads} query heads in {groups} KV groups; "
+            f"use a tensor parallel size in {sizes}"
+        )
+    return groups * tp_size // math.gcd(groups, tp_size)
+
+
+def _split_qkv(tensor: torch.Tensor, heads: int, groups: int, head_dim: int):
+    # Rows of query_key_value (weight [rows, hidden] or bias [rows]): [q | k | v].
+    return tensor.split([heads * head_dim, groups * head_dim, groups * head_dim], dim=0)
+
+
+def replicate_kv_groups(model: nn.Module, groups: int) -> None:
+    """Give every attention layer ``groups`` KV groups, each a copy of the checkpoint's group
+    its query heads read; the model computes exactly the same function.
+
+    New group ``j`` copies old group ``j // (groups // old)``. Query head ``h`` reads new group
+    ``h // (heads // groups)``, which is old group ``h // (heads // old)``, the one it read
+    before. Updates ``config.multi_query_group_num``, which DeepSpeed AutoTP reads as the KV-head
+    count that sets its split unit. Call before sharding."""
+    config = model.config
+    if not getattr(config, "multi_query_attention", False):
+        raise UsageError("KV groups exist only in multi-query checkpoints (chatglm2/chatglm3)")
+    old = config.multi_query_group_num
+    heads = config.num_attention_heads
+    if groups % old or heads % groups:
+        raise UsageError(f"cannot turn {old} KV groups into {groups} for {heads} query heads")
+    repeat = groups // old
+    for attention in _attention_layers(model):
+        if (
+            attention.num_multi_query_groups_per_partition != old
+            or attention.num_attention_heads_per_partition != heads
+        ):
+            raise ValueError("replicate_kv_groups() needs the unsharded model; call it before shard_model()")
+        linear = attention.query_key_value
+        d = attention.hidden_size_per_attention_head
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                param = getattr(linear, name)
+                if param is None:
+                    continue
+                q, k, v = _split_qkv(param, heads, old, d)
+                k, v = (
+                    t.unflatten(0, (old, d)).repeat_interleave(repeat, dim=0).flatten(0, 1) for t in (k, v)
+                )
+                setattr(linear, name, nn.Parameter(torch.cat([q, k, v]), requires_grad=param.requires_grad))
+        linear.out_features = linear.weight.shape[0]
+        attention.num_multi_query_groups_per_partition = groups
+        attention.qkv_hidden_size = linear.out_features
+    config.multi_query_group_num = groups
+
+
+def _autotp_splits_qkv(config, groups: int) -> bool:
+    # DeepSpeed's fused-QKV split for GLM blocks (fusedqkv_utils.prepare_tp_fused_qkvw and
+    # fused_qkv_subparam_sizes, 'glmtype') knows grouped KV only for exactly 2 groups, taking
+    # the query rows as hidden_size; any other count it cuts into three equal thirds.
+    return groups == 2 and config.hidden_size == config.num_attention_heads * config.kv_channels
+
+
+class _RankQKV(nn.Module):
+    """This rank's rows of ``query_key_value`` while AutoTP runs. Not an ``nn.Linear``, so AutoTP
+    leaves it alone; :func:`shard_model` turns it back into one afterwards."""
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.weight.shape[0], bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+
+def _cut_qkv_for_rank(attention: nn.Module, heads: int, groups: int, rank: int, tp_size: int) -> None:
+    # The split AutoTP applies to every other tensor-parallel weight, per sub-parameter: rank r
+    # keeps the r-th of tp_size equal parts of q, of k and of v (heads, then KV groups, in order).
+    linear = attention.query_key_value
+    d = attention.hidden_size_per_attention_head
+    parts = []
+    for param in (linear.weight, linear.bias):
+        if param is None:
+            parts.append(None)
+            continue
+        pieces = [t.chunk(tp_size)[rank] for t in _split_qkv(param.detach(), heads, groups, d)]
+        parts.append(torch.cat(pieces))
+    attention.query_key_value = _RankQKV(linear, *parts)
+
+
+def shard_model(model: nn.Module, env: DistEnv, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Split ``model`` over the ``env.world_size`` ranks with DeepSpeed AutoTP; returns the
+    module to run (the same object, sharded in place). One rank: the model, untouched.
+
+    AutoTP cuts ``self_attention.dense`` (row-parallel, all-reduce), the SwiGLU
+    ``dense_h_to_4h`` (gate and up halves apart) and ``dense_4h_to_h`` (row-parallel), and
+    divides the per-rank head counts the forward reads; embedding, output layer and norms stay
+    whole on every rank. Its KV-group unit is ``config.multi_query_group_num``, so we first
+    repeat KV groups until every rank owns one. DeepSpeed splits the fused ``query_key_value``
+    itself for 2 groups (1-2 ranks); for more groups we cut it for this rank the same way,
+    q, k and v each into equal parts, and hide it from AutoTP while it runs."""
+    if env.world_size == 1:
+        return model
+    config = model.config
+    if getattr(config, "pre_seq_len", None) is not None:
+        raise UsageError(
+            "a P-tuning prefix (pre_seq_len) is not supported with tensor parallelism; run on 1 rank"
+        )
+    if not getattr(config, "multi_query_attention", False):
+        raise UsageError("tensor parallelism supports multi-query checkpoints (chatglm2/chatglm3) only")
+    heads, groups = config.num_attention_heads, config.multi_query_group_num
+    tp_groups = kv_groups_for(heads, groups, env.world_size)
+    dtype = dtype or next(model.parameters()).dtype
+    deepspeed = _import_deepspeed(env)
+
+    if tp_groups != groups:
+        replicate_kv_groups(model, tp_groups)
+    own_qkv = not _autotp_splits_qkv(config, tp_groups)
+    if own_qkv:
+        for attention in _attention_layers(model):
+            _cut_qkv_for_rank(attention, heads, tp_groups, env.rank, env.world_size)
+    # init_inference prints on every rank ("AutoTP: ...", op builds); only rank 0 may print.
+    quiet = contextlib.nullcontext() if env.is_rank0 else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        engine = deepspeed.init_inference(
+            model, tensor_parallel={"tp_size": env.world_size}, dtype=dtype, replace_with_kernel_inject=False
+        )
+    module = engine.module
+    for attention in _attention_layers(module):
+        if own_qkv:
+            attention.query_key_value = attention.query_key_value.to_linear()
+        _check_rank_shapes(attention, heads // env.world_size, tp_groups // env.world_size)
+    return module
+
+
+def _check_rank_shapes(attention: nn.Module, heads: int, groups: int) -> None:
+    # Verify, not assume: the head counts the forward will read must match the weights this
+    # rank holds (DeepSpeed issues #3688/#3690: chatglm "sharded" while every rank kept it all).
+    d = attention.hidden_size_per_attention_head
+    got = (
+        attention.num_attention_heads_per_partition,
+        attention.num_multi_query_groups_per_partition,
+        attention.query_key_value.weight.shape[0],
+        attention.dense.weight.shape[1],
+    )
+    want = (heads, groups, (heads + 2 * groups) * d, heads * d)
+    if got != want:
+        raise RuntimeError(
+            "tensor-parallel shapes are off (heads, KV groups, qkv rows, dense columns): "
+            f"got {got}, expected {want}; this DeepSpeed version splits chatglm differently"
+        )
+
+
+def _import_deepspeed(env: DistEnv):
+    device_type = torch.device(env.device).type
+    # DeepSpeed picks its accelerator once, at first use: make it the device we run on (a CUDA
+    # machine asked for --device cpu would otherwise move the model to the GPU).
+    os.environ.setdefault("DS_ACCELERATOR", device_type)
+    # DeepSpeed's CPU all-reduce (a shared-memory kernel) sets itself up only when LOCAL_SIZE
+    # equals the world size, yet runs regardless: with LOCAL_SIZE unset it segfaults. Its own
+    # launcher sets it; torchrun calls it LOCAL_WORLD_SIZE.
+    os.environ.setdefault("LOCAL_SIZE", str(env.local_world_size))
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        raise UsageError(f"tensor parallelism needs DeepSpeed: {DEEPSPEED_INSTALL_HINT}") from None
+    picked = get_accelerator().device_name()
+    if picked != device_type:
+        raise UsageError(
+            f"DeepSpeed uses the {picked} accelerator but the model runs on {device_type}; "
+            f"set DS_ACCELERATOR={device_type}"
+        )
+    return deepspeed

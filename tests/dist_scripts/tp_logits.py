@@ -1,0 +1,141 @@
+"""Child of tests/test_distributed.py: 1-rank reference logits vs tensor-parallel logits.
+
+Run under a launcher (``torchrun --nproc_per_node=N`` or ``deepspeed --num_accelerators N``) on
+CPU. Every rank builds the same seeded tiny chatglm3, computes the unsharded reference (a
+left-padded prefill plus teacher-forced decode steps, tuple and static KV cache), shards the
+model with ``chatglm_bench.distributed.shard_model``, runs the same inputs again, and rank 0
+writes the largest difference and every rank's parameter bytes to ``--out`` as JSON.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+TINY = dict(
+    num_layers=2,
+    padded_vocab_size=128,
+    hidden_size=128,
+    ffn_hidden_size=256,
+    kv_channels=16,
+    num_attention_heads=8,
+    multi_query_attention=True,
+    multi_query_group_num=2,
+    seq_length=128,
+    add_qkv_bias=True,
+    original_rope=True,
+    torch_dtype="float32",
+)
+DECODE_STEPS = 3
+
+
+def build_tiny_model(seed: int = 0, **changes):
+    """A tiny chatglm3-shaped model (8 query heads, 2 KV groups) with seeded random weights."""
+    from configuration_chatglm import ChatGLMConfig
+    from modeling_chatglm import ChatGLMForConditionalGeneration
+
+    model = ChatGLMForConditionalGeneration(ChatGLMConfig(**{**TINY, **changes}), empty_init=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # Large enough weights that a wrong head or group assignment moves logits by O(1).
+            param.copy_(
+                torch.randn(param.shape, generator=generator) * 0.1 + name.endswith("layernorm.weight")
+            )
+    return model.eval()
+
+
+def tiny_inputs(batch: int = 2, length: int = 8, pad: int = 3, seed: int = 1):
+    """A left-padded batch as the tokenizer makes it: row 0 has ``pad`` pad tokens (id 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, TINY["padded_vocab_size"], (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    attention_mask[0, :pad] = 0
+    input_ids[0, :pad] = 0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    decode_ids = torch.randint(3, TINY["padded_vocab_size"], (DECODE_STEPS, batch), generator=generator)
+    return input_ids, attention_mask, position_ids, decode_ids
+
+
+def _cache(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+@torch.no_grad()
+def run_logits(model, kv_cache: str) -> torch.Tensor:
+    """Prefill logits [b, s, V] and the decode steps' [b, 1, V], concatenated on the sequence."""
+    model.transformer.set_runtime_options(kv_cache=kv_cache)
+    input_ids, mask, positions, decode_ids = tiny_inputs()
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    logits = [out.logits]
+    for token in decode_ids:
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        positions = positions[:, -1:] + 1
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=_cache(out),
+            use_cache=True,
+        )
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+def main() -> None:
+    from chatglm_bench.distributed import (
+        detect_env,
+        gather_per_rank,
+        init_distributed,
+        rank0_print,
+        rank_param_bytes,
+        shard_model,
+    )
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=None, help="passed by the deepspeed launcher")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    env = init_distributed(detect_env(), "cpu")
+    model = build_tiny_model()
+    kinds = ("tuple", "static")
+    reference = {kind: run_logits(model, kind) for kind in kinds}
+    full_bytes = rank_param_bytes(model)
+    full_layer_bytes = rank_param_bytes(model.transformer.encoder.layers)
+
+    model = shard_model(model, env, torch.float32)
+    diffs = {kind: (run_logits(model, kind) - reference[kind]).abs().max().item() for kind in kinds}
+    attention = model.transformer.encoder.layers[0].self_attention
+    mine = {
+        "rank": env.rank,
+        "local_rank_arg": args.local_rank,
+        "param_bytes": rank_param_bytes(model),
+        "layer_bytes": rank_param_bytes(model.transformer.encoder.layers),
+        "heads": attention.num_attention_heads_per_partition,
+        "kv_groups": attention.num_multi_query_groups_per_partition,
+        "max_abs_diff": diffs,
+    }
+    ranks = gather_per_rank(mine, env)
+    rank0_print(env, "per-rank parameter bytes:", [r["param_bytes"] for r in ranks], "of", full_bytes)
+    if env.is_rank0:
+        result = {
+            "world_size": env.world_size,
+            "backend": env.backend,
+            "full_param_bytes": full_bytes,
+            "full_layer_bytes": full_layer_bytes,
+            "max_abs_logit": max(t.abs().max().item() for t in reference.values()),
+            "ranks": ranks,
+        }
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
