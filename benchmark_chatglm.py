@@ -158,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="baseline (math/math/tuple/eager), each optimization alone, then all together",
     )
     run.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (the first one compiles)")
-    run.add_argument("--iters", type=int, default=3, help="timed runs per configuration")
+    run.add_argument(
+        "--iters",
+        type=int,
+        default=2,
+        help="timed runs per configuration (each: one prefill + max_new_tokens-1 timed decode steps)",
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
     inp = p.add_argument_group("prompts (with --model_path)")
     inp.add_argument("--prompt", action="append", default=None, help="a prompt (repeat the flag for several)")
@@ -380,8 +385,11 @@ def random_batch(batch_size: int, input_max_len: int, vocab: int, seed: int):
     return Batch(ids, torch.ones_like(ids), positions)
 
 
-def ablation_plan(device_kind: str, graph_backend: str) -> List[tuple]:
-    """(label, options): the baseline, each optimization added alone, then all of them."""
+def ablation_plan(device_kind: str, graph_backend: str, with_graph: bool = True) -> List[tuple]:
+    """(label, options): the baseline, each optimization added alone, then all of them.
+
+    ``with_graph=False`` (``--ablation --execute_mode eager``) leaves graph mode out: for machines
+    where compiling the model is not worth it (e.g. the 6B model on a small CPU)."""
     fast_attention = "npu" if device_kind == "npu" else "sdpa"
     fast_rmsnorm = "npu" if device_kind == "npu" else "fused"
     base = dict(
@@ -407,6 +415,12 @@ def ablation_plan(device_kind: str, graph_backend: str) -> List[tuple]:
             },
         ),
     ]
+    if not with_graph:
+        steps = [
+            (label, {k: v for k, v in change.items() if k != "exe_mode"})
+            for label, change in steps
+            if label != "+graph mode"
+        ]
     return [(label, {**base, **change}) for label, change in steps]
 
 
@@ -568,7 +582,7 @@ def run(args) -> int:
             ).to(device)
 
     if args.ablation:
-        plan = ablation_plan(device.type, args.graph_backend)
+        plan = ablation_plan(device.type, args.graph_backend, with_graph=args.execute_mode != ["eager"])
     else:
         plan = [
             (

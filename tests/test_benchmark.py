@@ -182,3 +182,11 @@ def test_cli_usage_errors_from_a_real_process_are_one_line():
         )
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+def test_ablation_with_execute_mode_eager_leaves_graph_mode_out(capsys):
+    code, out, err = run_main(capsys, *FAST, "--ablation", "--execute_mode", "eager")
+    assert code == 0, err
+    table = out.split("ablation (speed-up vs baseline):")[1]
+    assert "+graph mode" not in table and "dynamo" not in table
+    assert "| all " in table and "| sdpa      | fused   | static | eager" in table
