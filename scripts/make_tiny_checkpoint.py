@@ -224,16 +224,19 @@ def _readme(preset: str, seed: int, dtype: str, values: Dict[str, Any], n_params
     )
 
 
-def _randomize_(model, seed: int) -> None:
+def randomize_(model, seed: int, scale: float = 0.02):
+    """Overwrite every parameter, in ``named_parameters()`` order, with ``randn * scale`` from a
+    generator seeded with ``seed`` (RMSNorm weights: 1 + that), as the golden fixtures were made."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * 0.02
+            values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * scale
             if name.endswith("layernorm.weight"):
                 values += 1.0
             param.copy_(values)
+    return model
 
 
 def make_tiny_checkpoint(
@@ -286,7 +289,7 @@ def make_tiny_checkpoint(
     config = configuration.ChatGLMConfig(**values, torch_dtype=dtype)
     torch.manual_seed(seed)
     model = modeling.ChatGLMForConditionalGeneration(config, empty_init=False)
-    _randomize_(model, seed)
+    randomize_(model, seed)
     # Includes the persistent rotary buffer "transformer.rotary_pos_emb.inv_freq", like the originals.
     # The model builds the P-tuning prefix encoder in float32 whatever the dtype; the file holds
     # every floating tensor in the checkpoint's dtype.

@@ -9,6 +9,8 @@ import types
 import pytest
 import torch
 from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
 from golden_protocol import GOLDEN, build_golden_model, golden_config, golden_expected, variant_inputs
 
 CONFIGS = REPO / "tests" / "data" / "configs"

@@ -1,12 +1,17 @@
 """Property test: on random small configs and batches, every fast-path combination equals the
 math/eager/tuple baseline (prefill and several decode steps, padded rows included)."""
 
+import sys
+
 import pytest
 import torch
+from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from npu_reference import install_fake_torch_npu
 from test_fast_paths import import_model_module
+
+sys.path.insert(0, str(REPO / "scripts"))
 
 COMBINATIONS = [
     (attention, rmsnorm, cache)

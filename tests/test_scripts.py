@@ -196,31 +196,11 @@ def test_refuses_non_empty_directory_unless_forced(tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "keep.txt").read_text() == "user data"
 
 
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory) -> Path:
-    import sentencepiece as spm
-
-    out = tmp_path_factory.mktemp("spm")
-    lines = [f"the model number {i} answers question {i * 7 % 13} about the weather" for i in range(200)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=str(out / "tiny"),
-        vocab_size=150,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    return out / "tiny.model"
-
-
-def test_tokenizer_model_is_included_and_vocab_covers_it(unique_dir, sp_model):
+def test_tokenizer_model_is_included_and_vocab_covers_it(unique_dir, sp_model_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = mtc.make_tiny_checkpoint(unique_dir(), tokenizer_model=sp_model)
-    assert (out / "tokenizer.model").read_bytes() == sp_model.read_bytes()
+    out = mtc.make_tiny_checkpoint(unique_dir(), tokenizer_model=sp_model_path)
+    assert (out / "tokenizer.model").read_bytes() == sp_model_path.read_bytes()
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_config["auto_map"] == {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
     assert tok_config["tokenizer_class"] == "ChatGLMTokenizer" and tok_config["padding_side"] == "left"
@@ -237,10 +217,10 @@ def test_tokenizer_model_is_included_and_vocab_covers_it(unique_dir, sp_model):
     assert logits.shape[-1] == config["padded_vocab_size"]
 
 
-def test_tokenizer_larger_than_explicit_vocab_is_refused(tmp_path, sp_model):
+def test_tokenizer_larger_than_explicit_vocab_is_refused(tmp_path, sp_model_path):
     with pytest.raises(mtc.UsageError, match="smaller than the tokenizer"):
         mtc.make_tiny_checkpoint(
-            tmp_path / "ckpt", tokenizer_model=sp_model, overrides={"padded_vocab_size": 128}
+            tmp_path / "ckpt", tokenizer_model=sp_model_path, overrides={"padded_vocab_size": 128}
         )
 
 

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (str(REPO), str(REPO / "scripts")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 import torch  # noqa: E402
 
@@ -37,18 +38,14 @@ DECODE_STEPS = 3
 
 def build_tiny_model(seed: int = 0, **changes):
     """A tiny chatglm3-shaped model (8 query heads, 2 KV groups) with seeded random weights."""
+    from make_tiny_checkpoint import randomize_
+
     from configuration_chatglm import ChatGLMConfig
     from modeling_chatglm import ChatGLMForConditionalGeneration
 
     model = ChatGLMForConditionalGeneration(ChatGLMConfig(**{**TINY, **changes}), empty_init=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            # Large enough weights that a wrong head or group assignment moves logits by O(1).
-            param.copy_(
-                torch.randn(param.shape, generator=generator) * 0.1 + name.endswith("layernorm.weight")
-            )
-    return model.eval()
+    # Large enough weights that a wrong head or group assignment moves logits by O(1).
+    return randomize_(model, seed, scale=0.1).eval()
 
 
 def tiny_inputs(batch: int = 2, length: int = 8, pad: int = 3, seed: int = 1):
