@@ -66,9 +66,6 @@ except ImportError:
 
 logger = logging.get_logger(__name__)
 
-_CHECKPOINT_FOR_DOC = "THUDM/chatglm3-6b"
-_CONFIG_FOR_DOC = "ChatGLMConfig"
-
 
 # ---------------------------------------------------------------------------------------------
 # Run-time options: config field > environment variable > default.
