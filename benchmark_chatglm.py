@@ -157,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="baseline (math/math/tuple/eager), each optimization alone, then all together",
     )
-    run.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (the first one compiles)")
+    run.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed warm-up runs (the first one compiles; "
+        "0: none, compile time then lands in the first timed run)",
+    )
     run.add_argument(
         "--iters",
         type=int,
@@ -424,6 +430,45 @@ def ablation_plan(device_kind: str, graph_backend: str, with_graph: bool = True)
     return [(label, {**base, **change}) for label, change in steps]
 
 
+def build_plan(args, modes: List[str], device) -> List[tuple]:
+    """(label, fast-path options) of every configuration to time, in order."""
+    if args.ablation:
+        # Graph rows unless the user asked for eager only (flag or EXE_MODE).
+        asked = args.execute_mode or os.environ.get("EXE_MODE")
+        return ablation_plan(device.type, args.graph_backend, with_graph=not (asked and modes == ["eager"]))
+    options = dict(
+        attention_backend=args.attention,
+        rmsnorm_backend=args.rmsnorm,
+        kv_cache=args.kv_cache,
+        graph_backend=args.graph_backend,
+    )
+    return [("run", {**options, "exe_mode": mode}) for mode in modes]
+
+
+def validate_plan(plan: List[tuple], device, dtype) -> None:
+    """Every kernel and compiler the plan names must exist here: one line now, not a traceback later."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from modeling_chatglm import RuntimeOptions, _compile_kwargs, resolve_backends
+
+    compilers = {"auto", "torchair", *torch._dynamo.list_backends(exclude_tags=())}
+    for label, options in plan:
+        try:
+            runtime = RuntimeOptions.from_config(SimpleNamespace(**options))
+            resolve_backends(runtime, device, dtype)
+            if runtime.exe_mode == "dynamo":
+                if runtime.graph_backend not in compilers:
+                    raise ValueError(
+                        f"--graph_backend {runtime.graph_backend!r} is not a torch.compile backend "
+                        f"here; use one of: {', '.join(sorted(compilers))}"
+                    )
+                _compile_kwargs(runtime, device)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise UsageError(f"{label}: {error}" if label != "run" else str(error)) from None
+
+
 def load_original_model(directory: Path, dtype):
     """The original implementation kept in the checkpoint dir (modeling_chatglm_orig.py)."""
     import importlib
@@ -530,6 +575,8 @@ def run(args) -> int:
     device = torch.device(env.device)
     n_params = checkpoint_params(directory) if directory else preset_params(args.preset)
     dtype = resolve_dtype(args.dtype, device, n_params)
+    plan = build_plan(args, modes, device)
+    validate_plan(plan, device, dtype)
 
     def say(*parts):
         distributed.rank0_print(env, *parts)
@@ -581,22 +628,6 @@ def run(args) -> int:
                 size, args.input_max_len, model.config.padded_vocab_size, args.seed
             ).to(device)
 
-    if args.ablation:
-        plan = ablation_plan(device.type, args.graph_backend, with_graph=args.execute_mode != ["eager"])
-    else:
-        plan = [
-            (
-                "run",
-                dict(
-                    attention_backend=args.attention,
-                    rmsnorm_backend=args.rmsnorm,
-                    kv_cache=args.kv_cache,
-                    exe_mode=mode,
-                    graph_backend=args.graph_backend,
-                ),
-            )
-            for mode in modes
-        ]
     originals = [("original", mode) for mode in modes] if args.baseline else []
 
     progress = make_progress(
@@ -622,9 +653,10 @@ def run(args) -> int:
                 answers = steady.tokens
     if originals:
         original = load_original_model(directory, dtype).to(device)
+        eager_encoder = original.transformer.encoder
         for _, mode in originals:
-            if mode == "dynamo":
-                original.transformer.encoder = torch.compile(original.transformer.encoder)
+            compiled = mode == "dynamo"
+            original.transformer.encoder = torch.compile(eager_encoder) if compiled else eager_encoder
             for size in args.batch_size:
                 record, _ = measure(
                     original,

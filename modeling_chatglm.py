@@ -25,9 +25,11 @@ import contextlib
 import copy
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -139,6 +141,18 @@ _SUPPORTED_DTYPES: Mapping[str, tuple] = MappingProxyType(
 )
 # The fused NPU kernels compute in half precision only.
 _NPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _mark_static_address(tensor: torch.Tensor) -> None:
+    """Tell dynamo a KV buffer's address is fixed (CUDA graphs, torchair) without guarding on it:
+    torch < 2.4 guards by default, which would recompile, and keep alive, every new cache."""
+    mark = getattr(torch._dynamo, "mark_static_address", None)
+    if mark is None:
+        return
+    if "guard" in inspect.signature(mark).parameters:
+        mark(tensor, guard=False)
+    else:
+        mark(tensor)
 
 
 def _require_torch_npu(what: str):
@@ -379,6 +393,10 @@ class StaticKVCache:
     Every decode step sees the same shapes, so graph mode captures one decode graph. Indexing
     (``cache[layer]``) returns the original's legacy ``(k, v)`` views ``[seq, batch, kv_heads, d]``
     of the filled part, so code written against the tuple cache keeps working.
+
+    Each forward returns a new ``StaticKVCache`` over the same buffers. Because the buffers are
+    written in place, only the newest one may be continued: continuing an older one (branching
+    two continuations from one past) is refused instead of silently reading overwritten slots.
     """
 
     def __init__(self, num_layers, batch_size, kv_heads, max_len, head_dim, dtype, device):
@@ -386,9 +404,24 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.seq_len = 0
+        self._filled = [0]  # positions written into the shared buffers, shared by every view
         for buffer in self.keys + self.values:
-            if hasattr(torch._dynamo, "mark_static_address"):
-                torch._dynamo.mark_static_address(buffer)
+            _mark_static_address(buffer)
+
+    def advanced(self, length: int) -> "StaticKVCache":
+        """The cache after a forward wrote positions up to ``length`` (same buffers)."""
+        view = copy.copy(self)
+        view.seq_len = self._filled[0] = length
+        return view
+
+    def check_current(self) -> None:
+        if self.seq_len != self._filled[0]:
+            raise ValueError(
+                f"this static KV cache holds {self.seq_len} positions but its buffers were already "
+                f"advanced to {self._filled[0]} by another call (static caches are written in "
+                "place); continue from the newest past_key_values, or use kv_cache='tuple' to "
+                "branch several continuations from one past"
+            )
 
     @property
     def max_len(self) -> int:
@@ -406,7 +439,7 @@ class StaticKVCache:
         for layer, (key, value) in enumerate(legacy):
             self.keys[layer][:, :, :length].copy_(key.permute(1, 2, 0, 3))
             self.values[layer][:, :, :length].copy_(value.permute(1, 2, 0, 3))
-        self.seq_len = length
+        self.seq_len = self._filled[0] = length
 
     def grown(self, new_max_len: int) -> "StaticKVCache":
         bigger = StaticKVCache(
@@ -420,12 +453,13 @@ class StaticKVCache:
         )
         for old, new in zip(self.keys + self.values, bigger.keys + bigger.values):
             new[:, :, : self.seq_len].copy_(old[:, :, : self.seq_len])
-        bigger.seq_len = self.seq_len
+        bigger.seq_len = bigger._filled[0] = self.seq_len
         return bigger
 
     def reorder(self, beam_idx: torch.Tensor) -> "StaticKVCache":
+        n = self.seq_len
         for buffer in self.keys + self.values:
-            buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
+            buffer[:, :, :n].copy_(buffer[:, :, :n].index_select(0, beam_idx.to(buffer.device)))
         return self
 
     def __len__(self) -> int:
@@ -496,6 +530,9 @@ class CoreAttention(nn.Module):
         if self.apply_query_key_layer_scaling:
             self.attention_softmax_in_fp32 = True
         self.layer_number = max(1, layer_number)
+        # The original's attributes, kept for code (and DeepSpeed's update_mp_params) that reads or
+        # rewrites them; forward derives sizes from the tensors. Attention dropout is not applied
+        # (every released config sets attention_dropout = 0.0).
         projection_size = config.kv_channels * config.num_attention_heads
         self.hidden_size_per_partition = projection_size
         self.hidden_size_per_attention_head = projection_size // config.num_attention_heads
@@ -959,6 +996,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             self.prefix_encoder = PrefixEncoder(config)
             self.dropout = nn.Dropout(0.1)
         self.options = RuntimeOptions.from_config(config)
+        # Capacity hint for the static cache (generate() and the benchmark set it per run).
+        self.static_cache_len: Optional[int] = None
         self._backend_key = None
         self._compiled_graph = None
         self._rope_table = None
@@ -983,14 +1022,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_runtime_options(self, **changes) -> None:
         """Change fast-path switches of a built model (e.g. ``exe_mode="dynamo"``) for ablations.
 
-        Takes the config field names; drops compiled graphs and re-selects backends."""
+        Takes the config field names; validates like the config; leaves ``self.config`` (and so
+        what ``save_pretrained`` writes) untouched; drops compiled graphs and re-selects backends."""
         fields = RuntimeOptions.__dataclass_fields__
         unknown = sorted(set(changes) - set(fields))
         if unknown:
             raise ValueError(f"unknown runtime option(s) {unknown}; use: {', '.join(fields)}")
-        for key, value in changes.items():
-            setattr(self.config, key, value)
-        self.options = RuntimeOptions.from_config(self.config)
+        merged = types.SimpleNamespace(**{**vars(self.options), **changes})
+        self.options = RuntimeOptions.from_config(merged)
         self._backend_key = None
         self._compiled_graph = None
 
@@ -1062,8 +1101,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         )
 
     def _new_static_cache(self, batch_size, needed, dtype, device):
-        capacity = min(self.seq_length, max(needed, getattr(self, "static_cache_len", 0) or 0))
-        capacity = max(capacity, needed)
+        capacity = min(self.seq_length, max(needed, self.static_cache_len or 0))
         attention = self.encoder.layers[0].self_attention
         return StaticKVCache(
             self.num_layers,
@@ -1146,6 +1184,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         cache_position = None
         attend_to_cache = False
         if static:
+            if isinstance(past_key_values, StaticKVCache):
+                past_key_values.check_current()
             if not isinstance(past_key_values, StaticKVCache):
                 legacy = past_key_values
                 past_key_values = self._new_static_cache(batch_size, total, hidden_states.dtype, device)
@@ -1183,8 +1223,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             attend_to_cache,
         )
         if static:
-            past_key_values.seq_len = total
-            presents = past_key_values
+            presents = past_key_values.advanced(total)
 
         hidden_states = hidden_states.transpose(0, 1)  # public layout [s, b, h]
         if all_hidden_states is not None:
@@ -1305,9 +1344,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(self, *args, **kwargs):
         """``GenerationMixin.generate``; with ``kv_cache='static'`` the cache is sized for the run."""
-        if self.transformer.options.kv_cache == "static":
-            self.transformer.static_cache_len = _requested_length(self, args, kwargs)
-        return super().generate(*args, **kwargs)
+        with _static_cache_capacity(self.transformer, _requested_length(self, args, kwargs)):
+            return super().generate(*args, **kwargs)
 
     def forward(
         self,
@@ -1542,43 +1580,53 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             max_length = prompt_length + generation_config.max_new_tokens
         else:
             max_length = generation_config.max_length or self.config.seq_length
-        if self.transformer.options.kv_cache == "static":
-            self.transformer.static_cache_len = max_length
-        eos = generation_config.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        eos_tensor = torch.tensor(eos, device=input_ids.device) if eos else None
+        with _static_cache_capacity(self.transformer, max_length):
+            eos = generation_config.eos_token_id
+            eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            eos_tensor = torch.tensor(eos, device=input_ids.device) if eos else None
 
-        processors = LogitsProcessorList(logits_processor or [])
-        if generation_config.repetition_penalty not in (None, 1.0):
-            processors.insert(0, RepetitionPenaltyLogitsProcessor(generation_config.repetition_penalty))
-        if generation_config.do_sample:
-            if generation_config.temperature not in (None, 1.0):
-                processors.append(TemperatureLogitsWarper(generation_config.temperature))
-            if generation_config.top_k not in (None, 0):
-                processors.append(TopKLogitsWarper(generation_config.top_k))
-            if generation_config.top_p not in (None, 1.0):
-                processors.append(TopPLogitsWarper(generation_config.top_p))
-        criteria = StoppingCriteriaList(stopping_criteria or [])
-
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        while True:
-            model_inputs = self.prepare_inputs_for_generation(input_ids, **model_kwargs)
-            outputs = self(
-                **model_inputs, return_dict=True, output_attentions=False, output_hidden_states=False
-            )
-            scores = processors(input_ids, outputs.logits[:, -1, :].float())
+            processors = LogitsProcessorList(logits_processor or [])
+            if generation_config.repetition_penalty not in (None, 1.0):
+                processors.insert(0, RepetitionPenaltyLogitsProcessor(generation_config.repetition_penalty))
             if generation_config.do_sample:
-                next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                next_tokens = torch.argmax(scores, dim=-1)
-            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-            model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
-            if eos_tensor is not None:
-                unfinished = unfinished * (~torch.isin(next_tokens, eos_tensor)).long()
-            yield (input_ids, _output_cache(outputs)) if return_past_key_values else input_ids
-            stop = bool(criteria(input_ids, scores).all()) if len(criteria) else False
-            if unfinished.max() == 0 or input_ids.shape[-1] >= max_length or stop:
-                break
+                if generation_config.temperature not in (None, 1.0):
+                    processors.append(TemperatureLogitsWarper(generation_config.temperature))
+                if generation_config.top_k not in (None, 0):
+                    processors.append(TopKLogitsWarper(generation_config.top_k))
+                if generation_config.top_p not in (None, 1.0):
+                    processors.append(TopPLogitsWarper(generation_config.top_p))
+            criteria = StoppingCriteriaList(stopping_criteria or [])
+
+            unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            while True:
+                model_inputs = self.prepare_inputs_for_generation(input_ids, **model_kwargs)
+                outputs = self(
+                    **model_inputs, return_dict=True, output_attentions=False, output_hidden_states=False
+                )
+                scores = processors(input_ids, outputs.logits[:, -1, :].float())
+                if generation_config.do_sample:
+                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    next_tokens = torch.argmax(scores, dim=-1)
+                input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+                model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
+                if eos_tensor is not None:
+                    unfinished = unfinished * (~torch.isin(next_tokens, eos_tensor)).long()
+                yield (input_ids, _output_cache(outputs)) if return_past_key_values else input_ids
+                stop = bool(criteria(input_ids, scores).all()) if len(criteria) else False
+                if unfinished.max() == 0 or input_ids.shape[-1] >= max_length or stop:
+                    break
+
+
+@contextlib.contextmanager
+def _static_cache_capacity(transformer, length: int):
+    """Size a static cache for one generation, restoring the previous hint afterwards."""
+    previous = transformer.static_cache_len
+    transformer.static_cache_len = length
+    try:
+        yield
+    finally:
+        transformer.static_cache_len = previous
 
 
 def _requested_length(model, args, kwargs) -> int:

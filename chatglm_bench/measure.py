@@ -7,9 +7,10 @@ files live in ``report``, ranks and sharding in ``distributed``.
 import math
 import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -199,12 +200,14 @@ def prefill_flops(facts: ModelFacts, batch: int, input_len: int) -> float:
 
 
 def peak_memory(device: torch.device):
-    """(bytes, kind): device allocator peak on CUDA/NPU, process peak RSS on CPU."""
+    """(bytes, kind): the device allocator's peak since this measurement began on CUDA/NPU; on a
+    CPU the process's peak RSS over its whole life (model loading included: it cannot be reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "device allocator peak"
     if device.type == "npu":
         return torch.npu.max_memory_allocated(device), "device allocator peak"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024), "process lifetime peak RSS"
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -225,19 +228,19 @@ def measure(
     iters: int,
     device: torch.device,
     progress=None,
-) -> (Measurement, Run):
+) -> Tuple[Measurement, Run]:
     """Warm up (first run timed apart: compile), then ``iters`` timed generations.
 
     Warm-up runs decode only a few steps: enough to compile and touch the decode path, without
-    paying for a full generation. Returns the record and the last timed run (its tokens)."""
+    paying for a full generation. With ``warmup=0`` the first timed run pays any compile and the
+    overhead is not known (NaN). Returns the record and the last timed run (its tokens)."""
     sync = synchronizer(device)
     reset_peak_memory(device)
     warm_tokens = min(new_tokens, 4)
     first = None
-    for i in range(max(warmup, 1)):
+    for _ in range(warmup):
         run = timed_generation(model, batch, warm_tokens, sync)
-        if i == 0:
-            first = run
+        first = first or run
     runs = []
     for _ in range(iters):
         runs.append(timed_generation(model, batch, new_tokens, sync, on_step=progress))
@@ -246,8 +249,10 @@ def measure(
     steps = [s * 1e3 for r in runs for s in r.step_s]
     prefill_ms = statistics.median(prefill_all)
     decode_mean = statistics.fmean(steps) if steps else float("nan")
-    warm_steady = prefill_ms / 1e3 + (decode_mean / 1e3) * len(first.step_s) if steps else prefill_ms / 1e3
-    overhead = max(0.0, first.prefill_s + sum(first.step_s) - warm_steady)
+    overhead = float("nan")
+    if first is not None:
+        warm_steady = prefill_ms / 1e3 + (decode_mean / 1e3 if steps else 0.0) * len(first.step_s)
+        overhead = max(0.0, first.prefill_s + sum(first.step_s) - warm_steady)
     facts = model_facts(model)
     step_bytes = decode_bytes_per_step(facts, batch.size, batch.length, new_tokens)
     flops = prefill_flops(facts, batch.size, batch.length)

@@ -106,9 +106,21 @@ def ablation_table(records: List[Measurement]) -> str:
     return markdown_table(header, rows)
 
 
+def _finite(value):
+    """NaN/inf (e.g. decode figures of a run without decode steps) become null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path: Path, payload: Dict) -> None:
     try:
-        path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        text = json.dumps(_finite(payload), indent=2, default=str, allow_nan=False)
+        path.write_text(text + "\n", encoding="utf-8")
     except OSError as error:
         raise UsageError(f"cannot write --output {path}: {error.strerror}; pick a writable path") from None
 

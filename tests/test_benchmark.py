@@ -125,6 +125,16 @@ def test_baseline_adds_the_original_implementation_row(capsys, checkpoint, tmp_p
         (["--preset", "tiny", "--iters", "0"], "--iters must be at least 1"),
         (["--preset", "tiny", "--device", "npu"], "needs torch_npu"),
         (["--preset", "tiny", "--prompt", "hi"], "need --model_path"),
+        (["--preset", "tiny", "--attention", "npu"], "needs torch_npu"),
+        (["--preset", "tiny", "--rmsnorm", "npu"], "needs torch_npu"),
+        (
+            ["--preset", "tiny", "--execute_mode", "dynamo", "--graph_backend", "turbo"],
+            "not a torch.compile backend",
+        ),
+        (
+            ["--preset", "tiny", "--ablation", "--execute_mode", "dynamo", "--graph_backend", "torchair"],
+            "needs torch_npu",
+        ),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(capsys, argv, message):
@@ -190,3 +200,28 @@ def test_ablation_with_execute_mode_eager_leaves_graph_mode_out(capsys):
     table = out.split("ablation (speed-up vs baseline):")[1]
     assert "+graph mode" not in table and "dynamo" not in table
     assert "| all " in table and "| sdpa      | fused   | static | eager" in table
+
+
+def test_no_warmup_and_a_single_token_still_write_strict_json(capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    code, _, err = run_main(
+        capsys,
+        "--preset",
+        "tiny",
+        "--input_max_len",
+        "8",
+        "--max_new_tokens",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--output",
+        str(out_json),
+    )
+    assert code == 0, err
+    text = out_json.read_text()
+    assert "NaN" not in text
+    (result,) = json.loads(text)["results"]
+    assert result["decode_ms_mean"] is None and result["first_run_overhead_s"] is None
+    assert result["prefill_ms"] > 0

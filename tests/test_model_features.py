@@ -327,3 +327,30 @@ def test_model_module_holds_no_mutable_state():
     }
     assert mutable == set()
     assert isinstance(modeling_chatglm.ATTENTION_BACKENDS, types.MappingProxyType)
+
+
+def test_static_cache_refuses_to_continue_an_older_state_instead_of_answering_wrongly():
+    model = _random_model(kv_cache="static")
+    model.transformer.static_cache_len = 16  # room to grow in place (a regrown cache is a copy)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    first = model(input_ids=ids, use_cache=True)
+    past = first["cache" if "cache" in first else "past_key_values"]
+    step = model(input_ids=torch.tensor([[9]]), past_key_values=past, position_ids=torch.tensor([[4]]))
+    newer = step["cache" if "cache" in step else "past_key_values"]
+    assert newer.seq_len == 5 and past.seq_len == 4
+    with pytest.raises(ValueError, match="continue from the newest past_key_values.*kv_cache='tuple'"):
+        model(input_ids=torch.tensor([[10]]), past_key_values=past, position_ids=torch.tensor([[4]]))
+    # The newest one continues and matches the tuple cache.
+    out = model(input_ids=torch.tensor([[10]]), past_key_values=newer, position_ids=torch.tensor([[5]]))
+    model.transformer.set_runtime_options(kv_cache="tuple")
+    tuple_out = model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]]))
+    torch.testing.assert_close(out.logits[:, -1], tuple_out.logits[:, -1], rtol=0, atol=1e-5)
+
+
+def test_set_runtime_options_validates_and_leaves_the_config_alone():
+    model = _random_model()
+    model.transformer.set_runtime_options(exe_mode="dynamo", kv_cache="static")
+    assert model.transformer.options.exe_mode == "dynamo" and model.transformer.options.kv_cache == "static"
+    assert model.config.exe_mode is None and model.config.kv_cache is None
+    with pytest.raises(ValueError, match="config.exe_mode='graph' is not valid"):
+        model.transformer.set_runtime_options(exe_mode="graph")
