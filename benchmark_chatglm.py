@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from chatglm_bench import UsageError  # noqa: E402
+from chatglm_bench import OneLineArgumentParser, UsageError  # noqa: E402
 
 MODES = ("eager", "dynamo")
 ATTENTION = ("auto", "npu", "sdpa", "math")
@@ -87,13 +87,8 @@ DEFAULT_PROMPTS = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, like every other usage error here
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineArgumentParser(
         prog="benchmark_chatglm.py",
         description="Prefill and per-token decode latency of ChatGLM3-6B (ours, optionally the original).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from chatglm_bench import OneLineArgumentParser, UsageError  # noqa: E402  (needs the path set-up above)
+
 OUR_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
-
-
-class UsageError(ValueError):
-    """Bad input from the caller; the CLI prints it on one line and exits with status 2."""
 
 
 @dataclass(frozen=True)
@@ -169,13 +170,8 @@ def check(checkpoint_dir: Union[str, Path], *, source_dir: Union[str, Path] = RE
     return states
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         prog="install_into_checkpoint.py",
         description="Install our modeling/configuration/tokenization files into a chatglm3 checkpoint, "
         "keeping the originals as *_orig.py.",

@@ -31,6 +31,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from chatglm_bench import OneLineArgumentParser, UsageError  # noqa: E402  (needs the path set-up above)
+
 CODE_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
 DTYPES = ("float32", "bfloat16", "float16")
 # Command tokens ChatGLMTokenizer appends after the SentencePiece vocabulary
@@ -93,15 +98,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-class UsageError(ValueError):
-    """Bad input from the caller; the CLI prints it on one line and exits with status 2."""
-
-
 def _import_repo_modules():
-    # Our modeling file imports "configuration_chatglm" as a top-level module when it is not
-    # loaded as part of a package, so the repository root must be importable.
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
+    # Imported late (torch, transformers) so --help and usage errors answer at once; the
+    # repository root is on sys.path since this module's import.
     import configuration_chatglm
     import modeling_chatglm
 
@@ -335,13 +334,8 @@ def _parse_assignment(text: str) -> tuple:
     return key.strip(), value
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         prog="make_tiny_checkpoint.py",
         description="Write a chatglm3 checkpoint with RANDOM weights (tests, demos, bug reports only).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
