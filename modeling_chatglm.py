@@ -8,7 +8,7 @@ config fields and outputs are the original's; the arithmetic is the same model.
 What is new, each switchable for an ablation (config field, else environment variable, else auto):
   attention   ``attention_backend`` / CHATGLM_ATTENTION = auto | npu | sdpa | math
   RMSNorm     ``rmsnorm_backend``   / CHATGLM_RMSNORM   = auto | npu | fused | math
-  KV cache    ``kv_cache``          / CHATGLM_KV_CACHE  = tuple | static
+  KV cache    ``kv_cache``          / CHATGLM_KV_CACHE  = auto | tuple | static  (auto: static in graph mode)
   graph mode  ``exe_mode``          / EXE_MODE          = eager | dynamo
   compiler    ``graph_backend``     / CHATGLM_GRAPH_BACKEND = auto | inductor | eager | aot_eager | ...
 
@@ -17,7 +17,9 @@ Internally activations are batch-first, ``[batch, seq, hidden]``, and attention 
 outputs keep the original's layouts (hidden states ``[seq, batch, hidden]``, legacy cache
 ``[seq, batch, kv_heads, head_dim]``). In graph mode only ``ChatGLMModel._wrap_graph`` (rotary
 embedding + the transformer layers) is compiled, once per model instance; masks, cache bookkeeping
-and every data-dependent decision stay outside it.
+and every data-dependent decision stay outside it. Prefill and decode are compiled apart: the
+decode graph has static shapes with the static cache, so one graph is replayed every step (CUDA
+graphs on CUDA, a static torchair graph on NPU), and a decode step does no device-to-host sync.
 """
 
 import ast
@@ -77,7 +79,7 @@ _OPTION_SPECS = (
     # (config field, environment variable, allowed values, default)
     ("attention_backend", "CHATGLM_ATTENTION", ("auto", "npu", "sdpa", "math"), "auto"),
     ("rmsnorm_backend", "CHATGLM_RMSNORM", ("auto", "npu", "fused", "math"), "auto"),
-    ("kv_cache", "CHATGLM_KV_CACHE", ("tuple", "static"), "tuple"),
+    ("kv_cache", "CHATGLM_KV_CACHE", ("auto", "tuple", "static"), "auto"),
     ("exe_mode", "EXE_MODE", ("eager", "dynamo"), "eager"),
 )
 
@@ -88,9 +90,18 @@ class RuntimeOptions:
 
     attention_backend: str = "auto"
     rmsnorm_backend: str = "auto"
-    kv_cache: str = "tuple"
+    kv_cache: str = "auto"
     exe_mode: str = "eager"
     graph_backend: Any = "auto"
+
+    @property
+    def cache_kind(self) -> str:
+        """The cache actually used: ``auto`` is static in graph mode (one decode graph for every
+        step; a growing tuple cache would recompile as it grows) and the original's tuple cache
+        in eager mode (what code written against the original expects)."""
+        if self.kv_cache != "auto":
+            return self.kv_cache
+        return "static" if self.exe_mode == "dynamo" else "tuple"
 
     @classmethod
     def from_config(cls, config) -> "RuntimeOptions":
@@ -132,13 +143,7 @@ _RECOMPILE_LIMIT_NAME = (
 )
 GRAPH_RECOMPILE_LIMIT = 64
 
-_SUPPORTED_DTYPES: Mapping[str, tuple] = MappingProxyType(
-    {
-        "cpu": (torch.float32, torch.bfloat16, torch.float16),
-        "cuda": (torch.float32, torch.bfloat16, torch.float16),
-        "npu": (torch.float32, torch.bfloat16, torch.float16),
-    }
-)
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The fused NPU kernels compute in half precision only.
 _NPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -167,12 +172,12 @@ def _require_torch_npu(what: str):
 
 # ---------------------------------------------------------------------------------------------
 # Op implementations. Tensors in BNSD: q [b, heads, sq, d]; k, v [b, kv_heads, sk, d].
-# mask: bool [b, 1, sq, sk], True = masked (the original's polarity), or None = causal when
-# sq > 1 and "attend to everything" when sq == 1 (a decode step without padding).
+# keep: bool [b, 1, sq, sk], True = attend (SDPA's polarity; one mask form everywhere), or None
+# = causal when sq > 1 and "attend to everything" when sq == 1 (a decode step without a mask).
 # ---------------------------------------------------------------------------------------------
 
 
-def _attention_math(q, k, v, mask):
+def _attention_math(q, k, v, keep):
     """Unfused baseline: explicit matmul + fp32 softmax, K/V heads repeated like the original."""
     heads, kv_heads, sq, sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     if kv_heads != heads:
@@ -180,19 +185,18 @@ def _attention_math(q, k, v, mask):
         v = v.repeat_interleave(heads // kv_heads, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     scores = scores.float()
-    if mask is None and sq > 1:
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
-    if mask is not None:
-        scores = scores.masked_fill(mask, float("-inf"))
+    if keep is None and sq > 1:
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
 
 
-def _attention_sdpa(q, k, v, mask):
+def _attention_sdpa(q, k, v, keep):
     """``F.scaled_dot_product_attention`` without materialising repeated K/V heads."""
     batch, heads, sq, head_dim = q.shape
     kv_heads = k.shape[1]
-    keep = None if mask is None else ~mask
     if kv_heads != heads and sq == 1:
         # Decode: the query heads sharing a KV head become that head's "sequence" (the mask is
         # per batch row, so it broadcasts); one plain SDPA call, no repeat, on any torch.
@@ -207,7 +211,7 @@ def _attention_sdpa(q, k, v, mask):
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
     # A branch, not is_causal=<expression>: with dynamic shapes the comparison is symbolic.
-    if mask is None and sq > 1:
+    if keep is None and sq > 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, **extra)
 
@@ -215,34 +219,35 @@ def _attention_sdpa(q, k, v, mask):
 _NPU_NO_BAND = 2147483647  # pre/next_tokens wide open: the explicit mask alone decides
 
 
-def _attention_npu(q, k, v, mask):
+def _attention_npu(q, k, v, keep):
     """Ascend fused kernels: the incremental (decode) kernel for one query token, the prompt kernel
-    otherwise. Both take contiguous BNSD tensors, GQA via ``num_key_value_heads`` and a bool mask
-    with True = masked."""
+    otherwise. Both take contiguous BNSD tensors (the aclnn docs reject non-contiguous inputs,
+    the mask included), GQA via ``num_key_value_heads`` and a bool mask with True = masked."""
     npu = _require_torch_npu("attention_backend='npu'")
     heads, kv_heads, sq, sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    masked = None if keep is None else (~keep).contiguous()
     if sq == 1:
         return npu.npu_incre_flash_attention(
             q,
             k,
             v,
-            atten_mask=mask,
+            atten_mask=masked,
             num_heads=heads,
             scale_value=scale,
             input_layout="BNSD",
             num_key_value_heads=kv_heads,
         )
-    if mask is None:
+    if masked is None:
         # Without a mask the prompt kernel ignores its pre/next_tokens band (documented), so
         # causality must be spelled out.
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1 + sk - sq)
+        masked = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1 + sk - sq)
     return npu.npu_prompt_flash_attention(
         q,
         k,
         v,
-        atten_mask=mask.contiguous(),
+        atten_mask=masked,
         num_heads=heads,
         scale_value=scale,
         pre_tokens=_NPU_NO_BAND,
@@ -275,7 +280,7 @@ def _cache_write_index_copy(buffer, positions, update):
 def _cache_write_npu(buffer, positions, update):
     # scatter_update_ takes one start position per batch row on the given axis.
     starts = positions[:1].expand(buffer.shape[0]).contiguous()
-    _require_torch_npu("kv_cache='static' on NPU").scatter_update_(buffer, starts, update, -2)
+    _require_torch_npu("kv_cache='static' on NPU").scatter_update_(buffer, starts, update.contiguous(), -2)
 
 
 # The one place device kernels are chosen from (read-only: no module-level mutable state).
@@ -286,28 +291,70 @@ RMSNORM_BACKENDS: Mapping[str, Callable] = MappingProxyType(
     {"npu": _rmsnorm_npu, "fused": _rmsnorm_fused, "math": _rmsnorm_math}
 )
 CACHE_WRITERS: Mapping[str, Callable] = MappingProxyType(
-    {"npu": _cache_write_npu, "default": _cache_write_index_copy}
+    {"npu": _cache_write_npu, "index_copy": _cache_write_index_copy}
 )
 
 
-def resolve_backends(options: RuntimeOptions, device: torch.device, dtype: torch.dtype):
-    """Pick (attention, rmsnorm, cache writer) names for tensors of ``dtype`` on ``device``."""
-    kind = device.type
-    allowed = _SUPPORTED_DTYPES.get(kind)
-    if allowed is not None and dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+def npu_chip_limits(chip: Optional[str]) -> Dict[str, Optional[str]]:
+    """Which fused NPU kernels ``chip`` (``torch.npu.get_device_name()``) cannot run, and why.
+
+    From the torch_npu / CANN docs and sources: on Atlas inference cards (Ascend310P*) the prompt
+    and incremental attention kernels take ``num_key_value_heads`` = 0 only (no grouped KV, and
+    ChatGLM3 has 2 KV groups) and ``scatter_update_`` is not offered; on Ascend950 both attention
+    kernels are withdrawn ("no longer supported on Ascend950", eager and torchair alike).
+    """
+    name = chip or ""
+    limits: Dict[str, Optional[str]] = {"attention": None, "cache_writer": None}
+    if name.startswith("Ascend310P"):
+        limits["attention"] = f"{name} runs the fused attention kernels without grouped KV heads only"
+        limits["cache_writer"] = f"{name} has no scatter_update_"
+    elif "Ascend950" in name or "Ascend910_95" in name:
+        limits["attention"] = f"{name} no longer supports npu_prompt/incre_flash_attention"
+    return limits
+
+
+def _npu_chip_name(device: torch.device) -> Optional[str]:
+    npu_module = getattr(torch, "npu", None) or getattr(_TORCH_NPU, "npu", None)
+    get_name = getattr(npu_module, "get_device_name", None)
+    if get_name is None:
+        return None
+    try:
+        return str(get_name(device.index if device.index is not None else 0))
+    except Exception:  # an unreadable name keeps the default choice
+        return None
+
+
+def resolve_backends(options: RuntimeOptions, device, dtype: torch.dtype, chip: Optional[str] = None):
+    """Pick (attention, rmsnorm, cache writer) names for tensors of ``dtype`` on ``device`` (a
+    ``torch.device`` or its type name); ``chip`` is the NPU's name (looked up when omitted)."""
+    kind = device if isinstance(device, str) else device.type
+    if dtype not in _SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in _SUPPORTED_DTYPES)
         raise TypeError(
             f"dtype {str(dtype).replace('torch.', '')} is not supported on {kind}; "
             f"load the model with torch_dtype in ({names})"
         )
     attention, rmsnorm = options.attention_backend, options.rmsnorm_backend
     on_npu = kind == "npu"
+    limits = {"attention": None, "cache_writer": None}
+    if on_npu:
+        if chip is None and isinstance(device, torch.device):
+            chip = _npu_chip_name(device)
+        limits = npu_chip_limits(chip)
     if attention == "auto":
         attention = "npu" if on_npu and dtype in _NPU_KERNEL_DTYPES else "sdpa"
+        if attention == "npu" and limits["attention"]:
+            logger.warning(f"attention: sdpa instead of the fused NPU kernels ({limits['attention']})")
+            attention = "sdpa"
     if rmsnorm == "auto":
         rmsnorm = "npu" if on_npu else ("fused" if _HAS_F_RMS_NORM else "math")
     if attention == "npu":
         _require_torch_npu("attention_backend='npu'")
+        if limits["attention"]:
+            raise ValueError(
+                f"attention_backend='npu' cannot run here: {limits['attention']}; set "
+                "CHATGLM_ATTENTION=sdpa (or auto)"
+            )
         if on_npu and dtype not in _NPU_KERNEL_DTYPES:
             raise TypeError(
                 "attention_backend='npu' runs in float16/bfloat16 only; load the model with "
@@ -320,7 +367,14 @@ def resolve_backends(options: RuntimeOptions, device: torch.device, dtype: torch
             f"rmsnorm_backend='fused' needs torch.nn.functional.rms_norm (torch >= 2.4; this is "
             f"torch {torch.__version__}); upgrade torch or set CHATGLM_RMSNORM=math"
         )
-    writer = "npu" if attention == "npu" else "default"
+    writer = "index_copy"
+    if attention == "npu":
+        writer = "npu"
+        if limits["cache_writer"]:
+            logger.warning(
+                f"static KV cache: index_copy_ instead of scatter_update_ ({limits['cache_writer']})"
+            )
+            writer = "index_copy"
     return attention, rmsnorm, writer
 
 
@@ -383,30 +437,53 @@ class RotaryEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Static KV cache.
+# KV caches: one ``update(layer, positions, k, v) -> (k_all, v_all)``, called by each attention
+# layer inside the compiled region. k, v and the results are BNSD ``[b, kv_heads, seq, d]``.
 # ---------------------------------------------------------------------------------------------
 
 
 class StaticKVCache:
     """Preallocated per-layer K/V buffers ``[batch, kv_heads, max_len, head_dim]``, written in place.
 
-    Every decode step sees the same shapes, so graph mode captures one decode graph. Indexing
-    (``cache[layer]``) returns the original's legacy ``(k, v)`` views ``[seq, batch, kv_heads, d]``
-    of the filled part, so code written against the tuple cache keeps working.
+    Every decode step sees the same shapes, so graph mode captures one decode graph. ``key_keep``
+    ``[batch, max_len]`` (True = a real token) holds the prompt's padding, folded in once per
+    prompt; the causal part of the mask comes from comparing slot numbers with the query's slots.
+    Indexing (``cache[layer]``) returns the original's legacy ``(k, v)`` views
+    ``[seq, batch, kv_heads, d]`` of the filled part, so code written against the tuple cache
+    keeps working.
 
     Each forward returns a new ``StaticKVCache`` over the same buffers. Because the buffers are
     written in place, only the newest one may be continued: continuing an older one (branching
     two continuations from one past) is refused instead of silently reading overwritten slots.
     """
 
-    def __init__(self, num_layers, batch_size, kv_heads, max_len, head_dim, dtype, device):
+    def __init__(self, num_layers, batch_size, kv_heads, max_len, head_dim, dtype, device, writer=None):
         shape = (batch_size, kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.key_keep = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.seq_len = 0
         self._filled = [0]  # positions written into the shared buffers, shared by every view
-        for buffer in self.keys + self.values:
+        # A prompt with no past attends to its own fresh K/V only (sparing a full-length
+        # attention); any later step attends to the whole buffer.
+        self.attend_buffer = False
+        self.writer = writer or _cache_write_index_copy
+        for buffer in self.keys + self.values + [self.key_keep]:
             _mark_static_address(buffer)
+
+    def update(self, layer: int, positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """Write ``key``/``value`` ``[b, g, s, d]`` at slots ``positions`` ``[s]``; return what the
+        layer attends to: the whole buffers, or the fresh K/V for a prompt without past."""
+        self.writer(self.keys[layer], positions, key)
+        self.writer(self.values[layer], positions, value)
+        if self.attend_buffer:
+            return self.keys[layer], self.values[layer]
+        return key, value
+
+    def for_step(self, attend_buffer: bool) -> "StaticKVCache":
+        view = copy.copy(self)
+        view.attend_buffer = attend_buffer
+        return view
 
     def advanced(self, length: int) -> "StaticKVCache":
         """The cache after a forward wrote positions up to ``length`` (same buffers)."""
@@ -431,9 +508,6 @@ class StaticKVCache:
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
 
-    def buffers(self):
-        return tuple(zip(self.keys, self.values))
-
     def copy_from_legacy(self, legacy, length: int) -> None:
         """Fill positions [0, length) from a legacy tuple cache (``[seq, batch, kv_heads, d]``)."""
         for layer, (key, value) in enumerate(legacy):
@@ -450,16 +524,20 @@ class StaticKVCache:
             self.keys[0].shape[3],
             self.keys[0].dtype,
             self.keys[0].device,
+            self.writer,
         )
+        n = self.seq_len
         for old, new in zip(self.keys + self.values, bigger.keys + bigger.values):
-            new[:, :, : self.seq_len].copy_(old[:, :, : self.seq_len])
-        bigger.seq_len = bigger._filled[0] = self.seq_len
+            new[:, :, :n].copy_(old[:, :, :n])
+        bigger.key_keep[:, :n].copy_(self.key_keep[:, :n])
+        bigger.seq_len = bigger._filled[0] = n
         return bigger
 
     def reorder(self, beam_idx: torch.Tensor) -> "StaticKVCache":
         n = self.seq_len
         for buffer in self.keys + self.values:
             buffer[:, :, :n].copy_(buffer[:, :, :n].index_select(0, beam_idx.to(buffer.device)))
+        self.key_keep.copy_(self.key_keep.index_select(0, beam_idx.to(self.key_keep.device)))
         return self
 
     def __len__(self) -> int:
@@ -474,6 +552,32 @@ class StaticKVCache:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+
+class TupleKVCache:
+    """Adapter giving the original's growing cache (a tuple over layers of ``(k, v)``, each
+    ``[seq, batch, kv_heads, d]``, extended by concatenation) the same ``update`` as the static
+    cache. ``legacy()`` is what ``past_key_values`` returns, exactly the original's format."""
+
+    def __init__(self, legacy, num_layers: int):
+        self.layers = list(legacy) if legacy is not None else [None] * num_layers
+
+    def update(self, layer: int, positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        key, value = key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3)  # [s, b, g, d]
+        past = self.layers[layer]
+        if past is not None:
+            key, value = torch.cat((past[0], key), dim=0), torch.cat((past[1], value), dim=0)
+        self.layers[layer] = (key, value)
+        return key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
+
+    def legacy(self):
+        return tuple(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer: int):
+        return self.layers[layer]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +607,7 @@ class PrefixEncoder(nn.Module):
                 nn.Tanh(),
                 nn.Linear(config.hidden_size, kv_size),
             )
+        _mark_fresh(self)
 
     def forward(self, prefix: torch.Tensor):
         past = self.embedding(prefix)
@@ -543,9 +648,10 @@ class CoreAttention(nn.Module):
         self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.impl = _attention_math
 
-    def forward(self, query_layer, key_layer, value_layer, attention_mask):
-        # q [b, heads, sq, d]; k, v [b, kv_heads, sk, d] -> context [b, sq, heads * d]
-        context = self.impl(query_layer, key_layer, value_layer, attention_mask)
+    def forward(self, query_layer, key_layer, value_layer, keep):
+        # q [b, heads, sq, d]; k, v [b, kv_heads, sk, d]; keep [b, 1, sq, sk] (True = attend) or
+        # None -> context [b, sq, heads * d]
+        context = self.impl(query_layer, key_layer, value_layer, keep)
         b, heads, sq, d = context.shape
         return context.transpose(1, 2).reshape(b, sq, heads * d)
 
@@ -582,20 +688,11 @@ class SelfAttention(nn.Module):
             device=device,
             **_config_to_kwargs(config),
         )
-        self.write_cache = _cache_write_index_copy
 
-    def forward(
-        self,
-        hidden_states,
-        attention_mask,
-        rotary_pos_emb,
-        kv_cache=None,
-        use_cache=True,
-        cache_position=None,
-        attend_to_cache=False,
-    ):
-        """``hidden_states`` [b, s, h]; ``kv_cache``: legacy (k, v) ``[past, b, g, d]``, or the static
-        buffers ``[b, g, max_len, d]`` when ``cache_position`` is given. Returns (output, present)."""
+    def forward(self, hidden_states, keep, rotary_pos_emb, cache=None, cache_position=None):
+        """``hidden_states`` [b, s, h]; ``keep`` the attention keep-mask; ``cache`` a
+        :class:`StaticKVCache` or :class:`TupleKVCache` (None: attend to this input only) that
+        stores the new K/V at slots ``cache_position`` [s] and returns everything to attend to."""
         b, s, _ = hidden_states.shape
         d = self.hidden_size_per_attention_head
         heads = self.num_attention_heads_per_partition
@@ -609,28 +706,36 @@ class SelfAttention(nn.Module):
             query = apply_rotary_pos_emb(query, rotary_pos_emb)
             key = apply_rotary_pos_emb(key, rotary_pos_emb)
         query = query.transpose(1, 2)  # [b, heads, s, d]
+        key, value = key.transpose(1, 2), value.transpose(1, 2)  # [b, groups, s, d]
+        if cache is not None:
+            key, value = cache.update(self.layer_number - 1, cache_position, key, value)
+        context = self.core_attention(query, key, value, keep)
+        return self.dense(context)
 
-        if cache_position is not None:
-            # Static cache: write the new K/V in place; attend to the buffer, or (a prompt with
-            # no past) to the fresh K/V only, sparing a full-length attention.
-            key_bnsd, value_bnsd = key.transpose(1, 2), value.transpose(1, 2)
-            key_buffer, value_buffer = kv_cache
-            self.write_cache(key_buffer, cache_position, key_bnsd)
-            self.write_cache(value_buffer, cache_position, value_bnsd)
-            if attend_to_cache:
-                key_bnsd, value_bnsd = key_buffer, value_buffer
-            present = None
-        else:
-            key_sbgd, value_sbgd = key.transpose(0, 1), value.transpose(0, 1)  # [s, b, g, d]
-            if kv_cache is not None:
-                key_sbgd = torch.cat((kv_cache[0], key_sbgd), dim=0)
-                value_sbgd = torch.cat((kv_cache[1], value_sbgd), dim=0)
-            present = (key_sbgd, value_sbgd) if use_cache else None
-            key_bnsd = key_sbgd.permute(1, 2, 0, 3)  # [b, g, seq, d]
-            value_bnsd = value_sbgd.permute(1, 2, 0, 3)
+    @torch.no_grad()
+    def replicate_kv_groups(self, groups: int) -> None:
+        """Give this layer ``groups`` KV groups, each a copy of the group its query heads read,
+        so the layer computes exactly the same function (the tensor-parallel contract: with
+        more ranks than KV groups every rank still owns whole groups).
 
-        context = self.core_attention(query, key_bnsd, value_bnsd, attention_mask)
-        return self.dense(context), present
+        New group ``j`` copies old group ``j // (groups // old)``; query head ``h`` reads new
+        group ``h // (heads // groups)``, which is the old group ``h // (heads // old)`` it read
+        before. Call on the unsharded layer."""
+        old, heads = self.num_multi_query_groups_per_partition, self.num_attention_heads_per_partition
+        if groups % old or heads % groups:
+            raise ValueError(f"cannot turn {old} KV groups into {groups} for {heads} query heads")
+        repeat, d = groups // old, self.hidden_size_per_attention_head
+        linear = self.query_key_value
+        for name in ("weight", "bias"):
+            param = getattr(linear, name)
+            if param is None:
+                continue
+            q, k, v = param.split([heads * d, old * d, old * d], dim=0)
+            k, v = (t.unflatten(0, (old, d)).repeat_interleave(repeat, dim=0).flatten(0, 1) for t in (k, v))
+            setattr(linear, name, nn.Parameter(torch.cat([q, k, v]), requires_grad=param.requires_grad))
+        linear.out_features = linear.weight.shape[0]
+        self.num_multi_query_groups_per_partition = groups
+        self.qkv_hidden_size = linear.out_features
 
 
 def _config_dtype(config) -> Optional[torch.dtype]:
@@ -682,7 +787,6 @@ class GLMBlock(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
-        self.fp32_residual_connection = config.fp32_residual_connection
         norm_class = RMSNorm if config.rmsnorm else LayerNorm
         self.input_layernorm = norm_class(
             config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
@@ -694,32 +798,15 @@ class GLMBlock(nn.Module):
         )
         self.mlp = MLP(config, device=device)
 
-    def forward(
-        self,
-        hidden_states,
-        attention_mask,
-        rotary_pos_emb,
-        kv_cache=None,
-        use_cache=True,
-        cache_position=None,
-        attend_to_cache=False,
-    ):
+    def forward(self, hidden_states, keep, rotary_pos_emb, cache=None, cache_position=None):
         normed = self.input_layernorm(hidden_states)
-        attention_output, kv_cache = self.self_attention(
-            normed,
-            attention_mask,
-            rotary_pos_emb,
-            kv_cache=kv_cache,
-            use_cache=use_cache,
-            cache_position=cache_position,
-            attend_to_cache=attend_to_cache,
-        )
+        attention_output = self.self_attention(normed, keep, rotary_pos_emb, cache, cache_position)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
         hidden_states = residual + F.dropout(attention_output, p=self.hidden_dropout, training=self.training)
         normed = self.post_attention_layernorm(hidden_states)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
         mlp_output = self.mlp(normed)
-        return residual + F.dropout(mlp_output, p=self.hidden_dropout, training=self.training), kv_cache
+        return residual + F.dropout(mlp_output, p=self.hidden_dropout, training=self.training)
 
 
 class GLMTransformer(nn.Module):
@@ -727,7 +814,6 @@ class GLMTransformer(nn.Module):
 
     def __init__(self, config, device=None):
         super().__init__()
-        self.fp32_residual_connection = config.fp32_residual_connection
         self.post_layer_norm = config.post_layer_norm
         self.num_layers = config.num_layers
         self.layers = nn.ModuleList([GLMBlock(config, i + 1, device=device) for i in range(self.num_layers)])
@@ -742,50 +828,30 @@ class GLMTransformer(nn.Module):
         return self.layers[layer_number]
 
     def forward(
-        self,
-        hidden_states,
-        attention_mask,
-        rotary_pos_emb,
-        kv_caches=None,
-        use_cache=True,
-        output_hidden_states=False,
-        cache_position=None,
-        attend_to_cache=False,
+        self, hidden_states, keep, rotary_pos_emb, cache=None, cache_position=None, output_hidden_states=False
     ):
-        """``hidden_states`` [b, s, h] -> (hidden [b, s, h], presents, all hidden states)."""
-        if kv_caches is None:
-            kv_caches = [None] * self.num_layers
-        presents = () if use_cache and cache_position is None else None
+        """``hidden_states`` [b, s, h] -> (hidden [b, s, h], every layer's input + the output, or None)."""
         all_hidden_states = () if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training
         for index in range(self.num_layers):
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
             layer = self._get_layer(index)
-            args = (
-                hidden_states,
-                attention_mask,
-                rotary_pos_emb,
-                kv_caches[index],
-                use_cache,
-                cache_position,
-                attend_to_cache,
-            )
+            args = (hidden_states, keep, rotary_pos_emb, cache, cache_position)
             if checkpointing:
-                hidden_states, kv_cache = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+                hidden_states = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                hidden_states, kv_cache = layer(*args)
-            if presents is not None:
-                presents = presents + (kv_cache,)
+                hidden_states = layer(*args)
         if output_hidden_states:
             all_hidden_states = all_hidden_states + (hidden_states,)
         if self.post_layer_norm:
             hidden_states = self.final_layernorm(hidden_states)
-        return hidden_states, presents, all_hidden_states, None
+        return hidden_states, all_hidden_states
 
 
 class Embedding(nn.Module):
-    """Word embeddings. ``forward`` returns the original's ``[seq, batch, hidden]`` layout."""
+    """Word embeddings, ``[batch, seq] -> [seq, batch, hidden]`` like the original, or
+    ``[batch, seq, hidden]`` (our internal layout, no copy) with ``batch_first=True``."""
 
     def __init__(self, config, device=None):
         super().__init__()
@@ -795,8 +861,10 @@ class Embedding(nn.Module):
         )
         self.fp32_residual_connection = config.fp32_residual_connection
 
-    def forward(self, input_ids):
-        embeddings = self.word_embeddings(input_ids).transpose(0, 1).contiguous()
+    def forward(self, input_ids, batch_first: bool = False):
+        embeddings = self.word_embeddings(input_ids)
+        if not batch_first:
+            embeddings = embeddings.transpose(0, 1).contiguous()
         return embeddings.float() if self.fp32_residual_connection else embeddings
 
 
@@ -817,7 +885,7 @@ def _output_cache(outputs):
 def _is_hf_cache(obj) -> bool:
     return (
         obj is not None
-        and not isinstance(obj, (tuple, list, StaticKVCache))
+        and not isinstance(obj, (tuple, list, StaticKVCache, TupleKVCache))
         and hasattr(obj, "get_seq_length")
     )
 
@@ -836,6 +904,16 @@ def _normalize_past(past):
     return past
 
 
+def _mark_fresh(module: nn.Module) -> None:
+    """Mark a module whose weights no released checkpoint carries (a new P-tuning prefix, a new
+    classification head): ``_init_weights`` gives it torch's default initialisation, so it is
+    the same on every transformers version (5.x builds modules on the meta device and leaves
+    anything ``_init_weights`` skips as uninitialised memory)."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            sub._chatglm_fresh = True
+
+
 class ChatGLMPreTrainedModel(PreTrainedModel):
     """Weights loading and configuration shared by the ChatGLM heads."""
 
@@ -845,11 +923,14 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     _no_split_modules = ["GLMBlock"]
 
+    @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        """Weights come from the checkpoint (as in the original); only the derived rotary buffer,
-        absent from some checkpoints, is recomputed."""
+        """Checkpoint weights are never initialised (as in the original: they are loaded). Only
+        what checkpoints lack is: the derived rotary buffer, and modules marked fresh."""
         if isinstance(module, RotaryEmbedding):
             module.reset_inv_freq()
+        elif getattr(module, "_chatglm_fresh", False) and module.weight.device.type != "meta":
+            module.reset_parameters()
 
     def _set_gradient_checkpointing(self, module=None, value=False, **kwargs):
         # transformers < 4.35 passes (module, value); newer ones (enable=..., gradient_checkpointing_func=...)
@@ -869,13 +950,18 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_masks(self, input_ids, past_key_values, padding_mask=None):
-        return _legacy_mask(
-            input_ids.shape[0],
-            input_ids.shape[1],
-            _past_length(past_key_values),
-            padding_mask,
-            input_ids.device,
-        )
+        """The original's mask, bool ``[b, 1, seq, past + seq]`` with True = masked (kept for code
+        that calls it; the model itself uses :func:`attention_keep_mask`)."""
+        batch, seq = input_ids.shape
+        past_len = _past_length(past_key_values)
+        mask = torch.ones(batch, seq, seq, device=input_ids.device).tril_()
+        if past_len:
+            mask = torch.cat((torch.ones(batch, seq, past_len, device=input_ids.device), mask), dim=-1)
+        if padding_mask is not None:
+            mask = mask * padding_mask.unsqueeze(1)
+            if not past_len:
+                mask -= padding_mask.unsqueeze(-1) - 1
+        return (mask < 0.5).bool().unsqueeze(1)
 
     def get_position_ids(self, input_ids, device):
         batch_size, seq_length = input_ids.shape
@@ -921,33 +1007,34 @@ def _past_length(past) -> int:
     return past[0][0].shape[0]
 
 
-def _legacy_mask(batch, seq, past_len, padding_mask, device):
-    """The original's mask, bool ``[b, 1, seq, past + seq]`` with True = masked.
+def attention_keep_mask(query_slots, key_keep, query_keep=None):
+    """The one mask form: bool ``[b, 1, s, kv]``, True = attend.
 
-    Causal over the new tokens, everything over the past, times the padding mask; in a prompt
-    without past a padded query row attends to every position (keeps softmax finite).
+    ``query_slots`` [s]: the cache slot of each new token; ``key_keep`` [b, kv]: which slots hold
+    real tokens (the padding, folded in once per prompt), or an already built ``[b, 1, s, kv]``
+    keep-mask (passed through). Causality compares slot numbers, which is a slice of the causal
+    table ``slot <= query_slot`` without storing a ``max_len x max_len`` table (1 GiB at 32k).
+    ``query_keep`` [b, s] (prompts without past only): a padding query row attends everywhere,
+    as in the original, which keeps its softmax finite.
     """
-    mask = torch.ones(batch, seq, seq, device=device).tril_()
-    if past_len:
-        mask = torch.cat((torch.ones(batch, seq, past_len, device=device), mask), dim=-1)
-    if padding_mask is not None:
-        mask = mask * padding_mask.unsqueeze(1)
-        if not past_len:
-            mask -= padding_mask.unsqueeze(-1) - 1
-    return (mask < 0.5).bool().unsqueeze(1)
+    if key_keep.dim() == 4:
+        return key_keep
+    slots = torch.arange(key_keep.shape[1], device=key_keep.device)
+    keep = (slots[None, :] <= query_slots[:, None])[None, None] & key_keep[:, None, None, :]
+    if query_keep is not None:
+        keep = keep | ~query_keep[:, None, :, None]
+    return keep
 
 
-def _static_mask(batch, seq, past_len, max_len, padding_mask, device):
-    """Mask over the whole static buffer, bool ``[b, 1, seq, max_len]``, True = masked."""
-    positions = torch.arange(max_len, device=device)
-    query_positions = torch.arange(past_len, past_len + seq, device=device)
-    mask = positions[None, :] > query_positions[:, None]  # future and unwritten slots
-    mask = mask[None, None].expand(batch, 1, seq, max_len)
-    if padding_mask is not None:
-        pad = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        pad[:, : padding_mask.shape[1]] = padding_mask == 0
-        mask = mask | pad[:, None, None, :]
-    return mask
+@dataclass
+class _Step:
+    """What one forward hands the compiled region, prepared outside it."""
+
+    cache: Any  # StaticKVCache view, TupleKVCache, or None
+    cache_position: torch.Tensor  # [s] slots of the new tokens
+    key_keep: Optional[torch.Tensor]  # [b, kv] / [b, 1, s, kv] keep, or None (causal / attend all)
+    query_keep: Optional[torch.Tensor]  # [b, s] for padded prompts, else None
+    decode: bool  # one new token after a past: the decode graph
 
 
 # ---------------------------------------------------------------------------------------------
@@ -992,15 +1079,20 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if self.pre_seq_len is not None:
             for param in self.parameters():
                 param.requires_grad = False
-            self.prefix_tokens = torch.arange(self.pre_seq_len).long()
             self.prefix_encoder = PrefixEncoder(config)
             self.dropout = nn.Dropout(0.1)
         self.options = RuntimeOptions.from_config(config)
         # Capacity hint for the static cache (generate() and the benchmark set it per run).
         self.static_cache_len: Optional[int] = None
         self._backend_key = None
-        self._compiled_graph = None
+        self._graphs: Dict[str, Callable] = {}
         self._rope_table = None
+
+    @property
+    def prefix_tokens(self) -> torch.Tensor:
+        # Made where it is used: a tensor built in __init__ would be a meta tensor under
+        # transformers 5's empty-weight init, which no loader fills.
+        return torch.arange(self.pre_seq_len, device=self.prefix_encoder.embedding.weight.device)
 
     def get_input_embeddings(self):
         return self.embedding.word_embeddings
@@ -1031,7 +1123,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         merged = types.SimpleNamespace(**{**vars(self.options), **changes})
         self.options = RuntimeOptions.from_config(merged)
         self._backend_key = None
-        self._compiled_graph = None
+        self._graphs = {}
 
     def _select_backends(self, device: torch.device, dtype: torch.dtype) -> None:
         key = (device.type, dtype)
@@ -1043,29 +1135,31 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 module.impl = RMSNORM_BACKENDS[rmsnorm]
             elif isinstance(module, CoreAttention):
                 module.impl = ATTENTION_BACKENDS[attention]
-            elif isinstance(module, SelfAttention):
-                module.write_cache = CACHE_WRITERS[writer]
-        self.backends = {"attention": attention, "rmsnorm": rmsnorm, "device": device.type}
+        self.backends = {
+            "attention": attention,
+            "rmsnorm": rmsnorm,
+            "kv_cache": self.options.cache_kind,
+            "cache_writer": writer,
+            "device": device.type,
+        }
+        self._cache_writer = CACHE_WRITERS[writer]
         self._backend_key = key
-        self._compiled_graph = None
+        self._graphs = {}
 
-    def _graph_fn(self, device: torch.device):
+    def _graph_fn(self, phase: str, device: torch.device) -> Callable:
+        """The region for ``phase`` ("prefill" or "decode"): ``_wrap_graph`` itself in eager mode,
+        else its compiled form, one per phase and instance, each with its own compile settings."""
         if self.options.exe_mode == "eager":
             return self._wrap_graph
-        if self._compiled_graph is None:
-            compiled = torch.compile(
-                self._wrap_graph, fullgraph=True, dynamic=None, **_compile_kwargs(self.options, device)
-            )
-
-            def run(*args):
-                # Prefill/decode, padded/unpadded and batch sizes are separate graphs; dynamo's
-                # default limit (8 per function, shared by all instances) would turn a long-running
-                # process into a hard error under fullgraph=True. Raised for this call only.
-                with torch._dynamo.config.patch(**{_RECOMPILE_LIMIT_NAME: GRAPH_RECOMPILE_LIMIT}):
-                    return compiled(*args)
-
-            self._compiled_graph = run
-        return self._compiled_graph
+        graph = self._graphs.get(phase)
+        if graph is None:
+            _raise_recompile_limit()
+            # Two entry points, so that dynamo keeps the two phases' graphs (and guards) apart.
+            entry = self._decode_graph if phase == "decode" else self._prefill_graph
+            static = phase == "decode" and self.options.cache_kind == "static"
+            graph = torch.compile(entry, fullgraph=True, **_compile_kwargs(self.options, device, static))
+            self._graphs[phase] = graph
+        return graph
 
     def _rotary_table(self):
         inv_freq = self.rotary_pos_emb.inv_freq
@@ -1079,26 +1173,31 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         hidden_states,
         position_ids,
         rope_table,
-        attention_mask,
-        kv_caches,
         cache_position,
-        use_cache: bool,
+        key_keep,
+        query_keep,
+        cache,
         output_hidden_states: bool,
-        attend_to_cache: bool,
     ):
-        """The compiled region: rotary embedding + all layers. Pure tensor math, no data-dependent
-        branches. ``hidden_states`` [b, s, h], ``position_ids`` [b, s]."""
+        """The compiled region: mask, rotary embedding, all layers (with their cache updates).
+        Pure tensor math, no data-dependent branches. ``hidden_states`` [b, s, h],
+        ``position_ids`` [b, s]."""
+        keep = None if key_keep is None else attention_keep_mask(cache_position, key_keep, query_keep)
         rotary_pos_emb = rope_table[position_ids]  # [b, s, rot/2, 2]
         return self.encoder(
             hidden_states,
-            attention_mask,
-            rotary_pos_emb=rotary_pos_emb,
-            kv_caches=kv_caches,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            keep,
+            rotary_pos_emb,
+            cache=cache,
             cache_position=cache_position,
-            attend_to_cache=attend_to_cache,
+            output_hidden_states=output_hidden_states,
         )
+
+    def _prefill_graph(self, *args):
+        return self._wrap_graph(*args)
+
+    def _decode_graph(self, *args):
+        return self._wrap_graph(*args)
 
     def _new_static_cache(self, batch_size, needed, dtype, device):
         capacity = min(self.seq_length, max(needed, self.static_cache_len or 0))
@@ -1111,6 +1210,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             attention.hidden_size_per_attention_head,
             dtype,
             device,
+            self._cache_writer,
         )
 
     def forward(
@@ -1125,7 +1225,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ):
-        output_hidden_states = (
+        output_hidden_states = bool(
             output_hidden_states
             if output_hidden_states is not None
             else getattr(self.config, "output_hidden_states", False)
@@ -1133,19 +1233,16 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
 
+        # 1. Inputs: embeddings [b, s, h], and the checks that need no device sync.
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            batch_size, seq_length = input_ids.shape
-            hidden_states = self.embedding.word_embeddings(input_ids)  # [b, s, h]
-            if self.embedding.fp32_residual_connection:
-                hidden_states = hidden_states.float()
+            hidden_states = self.embedding(input_ids, batch_first=True)
         else:
             hidden_states = inputs_embeds.transpose(0, 1)  # public layout is [s, b, h]
-            seq_length, batch_size = inputs_embeds.shape[:2]
+        batch_size, seq_length = hidden_states.shape[:2]
         device = hidden_states.device
         self._select_backends(device, hidden_states.dtype)
-
         past_key_values = _normalize_past(past_key_values)
         if self.pre_seq_len is not None:
             if past_key_values is None:
@@ -1156,75 +1253,43 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 )
         past_len = _past_length(past_key_values)
         total = past_len + seq_length
-        if total > self.seq_length:
-            raise ValueError(
-                f"input of {seq_length} tokens after {past_len} cached ones needs {total} positions, "
-                f"more than the model's context (seq_length={self.seq_length}); shorten the prompt or "
-                "max_new_tokens, or use a longer-context checkpoint (e.g. chatglm3-6b-32k)"
-            )
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, total):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but must be "
-                f"[batch, past + seq] = [{batch_size}, {total}]; pass the mask of the whole sequence so far"
-            )
+        self._check_lengths(batch_size, seq_length, past_len, attention_mask)
         if position_ids is None:
             offset = past_len - (self.pre_seq_len or 0)
             position_ids = (
                 torch.arange(offset, offset + seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
             )
 
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if padded and past_len == 0 and bool((attention_mask[:, :-1] > attention_mask[:, 1:]).any()):
-            raise ValueError(
-                "attention_mask is right-padded (a 0 after a 1); ChatGLM needs left padding: set "
-                "tokenizer.padding_side = 'left' (the default of our tokenizer)"
-            )
+        # 2. Cache, slots and the keep-mask's parts.
+        step = self._prepare_step(
+            past_key_values,
+            batch_size,
+            seq_length,
+            past_len,
+            attention_mask,
+            full_attention_mask,
+            use_cache,
+            hidden_states.dtype,
+            device,
+        )
 
-        static = self.options.kv_cache == "static" and use_cache
-        cache_position = None
-        attend_to_cache = False
-        if static:
-            if isinstance(past_key_values, StaticKVCache):
-                past_key_values.check_current()
-            if not isinstance(past_key_values, StaticKVCache):
-                legacy = past_key_values
-                past_key_values = self._new_static_cache(batch_size, total, hidden_states.dtype, device)
-                if legacy is not None:
-                    past_key_values.copy_from_legacy(legacy, past_len)
-            elif total > past_key_values.max_len:
-                past_key_values = past_key_values.grown(
-                    min(self.seq_length, max(total, 2 * past_key_values.max_len))
-                )
-            cache_position = torch.arange(past_len, total, device=device)
-            attend_to_cache = past_len > 0
-            if full_attention_mask is None:
-                if attend_to_cache:
-                    full_attention_mask = _static_mask(
-                        batch_size, seq_length, past_len, past_key_values.max_len, attention_mask, device
-                    )
-                elif padded:
-                    full_attention_mask = _legacy_mask(batch_size, seq_length, 0, attention_mask, device)
-            kv_caches = past_key_values.buffers()
-        else:
-            if full_attention_mask is None and (padded or (past_len and seq_length != 1)):
-                full_attention_mask = _legacy_mask(batch_size, seq_length, past_len, attention_mask, device)
-            kv_caches = past_key_values
-
-        graph = self._graph_fn(device)
-        hidden_states, presents, all_hidden_states, _ = graph(
+        # 3. The graph.
+        graph = self._graph_fn("decode" if step.decode else "prefill", device)
+        hidden_states, all_hidden_states = graph(
             hidden_states,
             position_ids,
             self._rotary_table(),
-            full_attention_mask,
-            kv_caches,
-            cache_position,
-            use_cache,
-            bool(output_hidden_states),
-            attend_to_cache,
+            step.cache_position,
+            step.key_keep,
+            step.query_keep,
+            step.cache,
+            output_hidden_states,
         )
-        if static:
-            presents = past_key_values.advanced(total)
 
+        presents = None
+        if use_cache:
+            cache = step.cache
+            presents = cache.advanced(total) if isinstance(cache, StaticKVCache) else cache.legacy()
         hidden_states = hidden_states.transpose(0, 1)  # public layout [s, b, h]
         if all_hidden_states is not None:
             all_hidden_states = tuple(h.transpose(0, 1) for h in all_hidden_states)
@@ -1237,30 +1302,140 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             **{_CACHE_FIELD: presents},
         )
 
+    def _check_lengths(self, batch_size, seq_length, past_len, attention_mask) -> None:
+        total = past_len + seq_length
+        if total > self.seq_length:
+            raise ValueError(
+                f"input of {seq_length} tokens after {past_len} cached ones needs {total} positions, "
+                f"more than the model's context (seq_length={self.seq_length}); shorten the prompt or "
+                "max_new_tokens, or use a longer-context checkpoint (e.g. chatglm3-6b-32k)"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, total):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but must be "
+                f"[batch, past + seq] = [{batch_size}, {total}]; pass the mask of the whole sequence so far"
+            )
 
-def _compile_kwargs(options: RuntimeOptions, device: torch.device) -> Dict[str, Any]:
+    def _prepare_step(
+        self,
+        past,
+        batch_size,
+        seq_length,
+        past_len,
+        attention_mask,
+        full_attention_mask,
+        use_cache,
+        dtype,
+        device,
+    ) -> _Step:
+        """Everything outside the graph for one forward. Padding is decided once per prompt (the
+        only device-to-host sync, ``attention_mask.all()``, runs for prompts without past); a
+        decode step only launches a slot ``arange`` and, with a mask given, folds it in."""
+        total = past_len + seq_length
+        cache_position = torch.arange(past_len, total, device=device)
+        query_keep = None
+        key_keep = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+        if past_len == 0 and attention_mask is not None:
+            if not bool(attention_mask.all()):
+                if bool((attention_mask[:, :-1] & ~attention_mask[:, 1:]).any()):
+                    raise ValueError(
+                        "attention_mask is right-padded (a 0 after a 1); ChatGLM needs left padding: "
+                        "set tokenizer.padding_side = 'left' (the default of our tokenizer)"
+                    )
+                key_keep = query_keep = attention_mask
+
+        cache = None
+        if use_cache and self.options.cache_kind == "static":
+            cache = self._static_cache_for(past, batch_size, total, dtype, device)
+            if past_len:
+                if attention_mask is not None:
+                    cache.key_keep[:, :total].copy_(attention_mask)
+                key_keep = cache.key_keep
+            else:
+                cache.key_keep.fill_(True)
+                if key_keep is not None:
+                    cache.key_keep[:, :total].copy_(key_keep)
+            cache = cache.for_step(attend_buffer=past_len > 0)
+        else:
+            if past is not None or use_cache:
+                cache = TupleKVCache(past, self.num_layers)
+            if past_len:
+                if attention_mask is not None:
+                    key_keep = attention_mask
+                elif seq_length > 1:
+                    key_keep = torch.ones(batch_size, total, dtype=torch.bool, device=device)
+        if full_attention_mask is not None:
+            # The original's mask (True = masked) over exactly the positions attended to.
+            key_keep, query_keep = ~full_attention_mask, None
+        decode = seq_length == 1 and past_len > 0
+        return _Step(cache, cache_position, key_keep, query_keep, decode)
+
+    def _static_cache_for(self, past, batch_size, total, dtype, device) -> StaticKVCache:
+        if isinstance(past, StaticKVCache):
+            past.check_current()
+            if total > past.max_len:
+                past = past.grown(min(self.seq_length, max(total, 2 * past.max_len)))
+            return past
+        cache = self._new_static_cache(batch_size, total, dtype, device)
+        if past is not None:
+            cache.copy_from_legacy(past, _past_length(past))
+        return cache
+
+
+def _raise_recompile_limit() -> None:
+    """Raise dynamo's per-function limit on compiled variants once, process-wide (batch sizes,
+    cache lengths and model instances each add a graph; the default 8 would turn a long-running
+    process into a hard error under ``fullgraph=True``). Never lowers a limit set by the user."""
+    config = torch._dynamo.config
+    if getattr(config, _RECOMPILE_LIMIT_NAME) < GRAPH_RECOMPILE_LIMIT:
+        setattr(config, _RECOMPILE_LIMIT_NAME, GRAPH_RECOMPILE_LIMIT)
+
+
+def _compile_kwargs(
+    options: RuntimeOptions, device: torch.device, static_decode: bool = False
+) -> Dict[str, Any]:
+    """``torch.compile`` settings per device, from one place. ``static_decode``: the decode graph
+    over the static cache, whose shapes never change within a generation."""
     backend = options.graph_backend
+    shapes = {"dynamic": False} if static_decode else {}
     if callable(backend):
-        return {"backend": backend}
+        return {"backend": backend, **shapes}
     backend = str(backend)
     if backend == "auto":
         backend = "torchair" if device.type == "npu" else "inductor"
     if backend == "torchair":
-        _require_torch_npu("the torchair graph backend")
-        torchair = _optional_import("torchair")
-        if torchair is None:
-            raise RuntimeError(
-                "EXE_MODE=dynamo on NPU needs torchair (shipped with torch_npu); reinstall torch_npu "
-                "or set CHATGLM_GRAPH_BACKEND=eager"
-            )
-        config = torchair.CompilerConfig()
-        # Weights become graph constants: the NPU analogue of inductor's freezing.
-        config.experimental_config.frozen_parameter = True
-        return {"backend": torchair.get_npu_backend(compiler_config=config)}
+        return {"backend": _torchair_backend(static_decode), **shapes}
     if backend == "inductor" and device.type == "cpu":
         # Freezing folds the weights into the graph and lets inductor prepack them for oneDNN.
-        return {"backend": "inductor", "options": {"freezing": True}}
-    return {"backend": backend}
+        return {"backend": "inductor", "options": {"freezing": True}, **shapes}
+    if backend == "inductor" and device.type == "cuda" and static_decode:
+        # CUDA graphs: one launch replays the whole decode step (inputs at fixed addresses:
+        # the parameters and the static cache, marked with mark_static_address).
+        return {"backend": "inductor", "mode": "reduce-overhead", **shapes}
+    return {"backend": backend, **shapes}
+
+
+def _torchair_backend(static_decode: bool):
+    _require_torch_npu("the torchair graph backend")
+    torchair = _optional_import("torchair")
+    if torchair is None:
+        raise RuntimeError(
+            "EXE_MODE=dynamo on NPU needs torchair (shipped with torch_npu); reinstall torch_npu "
+            "or set CHATGLM_GRAPH_BACKEND=eager"
+        )
+    config = torchair.CompilerConfig()
+    # Ascend's own LLM recipes (torchair's npu_tuned_model/llm samples), for every phase: weights
+    # (and, on torch >= 2.6, the mark_static_address'd KV buffers) at fixed addresses, which cuts
+    # per-step input dispatch.
+    config.experimental_config.frozen_parameter = True
+    if static_decode and hasattr(config.experimental_config, "tiling_schedule_optimize"):
+        # Those recipes' decode setting: with static shapes, tiling is computed on the device
+        # (AI CPU) instead of by the host before every launch (torchair versions without the
+        # option skip it).
+        config.experimental_config.tiling_schedule_optimize = True
+    return torchair.get_npu_backend(compiler_config=config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1662,6 +1837,7 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         self.num_labels = config.num_labels
         self.transformer = ChatGLMModel(config, empty_init=empty_init, device=device)
         self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        _mark_fresh(self.classifier_head)
         self.dropout = (
             nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
         )

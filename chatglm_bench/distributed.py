@@ -184,13 +184,9 @@ def _split_qkv(tensor: torch.Tensor, heads: int, groups: int, head_dim: int):
 
 
 def replicate_kv_groups(model: nn.Module, groups: int) -> None:
-    """Give every attention layer ``groups`` KV groups, each a copy of the checkpoint's group
-    its query heads read; the model computes exactly the same function.
-
-    New group ``j`` copies old group ``j // (groups // old)``. Query head ``h`` reads new group
-    ``h // (heads // groups)``, which is old group ``h // (heads // old)``, the one it read
-    before. Updates ``config.multi_query_group_num``, which DeepSpeed AutoTP reads as the KV-head
-    count that sets its split unit. Call before sharding."""
+    """Give every attention layer ``groups`` KV groups (``SelfAttention.replicate_kv_groups``, the
+    model's own tensor-parallel contract), and update ``config.multi_query_group_num``, which
+    DeepSpeed AutoTP reads as the KV-head count that sets its split unit. Call before sharding."""
     config = model.config
     if not getattr(config, "multi_query_attention", False):
         raise UsageError("KV groups exist only in multi-query checkpoints (chatglm2/chatglm3)")
@@ -198,28 +194,13 @@ def replicate_kv_groups(model: nn.Module, groups: int) -> None:
     heads = config.num_attention_heads
     if groups % old or heads % groups:
         raise UsageError(f"cannot turn {old} KV groups into {groups} for {heads} query heads")
-    repeat = groups // old
     for attention in _attention_layers(model):
         if (
             attention.num_multi_query_groups_per_partition != old
             or attention.num_attention_heads_per_partition != heads
         ):
             raise ValueError("replicate_kv_groups() needs the unsharded model; call it before shard_model()")
-        linear = attention.query_key_value
-        d = attention.hidden_size_per_attention_head
-        with torch.no_grad():
-            for name in ("weight", "bias"):
-                param = getattr(linear, name)
-                if param is None:
-                    continue
-                q, k, v = _split_qkv(param, heads, old, d)
-                k, v = (
-                    t.unflatten(0, (old, d)).repeat_interleave(repeat, dim=0).flatten(0, 1) for t in (k, v)
-                )
-                setattr(linear, name, nn.Parameter(torch.cat([q, k, v]), requires_grad=param.requires_grad))
-        linear.out_features = linear.weight.shape[0]
-        attention.num_multi_query_groups_per_partition = groups
-        attention.qkv_hidden_size = linear.out_features
+        attention.replicate_kv_groups(groups)
     config.multi_query_group_num = groups
 
 

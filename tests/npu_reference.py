@@ -78,7 +78,9 @@ Ambiguities and the reading chosen here:
     ``ALLOW_FP32`` (a test convenience, see below) also lets float32 through so the CPU tests
     can compare against float32 goldens; npu_rms_norm and npu_rotary_mul accept float32 anyway.
 12. Contiguity: PFA and FIA say "不支持非连续的Tensor" for query/key/value and atten_mask; that is
-    enforced. The IFA page says nothing, so IFA does not check it.
+    enforced. The torch_npu IFA page says nothing, but the kernel behind it (CANN ops-transformer
+    ``aclnnIncreFlashAttentionV4``, parameter table) marks attenMask "Non-contiguous Tensor: ×",
+    so IFA rejects a non-contiguous mask.
 13. D alignment: PFA "暂不支持D不对齐场景", FIA "输入类型全为float16、bfloat16时，D轴需16对齐"; so
     PFA/FIA need head_dim % 16 == 0 (tiny test models must use head_dim 16, 32, ...).
 14. npu_rms_norm normalises over the trailing ``gamma.dim()`` axes (gamma has the shape of x's
@@ -727,6 +729,9 @@ def _ifa_static(
     op = "npu_incre_flash_attention"
     g = _geometry(op, query, key, value, num_heads, num_key_value_heads, input_layout)
     _check_decode_arguments(op, g, atten_mask, kv_lengths, kv_padding_size, exact=True)
+    _require(
+        atten_mask is None or atten_mask.is_contiguous(), f"{op}: non-contiguous atten_mask not supported"
+    )
     return g
 
 
@@ -1288,10 +1293,12 @@ def scatter_update_(
 class ExperimentalConfig:
     """Stand-in for torchair's experimental_config; slots make a misspelt option fail loudly."""
 
-    __slots__ = ("frozen_parameter",)
+    __slots__ = ("frozen_parameter", "tiling_schedule_optimize")
 
     def __init__(self) -> None:
         self.frozen_parameter = False
+        # torchair python/torchair/configs/experimental_config.py: static-shape GE graphs only.
+        self.tiling_schedule_optimize = False
 
 
 class CompilerConfig:
@@ -1324,6 +1331,9 @@ class FakeNpu:
     torchair: types.ModuleType
     calls: list[OpCall] = field(default_factory=list)
     backends: list[NpuBackend] = field(default_factory=list)
+    # What torch_npu.npu.get_device_name() answers (aclrtGetSocName: "Ascend910B2", "Ascend310P3",
+    # "Ascend910_9391", a name starting "Ascend950", ...); tests set it to try chip rules.
+    device_name: str = "Ascend910B2"
 
     def op_names(self) -> list[str]:
         return [call.name for call in self.calls]
@@ -1363,6 +1373,9 @@ def _build_fake() -> tuple[FakeNpu, dict[str, types.ModuleType]]:
     configs = _module("torchair.configs", package=True)
     compiler_config = _module("torchair.configs.compiler_config")
     fake = FakeNpu(torch_npu, torchair)
+    npu_namespace = _module("torch_npu.npu")
+    npu_namespace.get_device_name = lambda device=None: fake.device_name
+    torch_npu.npu = npu_namespace
 
     def get_npu_backend(
         *, compiler_config: Optional[CompilerConfig] = None, custom_decompositions: Optional[dict] = None
@@ -1386,6 +1399,7 @@ def _build_fake() -> tuple[FakeNpu, dict[str, types.ModuleType]]:
     torchair.get_npu_backend = get_npu_backend
     modules = {
         "torch_npu": torch_npu,
+        "torch_npu.npu": npu_namespace,
         "torchair": torchair,
         "torchair.configs": configs,
         "torchair.configs.compiler_config": compiler_config,

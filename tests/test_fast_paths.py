@@ -113,15 +113,26 @@ def test_torchair_backend_is_built_with_frozen_parameters(npu):
     )
     expected = golden_expected("tiny-chatglm3")
     compare_to_golden(run_protocol(model, *variant_inputs(expected, ""), n_decode=8), expected, "")
-    assert len(fake.backends) == 1
-    assert fake.backends[0].compiler_config.experimental_config.frozen_parameter is True
+    # One backend per phase: both freeze the weights; the static-shape decode graph also moves
+    # tiling onto the device, as Ascend's LLM recipes do.
+    prefill, decode = fake.backends
+    assert prefill.compiler_config.experimental_config.frozen_parameter is True
+    assert decode.compiler_config.experimental_config.frozen_parameter is True
+    assert prefill.compiler_config.experimental_config.tiling_schedule_optimize is False
+    assert decode.compiler_config.experimental_config.tiling_schedule_optimize is True
 
 
 def test_auto_picks_sdpa_and_fused_on_cpu_and_never_the_npu_kernels(npu):
     fake, module = npu
     model = build_golden_model("tiny-chatglm3", module=module)
     model(input_ids=torch.tensor([[5, 6, 7]]))
-    assert model.transformer.backends == {"attention": "sdpa", "rmsnorm": "fused", "device": "cpu"}
+    assert model.transformer.backends == {
+        "attention": "sdpa",
+        "rmsnorm": "fused",
+        "kv_cache": "tuple",
+        "cache_writer": "index_copy",
+        "device": "cpu",
+    }
     assert fake.op_names() == []
 
 
@@ -146,3 +157,59 @@ def test_bf16_gives_the_same_greedy_tokens_as_the_bf16_baseline(npu, attention, 
         want = run_protocol(baseline, *inputs).greedy_tokens
         got = run_protocol(fast, *inputs).greedy_tokens
         assert torch.equal(got, want), (variant, got, want)
+
+
+# Chip rules (torch_npu / CANN docs): Atlas inference cards (Ascend310P*) run the fused attention
+# kernels without grouped KV only and have no scatter_update_; Ascend950 dropped both attention
+# kernels. Elsewhere (910B, A3) the fused kernels are chosen.
+CHIPS = {
+    "Ascend910B2": ("npu", "npu"),
+    "Ascend910_9391": ("npu", "npu"),
+    "Ascend310P3": ("sdpa", "index_copy"),
+    "Ascend950PR_9599": ("sdpa", "index_copy"),
+}
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+def test_fused_npu_kernels_are_chosen_only_on_chips_that_support_them(npu, chip):
+    fake, module = npu
+    fake.device_name = chip
+    options = module.RuntimeOptions()
+    assert module._npu_chip_name(torch.device("cpu")) == chip
+    attention, rmsnorm, writer = module.resolve_backends(options, "npu", torch.float16, chip=chip)
+    assert (attention, writer) == CHIPS[chip]
+    assert rmsnorm == "npu"
+
+
+@pytest.mark.parametrize("chip", ["Ascend310P3", "Ascend950PR_9599"])
+def test_asking_for_the_npu_attention_on_a_chip_without_it_is_a_clear_error(npu, chip):
+    _, module = npu
+    options = module.RuntimeOptions(attention_backend="npu")
+    with pytest.raises(
+        ValueError, match=f"attention_backend='npu' cannot run here: {chip}.*CHATGLM_ATTENTION=sdpa"
+    ):
+        module.resolve_backends(options, "npu", torch.float16, chip=chip)
+
+
+def test_decode_kernel_gets_a_contiguous_mask_even_from_a_strided_one(npu):
+    """The incremental kernel rejects non-contiguous inputs, the mask included (aclnn docs)."""
+    fake, module = npu
+    model = build_golden_model("tiny-chatglm3", module=module, attention_backend="npu")
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        out = model.transformer(input_ids=ids)
+        # The original's mask form (True = masked), [b, 1, 1, past + 1], laid out column-major
+        # on purpose (dense but not contiguous: elementwise ops keep such strides).
+        strided = torch.zeros(5, 2, dtype=torch.bool).t()[:, None, None, :]
+        assert not strided.is_contiguous()
+        step = model.transformer(
+            input_ids=torch.tensor([[13], [14]]),
+            past_key_values=out.past_key_values,
+            full_attention_mask=strided,
+        )
+    reference = build_golden_model("tiny-chatglm3", attention_backend="math").transformer
+    with torch.no_grad():
+        past = reference(input_ids=ids).past_key_values
+        want = reference(input_ids=torch.tensor([[13], [14]]), past_key_values=past).last_hidden_state
+    torch.testing.assert_close(step.last_hidden_state, want, rtol=0, atol=1e-5)
+    assert "npu_incre_flash_attention" in fake.op_names()

@@ -1,5 +1,5 @@
-"""Graph mode: one compiled region (_wrap_graph) per model instance, no graph breaks, a bounded
-number of compiles over a whole generation."""
+"""Graph mode: one compiled region (_wrap_graph) per model instance, compiled apart for prefill
+and decode, no graph breaks, a bounded number of compiles over a whole generation."""
 
 import pytest
 import torch
@@ -36,15 +36,16 @@ def _fresh_dynamo():
 
 
 # Documented bound (README "Graph mode"): per distinct (batch size, padded or not) a generation
-# compiles the prefill graph plus one decode graph with the static cache; the tuple cache adds one
-# more decode graph when the growing cache length turns dynamic (step 2). Later generations of the
-# same kind compile nothing.
-COMPILE_BOUND = {"static": 2, "tuple": 3}
+# compiles exactly one prefill graph and one decode graph with the static cache (the decode graph
+# has static shapes and is replayed every step); the tuple cache adds one more decode graph when
+# the growing cache length turns dynamic (step 2). Later generations of the same kind compile
+# nothing.
+COMPILES = {"static": 2, "tuple": 3}
 
 
 @pytest.mark.parametrize("kv_cache", ["tuple", "static"])
 @pytest.mark.parametrize("variant", ["", "nopad_"], ids=["padded", "unpadded"])
-def test_generation_compiles_a_bounded_number_of_graphs_without_breaks(variant, kv_cache):
+def test_generation_compiles_one_prefill_and_one_decode_graph_without_breaks(variant, kv_cache):
     backend = CountingBackend()
     model = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend=backend, kv_cache=kv_cache)
     expected = golden_expected("tiny-chatglm3")
@@ -52,12 +53,37 @@ def test_generation_compiles_a_bounded_number_of_graphs_without_breaks(variant, 
 
     result = run_protocol(model, *inputs)
     compare_to_golden(result, expected, variant, atol=1e-5)
-    assert 2 <= backend.count <= COMPILE_BOUND[kv_cache]
+    assert backend.count == COMPILES[kv_cache]
+    assert sorted(model.transformer._graphs) == ["decode", "prefill"]
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
 
     compiled = backend.count
     run_protocol(model, *inputs)
     assert backend.count == compiled, "a second identical generation must reuse the graphs"
+
+
+def test_static_decode_graph_has_static_shapes_and_serves_every_step():
+    backend = CountingBackend()
+    model = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend=backend, kv_cache="static")
+    model.transformer.static_cache_len = 32
+    expected = golden_expected("tiny-chatglm3")
+    run_protocol(model, *variant_inputs(expected, ""), n_decode=12)
+    prefill, decode = backend.graphs
+    # No symbolic sizes in the decode graph: every shape is a constant (what CUDA graphs and a
+    # static torchair graph need).
+    shapes = [getattr(n.meta.get("example_value"), "shape", ()) for n in decode.graph.nodes]
+    assert shapes and not any(isinstance(d, torch.SymInt) for shape in shapes for d in shape)
+    assert backend.count == 2
+
+
+def test_graph_mode_defaults_to_the_static_cache():
+    model = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend="eager")
+    assert model.transformer.options.cache_kind == "static"
+    out = model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert type(out.past_key_values).__name__ == "StaticKVCache"
+    eager = build_golden_model("tiny-chatglm3")
+    assert eager.transformer.options.cache_kind == "tuple"
+    assert isinstance(eager(input_ids=torch.tensor([[5, 6, 7]])).past_key_values, tuple)
 
 
 def test_only_the_rotary_and_encoder_region_is_compiled():
@@ -91,7 +117,7 @@ def test_two_models_in_one_process_each_compile_their_own_graph():
     assert first_backend.count >= 1 and second_backend.count >= 1
     torch.testing.assert_close(out_second, want_second, rtol=0, atol=1e-5)
     torch.testing.assert_close(out_first, want_first, rtol=0, atol=1e-5)
-    assert first.transformer._compiled_graph is not second.transformer._compiled_graph
+    assert first.transformer._graphs["prefill"] is not second.transformer._graphs["prefill"]
 
 
 def test_exe_mode_environment_variable_turns_graph_mode_on(monkeypatch):
@@ -100,10 +126,10 @@ def test_exe_mode_environment_variable_turns_graph_mode_on(monkeypatch):
     model = build_golden_model("tiny-chatglm3")
     assert model.transformer.options.exe_mode == "dynamo"
     model(input_ids=torch.tensor([[5, 6, 7]]))
-    assert model.transformer._compiled_graph is not None
+    assert "prefill" in model.transformer._graphs
     eager = build_golden_model("tiny-chatglm3", exe_mode="eager")
     eager(input_ids=torch.tensor([[5, 6, 7]]))
-    assert eager.transformer._compiled_graph is None
+    assert eager.transformer._graphs == {}
 
 
 def test_set_runtime_options_switches_a_built_model_and_drops_old_graphs():
@@ -112,7 +138,7 @@ def test_set_runtime_options_switches_a_built_model_and_drops_old_graphs():
     ids = torch.tensor([[5, 6, 7]])
     model(input_ids=ids)
     model.transformer.set_runtime_options(exe_mode="eager")
-    assert model.transformer._compiled_graph is None
+    assert model.transformer._graphs == {}
     model(input_ids=ids)
     assert backend.count == 1
     with pytest.raises(ValueError, match="unknown runtime option"):

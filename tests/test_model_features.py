@@ -255,7 +255,11 @@ def test_unsupported_dtype_is_refused():
             r"CHATGLM_ATTENTION='flash' is not valid; use one of: auto, npu, sdpa, math",
         ),
         ("CHATGLM_RMSNORM", "apex", r"CHATGLM_RMSNORM='apex' is not valid"),
-        ("CHATGLM_KV_CACHE", "paged", r"CHATGLM_KV_CACHE='paged' is not valid; use one of: tuple, static"),
+        (
+            "CHATGLM_KV_CACHE",
+            "paged",
+            r"CHATGLM_KV_CACHE='paged' is not valid; use one of: auto, tuple, static",
+        ),
     ],
 )
 def test_invalid_switch_values_name_the_valid_ones(monkeypatch, env, value, message):
