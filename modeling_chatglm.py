@@ -1604,8 +1604,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     # --- chat helpers ---------------------------------------------------------------------
 
-    def process_response(self, output, history):
-        """Split the model's answer into (content, history); tool calls become dicts."""
+    def process_response(self, output, history, parse_tool_calls: bool = True):
+        """Split the model's answer into (content, history); tool calls become dicts (with
+        ``parse_tool_calls=False`` a tool call's text stays text: a call still being streamed
+        is not yet valid code)."""
         content = ""
         history = copy.deepcopy(history)
         for response in output.split("<|assistant|>"):
@@ -1617,6 +1619,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             else:
                 history.append({"role": "assistant", "metadata": metadata, "content": content})
                 if history[0]["role"] == "system" and "tools" in history[0]:
+                    if not parse_tool_calls:
+                        continue
                     code = "\n".join(content.split("\n")[1:-1])
                     content = {"name": metadata.strip(), "parameters": _parse_tool_call(code)}
                 else:
@@ -1710,6 +1714,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             )
         history.append({"role": role, "content": query})
         prompt_length = len(inputs["input_ids"][0])
+        response = None
         for outputs in self.stream_generate(
             **inputs,
             past_key_values=past_key_values,
@@ -1719,13 +1724,24 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         ):
             if return_past_key_values:
                 outputs, past_key_values = outputs
-            response = tokenizer.decode(outputs.tolist()[0][prompt_length:-1])
-            if response and response[-1] != "�":
-                response, new_history = self.process_response(response, history)
-                if return_past_key_values:
-                    yield response, new_history, past_key_values
-                else:
-                    yield response, new_history
+            text = tokenizer.decode(outputs.tolist()[0][prompt_length:-1])
+            if text and text[-1] != "�":
+                response = text
+                content, new_history = self.process_response(response, history, parse_tool_calls=False)
+                yield (
+                    (content, new_history, past_key_values)
+                    if return_past_key_values
+                    else (content, new_history)
+                )
+        if response is not None:
+            # A tool call is parsed once complete, and yielded as chat() returns it.
+            content, new_history = self.process_response(response, history)
+            if isinstance(content, dict) and "parameters" in content:
+                yield (
+                    (content, new_history, past_key_values)
+                    if return_past_key_values
+                    else (content, new_history)
+                )
 
     @torch.inference_mode()
     def stream_generate(

@@ -130,3 +130,30 @@ def test_chat_past_the_context_says_so(loaded):
     model, tokenizer = loaded
     with pytest.raises(ValueError, match="seq_length=256"):
         model.chat(tokenizer, "hello", history=[], max_length=400, do_sample=False, min_new_tokens=300)
+
+
+def test_stream_chat_streams_a_tool_call_as_text_then_yields_the_parsed_call(loaded, monkeypatch):
+    """The model's own generation is replaced by a scripted token stream (the tool call's text):
+    what is under test is stream_chat's handling of a call that is incomplete until the end."""
+    model, tokenizer = loaded
+    tools = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
+    history = [{"role": "system", "content": "use tools", "tools": tools}]
+    answer = "get_weather\n```python\ntool_call(city='the city', days=2)\n```"
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+    end = tokenizer.get_command("<|observation|>")
+
+    def scripted_stream(input_ids, **kwargs):
+        for count in range(1, len(answer_ids) + 1):
+            yield torch.cat([input_ids, torch.tensor([answer_ids[:count]])], dim=1)
+        yield torch.cat([input_ids, torch.tensor([answer_ids + [end]])], dim=1)
+
+    monkeypatch.setattr(model, "stream_generate", scripted_stream)
+    steps = list(model.stream_chat(tokenizer, "weather?", history=list(history), do_sample=False))
+    *streamed, (final, final_history) = steps
+    assert streamed and all(isinstance(content, str) for content, _ in streamed)
+    assert "tool_call(city=" in streamed[-1][0]
+    assert final == {"name": "get_weather", "parameters": {"city": "the city", "days": 2}}
+    want = model.process_response(
+        tokenizer.decode(answer_ids), history + [{"role": "user", "content": "weather?"}]
+    )
+    assert (final, final_history) == want

@@ -5,6 +5,7 @@ import json
 import shutil
 import sys
 import types
+import uuid
 
 import pytest
 import torch
@@ -162,6 +163,58 @@ def test_ptuning_prefix_equals_the_prefix_passed_as_past(prefix_projection):
         want = plain(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=past)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-6)
     assert got["cache" if "cache" in got else "past_key_values"][0][0].shape[0] == pre + 5
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    # A unique directory name: transformers caches remote code under the directory's name.
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / f"tiny_{uuid.uuid4().hex[:8]}", seed=5)
+
+
+def test_ptuning_recipe_runs_and_equals_its_prefix_as_past_on_this_transformers(tiny_checkpoint):
+    """The official P-tuning v2 recipe through AutoConfig/AutoModel. Its logits equal the same
+    prefix passed as an explicit past to the plain model, a path that is the same arithmetic on
+    every transformers version (so 4.31 and 5.x give the same P-tuned logits)."""
+    from transformers import AutoConfig, AutoModel
+
+    pre = 4
+    config = AutoConfig.from_pretrained(str(tiny_checkpoint), trust_remote_code=True, pre_seq_len=pre)
+    model = AutoModel.from_pretrained(str(tiny_checkpoint), config=config, trust_remote_code=True).float()
+    fresh = model.transformer.prefix_encoder.embedding.weight
+    # A new prefix starts from torch's default N(0, 1) init, never uninitialised memory.
+    assert torch.isfinite(fresh).all() and 0.5 < fresh.std().item() < 2.0
+    width = fresh.shape[1]
+    prefix = torch.randn(pre, width, generator=torch.Generator().manual_seed(3)) * 0.1
+    model.transformer.prefix_encoder.load_state_dict({"embedding.weight": prefix})
+    ids = torch.tensor([[9, 10, 11, 12, 13]])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        plain = AutoModel.from_pretrained(str(tiny_checkpoint), trust_remote_code=True).float()
+        layers, groups, d = config.num_layers, config.multi_query_group_num, config.kv_channels
+        kv = prefix.view(1, pre, 2 * layers, groups, d).permute(2, 1, 0, 3, 4)
+        past = tuple((kv[2 * i], kv[2 * i + 1]) for i in range(layers))
+        want = plain(
+            input_ids=ids,
+            attention_mask=torch.ones(1, pre + 5, dtype=torch.long),
+            position_ids=torch.arange(5)[None],
+            past_key_values=past,
+        ).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_new_classification_head_is_initialised_like_a_fresh_linear(tiny_checkpoint):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_checkpoint), trust_remote_code=True, num_labels=3
+    )
+    head = model.classifier_head
+    bound = 1 / head.in_features**0.5  # nn.Linear's default (Kaiming-uniform) bound
+    assert torch.isfinite(head.weight).all() and head.weight.abs().max() <= bound
+    assert head.weight.std() > bound / 4 and head.bias.abs().max() <= bound
 
 
 def test_sequence_classification_uses_the_last_position():
