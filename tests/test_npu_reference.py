@@ -838,7 +838,10 @@ def _opcheck_cases():
             ref._pfa_op,
             (q, k, v, mask, None, [7, 6], 4, SCALE, OPEN, OPEN, "BNSD_BSND", 2, 0),
         ),
-        "ifa-lengths": (ref._ifa_op, (qd, k, v, mask[:, :, :1], [7, 4], None, 4, SCALE, "BNSD", 2)),
+        "ifa-lengths": (
+            ref._ifa_op,
+            (qd, k, v, mask[:, :, :1].contiguous(), [7, 4], None, 4, SCALE, "BNSD", 2),
+        ),
         "fia-prefill-lse": (
             ref._fia_op,
             (q, k, v, mask, None, None, None, 4, SCALE, INT, INT, "BNSD", 2, 0, 0, True),
