@@ -394,14 +394,18 @@ def load_checkpoint_model(directory: Path, dtype):
     from chatglm_bench.checkpoint import load_error_message
     from modeling_chatglm import ChatGLMForConditionalGeneration
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a load report would add lines around our one-line error
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    # A load report or progress bar would add lines around a one-line error.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         return ChatGLMForConditionalGeneration.from_pretrained(str(directory), torch_dtype=dtype).eval()
     except Exception as error:  # anything from torch/safetensors/transformers: one line, not a traceback
         raise UsageError(load_error_message(directory, error)) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def build_preset_model(name: str, dtype, seed: int):

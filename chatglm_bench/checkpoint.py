@@ -115,7 +115,7 @@ def check_safetensors(directory: Path, expected: Optional[Dict[str, Tuple[int, .
             stored, wanted = tuple(int(d) for d in info["shape"]), tuple(expected[name])
             if stored != wanted:
                 raise UsageError(
-                    f"{path.name} holds {name} as {list(stored)} but config.json implies {list(wanted)}: "
+                    f"{path} holds {name} as {list(stored)} but config.json implies {list(wanted)}: "
                     f"config.json does not match the weights; fix config.json (e.g. hidden_size, "
                     f"ffn_hidden_size, num_layers, padded_vocab_size) or {REDOWNLOAD}"
                 )
