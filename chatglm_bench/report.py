@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import UsageError
+from . import UsageError, replacing_file
 from .hardware import HardwareRef
 from .measure import Measurement
 
@@ -133,18 +133,14 @@ def replacing(path: Path, option: str):
 
     A full disk or a crash leaves the previous file intact and no partial file behind, and a
     symlink at ``path`` is replaced, never written through."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with replacing_file(path) as tmp:
+            yield tmp
     except OSError as error:
         raise UsageError(
             f"cannot write {option} {path}: {error.strerror or error}; the previous file is unchanged, "
             "free some space or pick another path"
         ) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def write_json(path: Path, payload: Dict) -> None:
