@@ -17,6 +17,8 @@ import datetime
 import io
 import math
 import os
+import socket
+import time
 from dataclasses import dataclass, replace
 from typing import Any, List, Optional
 
@@ -157,6 +159,23 @@ def rendezvous_timeout() -> float:
     return seconds
 
 
+def _listening(addr: str, port: str, seconds: float) -> bool:
+    """Whether something accepts connections at addr:port before ``seconds`` have passed."""
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise UsageError(f"MASTER_PORT={port!r} is not a port number; fix the launcher settings") from None
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((addr, port_number), timeout=1.0).close()
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
 def _rendezvous(env: DistEnv, backend: str) -> None:
     # Every launcher sets these; without them torch fails deep inside its env:// handler, and
     # with only MASTER_ADDR it waits for ranks that nobody started.
@@ -168,7 +187,15 @@ def _rendezvous(env: DistEnv, backend: str) -> None:
             f"WORLD_SIZE={env.world_size} but {'/'.join(missing)} not set; {launch_hint(env.world_size)}"
         )
     seconds = rendezvous_timeout()
-    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    addr, port = os.environ["MASTER_ADDR"].strip(), os.environ["MASTER_PORT"].strip()
+    where = f"{addr}:{port}"
+    if env.rank != 0 and not _listening(addr, port, seconds):
+        # Checked with a plain socket first: torch's own client would fill stderr with C++
+        # retry logs and stack frames before giving up.
+        raise RendezvousError(
+            f"rank {env.rank} found nothing listening at {where} within {seconds:g} s (rank 0 never "
+            f"started); {launch_hint(env.world_size)}; {TIMEOUT_VAR} sets the wait"
+        )
     try:
         dist.init_process_group(
             backend=backend,

@@ -486,13 +486,18 @@ def test_world_size_without_a_launcher_names_the_launchers(capsys, monkeypatch):
     assert "MASTER_ADDR/MASTER_PORT not set" in err and "deepspeed --num_gpus 2" in err and "torchrun" in err
 
 
-def test_rendezvous_without_the_other_ranks_times_out_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "rank, message",
+    [(0, "could not meet the other 1 rank(s)"), (1, "found nothing listening at 127.0.0.1:")],
+)
+def test_rendezvous_without_the_other_ranks_times_out_in_one_line(tmp_path, rank, message):
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO),
         WORLD_SIZE="2",
-        RANK="0",
-        LOCAL_RANK="0",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(_free_port()),
         CHATGLM_DIST_TIMEOUT="2",
@@ -506,7 +511,7 @@ def test_rendezvous_without_the_other_ranks_times_out_in_one_line(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "could not meet the other 1 rank(s)" in lines[0], proc.stderr
+    assert len(lines) == 1 and message in lines[0], proc.stderr
     assert "within 2 s" in lines[0] and "deepspeed --num_gpus 2" in lines[0]
 
 
@@ -520,3 +525,16 @@ def test_invalid_tensor_parallel_size_is_printed_by_rank_zero_only(capsys, monke
     assert code == 2
     assert err.count("cannot share 4 query heads in 2 KV groups") == printed, err
     assert len(err.strip().splitlines()) == printed
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf"])
+def test_invalid_rendezvous_timeout_is_one_line(capsys, monkeypatch, value):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("CHATGLM_DIST_TIMEOUT", value)
+    code, _, err = run_main(capsys, *FAST)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"CHATGLM_DIST_TIMEOUT={value!r} is not a positive number of seconds" in err
