@@ -13,6 +13,7 @@ mode) is reported apart. Bad input ends with one line on stderr and exit code 2.
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -31,6 +32,15 @@ ATTENTION = ("auto", "npu", "sdpa", "math")
 RMSNORM = ("auto", "npu", "fused", "math")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "npu", "cuda", "cpu")
+KV_CACHES = ("tuple", "static")
+# Fast-path switches, resolved as the model resolves them: CLI flag > environment > default.
+# (argparse dest, environment variable, allowed values or None for any, default)
+SWITCHES = (
+    ("attention", "CHATGLM_ATTENTION", ATTENTION, "auto"),
+    ("rmsnorm", "CHATGLM_RMSNORM", RMSNORM, "auto"),
+    ("kv_cache", "CHATGLM_KV_CACHE", KV_CACHES, "tuple"),
+    ("graph_backend", "CHATGLM_GRAPH_BACKEND", None, "auto"),
+)
 
 # Random-weights presets (timing only). "small" is the default: a laptop-sized model with
 # chatglm3's grouped KV heads and head size (vocabulary halved, so the output layer does not
@@ -136,16 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=DEVICES, default="auto", help="auto: npu, else cuda, else cpu")
     run.add_argument(
         "--kv_cache",
-        choices=("tuple", "static"),
-        default="tuple",
-        help="tuple: the original's growing cache; static: preallocated, updated in place",
+        choices=KV_CACHES,
+        default=None,
+        help="tuple: the original's growing cache; static: preallocated, updated in place; "
+        "default: $CHATGLM_KV_CACHE, else tuple",
     )
-    run.add_argument("--attention", choices=ATTENTION, default="auto", help="attention kernel")
-    run.add_argument("--rmsnorm", choices=RMSNORM, default="auto", help="RMSNorm kernel")
+    run.add_argument(
+        "--attention",
+        choices=ATTENTION,
+        default=None,
+        help="attention kernel; default: $CHATGLM_ATTENTION, else auto",
+    )
+    run.add_argument(
+        "--rmsnorm",
+        choices=RMSNORM,
+        default=None,
+        help="RMSNorm kernel; default: $CHATGLM_RMSNORM, else auto",
+    )
     run.add_argument(
         "--graph_backend",
-        default="auto",
-        help="torch.compile backend in dynamo mode (auto: torchair on npu, inductor elsewhere)",
+        default=None,
+        help="torch.compile backend in dynamo mode (auto: torchair on npu, inductor elsewhere); "
+        "default: $CHATGLM_GRAPH_BACKEND, else auto",
     )
     run.add_argument(
         "--ablation",
@@ -197,12 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_modes(args) -> List[str]:
+    env = os.environ.get("EXE_MODE", "").strip().lower()
+    # Checked even when --execute_mode wins: the model reads it too, and would fail later.
+    if env and env not in MODES:
+        raise UsageError(f"EXE_MODE={env!r} is not valid; use one of: {', '.join(MODES)} (or unset it)")
     if args.execute_mode:
         return list(dict.fromkeys(args.execute_mode))
-    env = os.environ.get("EXE_MODE", "").strip().lower()
-    if env and env not in MODES:
-        raise UsageError(f"EXE_MODE={env!r} is not valid; use one of: {', '.join(MODES)}")
     return [env or "eager"]
+
+
+def resolve_switches(args) -> Dict[str, str]:
+    """Kernel, cache and compiler choices: the CLI flag, else the CHATGLM_* variable, else the
+    default, exactly as the model resolves them. A bad variable is an error even when a flag
+    overrides it (the model reads the variable as well)."""
+    chosen = {}
+    for dest, env_name, allowed, default in SWITCHES:
+        raw = os.environ.get(env_name, "").strip()
+        env_value = raw.lower() if allowed else raw
+        if raw and allowed and env_value not in allowed:
+            raise UsageError(
+                f"{env_name}={raw!r} is not valid; use one of: {', '.join(allowed)} (or unset it)"
+            )
+        flag = getattr(args, dest)
+        chosen[dest] = flag if flag is not None else (env_value or default)
+    return chosen
 
 
 def npu_available() -> bool:
@@ -264,6 +304,18 @@ def checkpoint_params(directory: Path) -> int:
     return sum(f.stat().st_size for f in files) // 2
 
 
+def validate_outputs(args):
+    """--output and --plot: writable, distinct, and a plot matplotlib can make, before any work."""
+    from chatglm_bench import report
+
+    output = report.check_writable(args.output, "--output")
+    plot = report.check_writable(args.plot, "--plot")
+    if output and plot and output.resolve() == plot.resolve():
+        raise UsageError(f"--output and --plot both name {args.output}; give them different files")
+    report.check_plot(plot)
+    return output, plot
+
+
 def validate_numbers(args) -> None:
     for name in ("input_max_len", "max_new_tokens", "iters"):
         if getattr(args, name) < 1:
@@ -300,14 +352,61 @@ def check_checkpoint(path: str) -> Path:
         raise UsageError(f"{path} has no *.safetensors or *.bin weights; the download looks incomplete")
     if not (directory / "tokenizer.model").is_file():
         raise UsageError(f"{path} has no tokenizer.model; copy it from the chatglm3-6b release")
+    from chatglm_bench.checkpoint import check_directory, check_symlinks
+
+    check_symlinks(directory)
+    check_directory(directory, expected_shapes(directory))
     return directory
+
+
+def expected_shapes(directory: Path) -> Optional[Dict[str, tuple]]:
+    """Parameter name -> shape, as the directory's config.json builds the model (on the meta
+    device: no memory, no time). None when that cannot be known cheaply: a pre-quantized
+    checkpoint stores packed weights of other shapes, and a config the model cannot be built
+    from is left for the loader to report (in one line, see load_checkpoint_model)."""
+    import torch
+
+    from configuration_chatglm import ChatGLMConfig
+    from modeling_chatglm import ChatGLMForConditionalGeneration
+
+    try:
+        config = ChatGLMConfig.from_pretrained(str(directory))
+        if getattr(config, "quantization_bit", 0):
+            return None
+        with torch.device("meta"):
+            model = ChatGLMForConditionalGeneration(config, empty_init=True)
+    except Exception:
+        return None
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_baseline_source(directory: Path) -> None:
+    if not (directory / "modeling_chatglm_orig.py").is_file():
+        raise UsageError(
+            f"--baseline: {directory} has no modeling_chatglm_orig.py; run "
+            "scripts/install_into_checkpoint.py on it (it keeps the original there)"
+        )
 
 
 def load_checkpoint_model(directory: Path, dtype):
     """Our implementation on the checkpoint's weights (whatever modeling file the directory holds)."""
+    from transformers.utils import logging as hf_logging
+
+    from chatglm_bench.checkpoint import load_error_message
     from modeling_chatglm import ChatGLMForConditionalGeneration
 
-    return ChatGLMForConditionalGeneration.from_pretrained(str(directory), torch_dtype=dtype).eval()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    # A load report or progress bar would add lines around a one-line error.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return ChatGLMForConditionalGeneration.from_pretrained(str(directory), torch_dtype=dtype).eval()
+    except Exception as error:  # anything from torch/safetensors/transformers: one line, not a traceback
+        raise UsageError(load_error_message(directory, error)) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def build_preset_model(name: str, dtype, seed: int):
@@ -339,11 +438,27 @@ class Prompts:
 
 def read_prompts(args) -> Prompts:
     texts: List[str] = list(args.prompt or [])
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that were not UTF-8 arrive as lone surrogates
+            try:
+                shown = text.encode("utf-8", "surrogateescape")  # the bytes as they were typed
+            except UnicodeEncodeError:
+                shown = text.encode("utf-8", "backslashreplace")
+            raise UsageError(
+                f"--prompt {shown!r} is not valid UTF-8 text; pass it in UTF-8 (check the terminal's locale)"
+            ) from None
     if args.prompts_file:
         try:
             lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
         except OSError as error:
             raise UsageError(f"cannot read --prompts-file {args.prompts_file}: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise UsageError(
+                f"--prompts-file {args.prompts_file} is not UTF-8 text (bad byte at offset {error.start}); "
+                "save it as UTF-8 (e.g. iconv -t UTF-8)"
+            ) from None
         texts += [line for line in lines if line.strip()]
         if not texts:
             raise UsageError(f"--prompts-file {args.prompts_file} has no prompts (one per line)")
@@ -425,23 +540,27 @@ def ablation_plan(device_kind: str, graph_backend: str, with_graph: bool = True)
     return [(label, {**base, **change}) for label, change in steps]
 
 
-def build_plan(args, modes: List[str], device) -> List[tuple]:
+def build_plan(args, modes: List[str], switches: Dict[str, str], device) -> List[tuple]:
     """(label, fast-path options) of every configuration to time, in order."""
     if args.ablation:
         # Graph rows unless the user asked for eager only (flag or EXE_MODE).
         asked = args.execute_mode or os.environ.get("EXE_MODE")
-        return ablation_plan(device.type, args.graph_backend, with_graph=not (asked and modes == ["eager"]))
+        return ablation_plan(
+            device.type, switches["graph_backend"], with_graph=not (asked and modes == ["eager"])
+        )
     options = dict(
-        attention_backend=args.attention,
-        rmsnorm_backend=args.rmsnorm,
-        kv_cache=args.kv_cache,
-        graph_backend=args.graph_backend,
+        attention_backend=switches["attention"],
+        rmsnorm_backend=switches["rmsnorm"],
+        kv_cache=switches["kv_cache"],
+        graph_backend=switches["graph_backend"],
     )
     return [("run", {**options, "exe_mode": mode}) for mode in modes]
 
 
-def validate_plan(plan: List[tuple], device, dtype) -> None:
-    """Every kernel and compiler the plan names must exist here: one line now, not a traceback later."""
+def validate_plan(plan: List[tuple], device, dtype) -> List[Dict[str, str]]:
+    """Every kernel and compiler the plan names must exist here: one line now, not a traceback later.
+
+    Returns, per plan entry, what will actually run (``auto`` resolved for this device and dtype)."""
     from types import SimpleNamespace
 
     import torch
@@ -449,19 +568,100 @@ def validate_plan(plan: List[tuple], device, dtype) -> None:
     from modeling_chatglm import RuntimeOptions, _compile_kwargs, resolve_backends
 
     compilers = {"auto", "torchair", *torch._dynamo.list_backends(exclude_tags=())}
+    resolved = []
     for label, options in plan:
         try:
             runtime = RuntimeOptions.from_config(SimpleNamespace(**options))
-            resolve_backends(runtime, device, dtype)
+            attention, rmsnorm, _ = resolve_backends(runtime, device, dtype)
+            compiler = "-"
             if runtime.exe_mode == "dynamo":
                 if runtime.graph_backend not in compilers:
                     raise ValueError(
                         f"--graph_backend {runtime.graph_backend!r} is not a torch.compile backend "
                         f"here; use one of: {', '.join(sorted(compilers))}"
                     )
-                _compile_kwargs(runtime, device)
+                backend = _compile_kwargs(runtime, device)["backend"]
+                compiler = backend if isinstance(backend, str) else "torchair"
         except (RuntimeError, TypeError, ValueError) as error:
             raise UsageError(f"{label}: {error}" if label != "run" else str(error)) from None
+        resolved.append(
+            dict(
+                options,
+                attention_backend=attention,
+                rmsnorm_backend=rmsnorm,
+                graph_backend=compiler,
+            )
+        )
+    return resolved
+
+
+def model_shape(args, directory: Optional[Path]) -> Dict:
+    """The architecture numbers the up-front checks need, without building the model."""
+    if directory is None:
+        return dict(PRESET_COMMON, **PRESETS[args.preset])
+    from chatglm_bench.checkpoint import read_config
+    from configuration_chatglm import ChatGLMConfig
+
+    defaults = vars(ChatGLMConfig())
+    config = read_config(directory)
+    return {key: config.get(key, defaults.get(key)) for key in defaults}
+
+
+def memory_estimate(shape: Dict, n_params: int, dtype, batch: int, tokens: int, world_size: int) -> int:
+    """Bytes one rank needs: its weights, its KV cache and the prefill's working set.
+
+    KV cache: layers x (K and V) x KV heads x head_dim x tokens x batch. Working set (one
+    layer at a time): the hidden states and the SwiGLU intermediate of the whole prompt, the
+    attention scores of the unfused kernel, and the float32 last-token logits."""
+    import torch
+
+    width = torch.empty((), dtype=dtype).element_size()
+    groups = (
+        shape["multi_query_group_num"] if shape.get("multi_query_attention") else shape["num_attention_heads"]
+    )
+    kv = shape["num_layers"] * 2 * groups * shape["kv_channels"] * tokens * batch * width
+    prompt = batch * tokens
+    hidden = prompt * (6 * shape["hidden_size"] + 3 * shape["ffn_hidden_size"]) * width
+    scores = batch * shape["num_attention_heads"] * tokens * tokens * 4
+    logits = batch * shape["padded_vocab_size"] * 4
+    return (n_params * width + kv) // world_size + hidden + scores + logits
+
+
+def available_memory(device) -> Optional[int]:
+    """Free bytes on the device (CUDA/NPU) or the host's MemAvailable (CPU); None if unknown."""
+    import torch
+
+    if device.type in ("cuda", "npu"):
+        return int(getattr(torch, device.type).mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(args, shape: Dict, n_params: int, dtype, device, env) -> None:
+    """Refuse a batch that clearly cannot fit, with the numbers, before loading anything."""
+    free = available_memory(device)
+    if free is None:
+        return
+    # Ranks on one CPU node share its RAM.
+    sharing = env.local_world_size if device.type == "cpu" else 1
+    tokens = args.input_max_len + args.max_new_tokens
+    for batch in sorted(set(args.batch_size), reverse=True):
+        need = sharing * memory_estimate(shape, n_params, dtype, batch, tokens, env.world_size)
+        if need > free:
+            raise UsageError(
+                f"--batch_size {batch} with {tokens} tokens needs about {need / 2**30:.1f} GiB "
+                f"({str(dtype).replace('torch.', '')} weights, KV cache, activations) but {device.type} has "
+                f"{free / 2**30:.1f} GiB free; lower --batch_size, --input_max_len or --max_new_tokens"
+            )
 
 
 def load_original_model(directory: Path, dtype):
@@ -470,12 +670,8 @@ def load_original_model(directory: Path, dtype):
     import shutil
     import tempfile
 
+    check_baseline_source(directory)
     original = directory / "modeling_chatglm_orig.py"
-    if not original.is_file():
-        raise UsageError(
-            f"--baseline: {directory} has no modeling_chatglm_orig.py; run "
-            "scripts/install_into_checkpoint.py on it (it keeps the original there)"
-        )
     package_root = Path(tempfile.mkdtemp(prefix="chatglm_original_"))
     package = package_root / "chatglm_original"
     package.mkdir()
@@ -538,77 +734,116 @@ def environment(args, device, dtype, env, source: str, hardware) -> Dict:
     }
 
 
+def _launch_rank() -> int:
+    # The rank as the launcher set it, for deciding who reports an error (never raises).
+    try:
+        return int(os.environ.get("RANK", "0").strip() or 0)
+    except ValueError:
+        return 0
+
+
+def _stdout_gone() -> None:
+    # The reader of our stdout left (``| head -1``): send the rest to /dev/null and carry on,
+    # so the run still finishes and writes --output (the recipe in Python's signal docs).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def say(*parts, **kwargs) -> None:
+    """print() that survives a closed pipe on stdout."""
+    try:
+        print(*parts, **kwargs, flush=True)
+    except BrokenPipeError:
+        _stdout_gone()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """CLI entry point: returns the process exit code (2 for usage errors)."""
     args = build_parser().parse_args(argv)
+    # Libraries log to stdout too (DeepSpeed); once a reader has closed it, logging must not
+    # print its own tracebacks about that.
+    logging.raiseExceptions = False
     try:
         return run(args)
     except UsageError as error:
-        print(f"benchmark_chatglm.py: error: {error}", file=sys.stderr)
+        # Every rank meets the same bad input: rank 0 reports it (a failed rendezvous is each
+        # rank's own, so each reports that).
+        if _launch_rank() == 0 or getattr(error, "every_rank", False):
+            print(f"benchmark_chatglm.py: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_gone()
 
 
 def run(args) -> int:
     validate_numbers(args)
     modes = resolve_modes(args)
-    from chatglm_bench import report
-
-    output = report.check_writable(args.output, "--output")
-    plot = report.check_writable(args.plot, "--plot")
+    switches = resolve_switches(args)
+    output, plot = validate_outputs(args)
     directory = check_checkpoint(args.model_path) if args.model_path else None
+    if directory is not None and args.baseline:
+        check_baseline_source(directory)
     prompts = read_prompts(args) if directory else None
 
     import torch
 
-    from chatglm_bench import distributed
+    from chatglm_bench import distributed, report
     from chatglm_bench.hardware import hardware_reference
     from chatglm_bench.measure import measure
 
     env = distributed.detect_env()
-    device = resolve_device(args.device)
-    env = distributed.init_distributed(env, device.type)
-    device = torch.device(env.device)
-    n_params = checkpoint_params(directory) if directory else preset_params(args.preset)
-    dtype = resolve_dtype(args.dtype, device, n_params)
-    plan = build_plan(args, modes, device)
-    validate_plan(plan, device, dtype)
-
-    def say(*parts):
-        distributed.rank0_print(env, *parts)
-
-    if directory is not None:
-        try:
-            model = load_checkpoint_model(directory, dtype)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"cannot load {directory}: {error}") from None
-        from tokenization_chatglm import ChatGLMTokenizer
-
-        tokenizer = ChatGLMTokenizer(str(directory / "tokenizer.model"))
-        source = str(directory)
-        say(f"model: {directory} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)")
-    else:
-        torch.manual_seed(args.seed)
-        model = build_preset_model(args.preset, dtype, args.seed)
-        tokenizer = None
-        source = f"preset {args.preset} (RANDOM WEIGHTS, timing only)"
-        say(
-            f"model: preset '{args.preset}' with RANDOM weights and random token ids (timing only; "
-            "pass --model_path for a real checkpoint)"
+    shape = model_shape(args, directory)
+    if env.world_size > 1 and shape.get("multi_query_attention"):
+        distributed.kv_groups_for(
+            shape["num_attention_heads"], shape["multi_query_group_num"], env.world_size
         )
-
-    seq_length = model.config.seq_length
+    seq_length = shape["seq_length"]
     if args.input_max_len + args.max_new_tokens > seq_length:
         raise UsageError(
             f"--input_max_len {args.input_max_len} + --max_new_tokens {args.max_new_tokens} exceeds the "
             f"model's context (seq_length={seq_length}); lower them or use a longer-context checkpoint"
         )
+    device = resolve_device(args.device)
+    n_params = checkpoint_params(directory) if directory else preset_params(args.preset)
+    dtype = resolve_dtype(args.dtype, device, n_params)
+    check_memory(args, shape, n_params, dtype, device, env)
+    env = distributed.init_distributed(env, device.type)
+    device = torch.device(env.device)
+    plan = build_plan(args, modes, switches, device)
+    resolved = validate_plan(plan, device, dtype)
+
+    def say0(*parts):
+        if env.is_rank0:
+            say(*parts)
+
+    if directory is not None:
+        model = load_checkpoint_model(directory, dtype)
+        from tokenization_chatglm import ChatGLMTokenizer
+
+        tokenizer = ChatGLMTokenizer(str(directory / "tokenizer.model"))
+        source = str(directory)
+        say0(f"model: {directory} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)")
+    else:
+        torch.manual_seed(args.seed)
+        model = build_preset_model(args.preset, dtype, args.seed)
+        tokenizer = None
+        source = f"preset {args.preset} (RANDOM WEIGHTS, timing only)"
+        say0(
+            f"model: preset '{args.preset}' with RANDOM weights and random token ids (timing only; "
+            "pass --model_path for a real checkpoint)"
+        )
 
     model = model.to(device)
     model.transformer.static_cache_len = args.input_max_len + args.max_new_tokens
+    distributed.patch_torchair_for_hcom(env, device.type, [options for _, options in plan])
     model = distributed.shard_model(model, env, dtype)
     per_rank = distributed.gather_per_rank(distributed.rank_param_bytes(model), env)
     if env.world_size > 1:
-        say(
+        say0(
             "parameter bytes per rank: "
             + ", ".join(f"rank {i}: {b / 2**20:.1f} MiB" for i, b in enumerate(per_rank))
         )
@@ -629,7 +864,7 @@ def run(args) -> int:
         env, len(args.batch_size) * (len(plan) + len(originals)) * args.iters * (args.max_new_tokens - 1)
     )
     records, answers = [], None
-    for label, options in plan:
+    for (label, options), ran in zip(plan, resolved):
         model.transformer.set_runtime_options(**options)
         for size in args.batch_size:
             record, steady = measure(
@@ -637,7 +872,7 @@ def run(args) -> int:
                 batches[size],
                 args.max_new_tokens,
                 label=label,
-                options=options,
+                options=ran,
                 warmup=args.warmup,
                 iters=args.iters,
                 device=device,
@@ -663,6 +898,7 @@ def run(args) -> int:
                         rmsnorm_backend="original",
                         kv_cache="tuple",
                         exe_mode=mode,
+                        graph_backend="inductor",
                     ),
                     warmup=args.warmup,
                     iters=args.iters,
@@ -675,23 +911,7 @@ def run(args) -> int:
 
     if not env.is_rank0:
         return 0
-    print(
-        f"\ndevice: {hardware.device_name} ({device}), dtype {str(dtype).replace('torch.', '')}, world size "
-        f"{env.world_size}, input {args.input_max_len} tokens, {args.max_new_tokens} new tokens, "
-        f"{args.iters} timed runs"
-    )
-    print(
-        f"hardware reference ({hardware.source}): "
-        f"{report._fmt(hardware.bandwidth_gbs)} GB/s, {report._fmt(hardware.tflops, 2)} TFLOP/s\n"
-    )
-    print(report.latency_table(records, hardware))
-    if args.ablation:
-        print("\nablation (speed-up vs baseline):")
-        print(report.ablation_table(records))
-    if tokenizer is not None and answers is not None:
-        print(f"\nanswers (greedy, batch {answers.shape[0]}, first {answers.shape[1]} tokens):")
-        for row in answers.tolist():
-            print("  " + json.dumps(tokenizer.decode(row), ensure_ascii=False))
+    # Files first: a closed stdout (``| head``) must not cost the results.
     if output:
         report.write_json(
             output,
@@ -701,12 +921,31 @@ def run(args) -> int:
                 "results": [r.as_dict() for r in records],
             },
         )
-        print(f"\nwrote {output}")
     if plot:
         report.write_plot(
             plot, records, f"{source} · {hardware.device_name} · {str(dtype).replace('torch.', '')}"
         )
-        print(f"wrote {plot}")
+    say(
+        f"\ndevice: {hardware.device_name} ({device}), dtype {str(dtype).replace('torch.', '')}, world size "
+        f"{env.world_size}, input {args.input_max_len} tokens, {args.max_new_tokens} new tokens, "
+        f"{args.iters} timed runs"
+    )
+    say(
+        f"hardware reference ({hardware.source}): "
+        f"{report._fmt(hardware.bandwidth_gbs)} GB/s, {report._fmt(hardware.tflops, 2)} TFLOP/s\n"
+    )
+    say(report.latency_table(records, hardware))
+    if args.ablation:
+        say("\nablation (speed-up vs baseline):")
+        say(report.ablation_table(records))
+    if tokenizer is not None and answers is not None:
+        say(f"\nanswers (greedy, batch {answers.shape[0]}, first {answers.shape[1]} tokens):")
+        for row in answers.tolist():
+            say("  " + json.dumps(tokenizer.decode(row), ensure_ascii=False))
+    if output:
+        say(f"\nwrote {output}")
+    if plot:
+        say(f"wrote {plot}")
     return 0
 
 

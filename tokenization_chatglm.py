@@ -50,9 +50,11 @@ class SPTokenizer:
         self.special_tokens: dict[str, int] = {tok: base + i for i, tok in enumerate(COMMAND_TOKENS)}
         self.index_special_tokens: dict[int, str] = {i: tok for tok, i in self.special_tokens.items()}
         self.n_words: int = base + len(COMMAND_TOKENS)
-        # With encode_special_tokens=True, command tokens written as text become their own ids
-        # (what a chat template like "[gMASK]sop<|user|>\n ..." needs).
-        self.role_special_token_expression = "|".join(re.escape(tok) for tok in COMMAND_TOKENS)
+        # With encode_special_tokens=True, the role tokens and the bracketed mask tokens written as
+        # text become their own ids. "sop" and "eop" are left out: they are ordinary letters
+        # inside words ("philosophy", "people"), and cutting words there changes the text's ids.
+        recognised = [tok for tok in COMMAND_TOKENS if tok.startswith(("<|", "["))]
+        self.role_special_token_expression = "|".join(re.escape(tok) for tok in recognised)
 
     def tokenize(self, s: str, encode_special_tokens: bool = False) -> list[str]:
         if not encode_special_tokens:
@@ -163,6 +165,32 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         vocab = {self._convert_id_to_token(i): i for i in range(self.vocab_size)}
         vocab.update(self.get_added_vocab())
         return vocab
+
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        """Text to pieces. User text never turns into control ids.
+
+        The base class would first cut the text at every special token's spelling, so a literal
+        ``</s>`` or ``<unk>`` in a prompt would become eos/unk (and, on transformers 5.x, strip the
+        space before the next word). Here only tokens a user added with ``add_tokens`` (ids past
+        the vocabulary) are matched in text; everything else goes to SentencePiece, which keeps
+        ``</s>`` as its characters. Command tokens follow ``encode_special_tokens``.
+        """
+        kwargs.pop("split_special_tokens", None)
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        added = sorted(
+            (tok for tok, index in self.get_added_vocab().items() if index >= self.vocab_size),
+            key=len,
+            reverse=True,
+        )
+        if not added:
+            return self._tokenize(text)
+        pieces: list[str] = []
+        for chunk in re.split("(" + "|".join(re.escape(tok) for tok in added) + ")", text):
+            if chunk in added:
+                pieces.append(chunk)
+            elif chunk:
+                pieces.extend(self._tokenize(chunk))
+        return pieces
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return self.tokenizer.tokenize(text, encode_special_tokens=self.encode_special_tokens)

@@ -13,9 +13,12 @@ rank ourselves and let AutoTP shard everything else (see :func:`shard_model`).
 """
 
 import contextlib
+import datetime
 import io
 import math
 import os
+import socket
+import time
 from dataclasses import dataclass, replace
 from typing import Any, List, Optional
 
@@ -27,7 +30,15 @@ from torch import nn
 from chatglm_bench import UsageError
 
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+TIMEOUT_VAR = "CHATGLM_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
 DEEPSPEED_INSTALL_HINT = "pip install --no-build-isolation deepspeed"
+
+
+class RendezvousError(UsageError):
+    """This rank could not meet the others: each rank says so itself (other errors: rank 0 only)."""
+
+    every_rank = True
 
 
 @dataclass(frozen=True)
@@ -121,8 +132,115 @@ def init_distributed(env: DistEnv, device_kind: str) -> DistEnv:
     if env.world_size == 1:
         return replace(env, backend=None, device=str(device))
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+        _rendezvous(env, backend)
     return replace(env, backend=dist.get_backend(), device=str(device))
+
+
+def launch_hint(world_size: int) -> str:
+    return (
+        f"start the {world_size} ranks with a launcher: deepspeed --num_gpus {world_size} "
+        f"benchmark_chatglm.py ... (or torchrun --nproc_per_node {world_size} benchmark_chatglm.py ...), "
+        "or unset WORLD_SIZE and RANK for one process"
+    )
+
+
+def rendezvous_timeout() -> float:
+    """Seconds a rank waits for the others (``CHATGLM_DIST_TIMEOUT``, default 600): never forever.
+    torch uses the same bound for each collective of the run."""
+    value = os.environ.get(TIMEOUT_VAR, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or math.isinf(seconds):
+        raise UsageError(f"{TIMEOUT_VAR}={value!r} is not a positive number of seconds; unset it or fix it")
+    return seconds
+
+
+def _listening(addr: str, port: str, seconds: float) -> bool:
+    """Whether something accepts connections at addr:port before ``seconds`` have passed."""
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise UsageError(f"MASTER_PORT={port!r} is not a port number; fix the launcher settings") from None
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((addr, port_number), timeout=1.0).close()
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _rendezvous(env: DistEnv, backend: str) -> None:
+    # Every launcher sets these; without them torch fails deep inside its env:// handler, and
+    # with only MASTER_ADDR it waits for ranks that nobody started.
+    missing = [
+        name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name, "").strip()
+    ]
+    if missing:
+        raise UsageError(
+            f"WORLD_SIZE={env.world_size} but {'/'.join(missing)} not set; {launch_hint(env.world_size)}"
+        )
+    seconds = rendezvous_timeout()
+    addr, port = os.environ["MASTER_ADDR"].strip(), os.environ["MASTER_PORT"].strip()
+    where = f"{addr}:{port}"
+    if env.rank != 0 and not _listening(addr, port, seconds):
+        # Checked with a plain socket first: torch's own client would fill stderr with C++
+        # retry logs and stack frames before giving up.
+        raise RendezvousError(
+            f"rank {env.rank} found nothing listening at {where} within {seconds:g} s (rank 0 never "
+            f"started); {launch_hint(env.world_size)}; {TIMEOUT_VAR} sets the wait"
+        )
+    try:
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=seconds),
+        )
+    except (RuntimeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RendezvousError(
+            f"rank {env.rank} could not meet the other {env.world_size - 1} rank(s) at {where} within "
+            f"{seconds:g} s ({reason}); {launch_hint(env.world_size)}; {TIMEOUT_VAR} sets the wait"
+        ) from None
+
+
+def uses_torchair_graphs(device_kind: str, plan_options: List[dict]) -> bool:
+    """Whether any configuration of a run compiles with torchair: graph mode on an NPU with the
+    ``torchair`` backend (``auto`` picks it there)."""
+    return device_kind == "npu" and any(
+        options.get("exe_mode") == "dynamo"
+        and str(options.get("graph_backend", "auto")) in ("auto", "torchair")
+        for options in plan_options
+    )
+
+
+def patch_torchair_for_hcom(env: DistEnv, device_kind: str, plan_options: List[dict], torchair=None) -> bool:
+    """Call ``torchair.patch_for_hcom()`` when tensor-parallel graphs will hold collectives.
+
+    torchair's docs ask for it whenever a torchair-compiled graph contains HCCL collectives (the
+    all-reduces AutoTP inserts), and torch < 2.3.1 cannot capture them without it. Only on an NPU,
+    with several ranks, in graph mode with the torchair backend; anywhere else it does nothing.
+    ``torchair`` is the module to use (imported here when ``None``). Returns whether it patched."""
+    if env.world_size == 1 or not uses_torchair_graphs(device_kind, plan_options):
+        return False
+    if torchair is None:
+        try:
+            import torch_npu  # noqa: F401  (torchair needs it imported first)
+            import torchair
+        except ImportError:
+            raise UsageError(
+                "graph mode on NPU needs torchair (shipped with torch_npu); reinstall torch_npu or "
+                "pass --graph_backend eager"
+            ) from None
+    torchair.patch_for_hcom()
+    return True
 
 
 def rank0_print(env: DistEnv, *args: Any, **kwargs: Any) -> None:

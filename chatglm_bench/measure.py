@@ -73,6 +73,7 @@ class Measurement:
     prefill_tflops: float
     iters: int
     prefill_ms_all: List[float] = field(default_factory=list)
+    graph_backend: str = "-"  # the torch.compile backend in graph mode; "-" when eager
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -283,5 +284,6 @@ def measure(
         prefill_tflops=flops / (prefill_ms / 1e3) / 1e12,
         iters=iters,
         prefill_ms_all=prefill_all,
+        graph_backend=str(options.get("graph_backend", "-")) if options["exe_mode"] == "dynamo" else "-",
     )
     return record, steady

@@ -1,11 +1,13 @@
 """Report: tables, JSON and a plot built from measurement records (no timing here)."""
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import UsageError
+from . import UsageError, replacing_file
 from .hardware import HardwareRef
 from .measure import Measurement
 
@@ -35,6 +37,10 @@ def latency_table(records: List[Measurement], hardware: HardwareRef) -> str:
     header = [
         "batch",
         "mode",
+        "attention",
+        "rmsnorm",
+        "cache",
+        "compiler",
         "prefill ms",
         "decode ms/token",
         "p50",
@@ -54,6 +60,10 @@ def latency_table(records: List[Measurement], hardware: HardwareRef) -> str:
             [
                 r.batch_size,
                 f"{r.exe_mode} ({r.label})" if r.label != "run" else r.exe_mode,
+                r.attention,
+                r.rmsnorm,
+                r.kv_cache,
+                r.graph_backend,
                 _fmt(r.prefill_ms),
                 _fmt(r.decode_ms_mean, 2),
                 _fmt(r.decode_ms_p50, 2),
@@ -117,23 +127,60 @@ def _finite(value):
     return value
 
 
-def write_json(path: Path, payload: Dict) -> None:
+@contextlib.contextmanager
+def replacing(path: Path, option: str):
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    A full disk or a crash leaves the previous file intact and no partial file behind, and a
+    symlink at ``path`` is replaced, never written through."""
     try:
-        text = json.dumps(_finite(payload), indent=2, default=str, allow_nan=False)
-        path.write_text(text + "\n", encoding="utf-8")
+        with replacing_file(path) as tmp:
+            yield tmp
     except OSError as error:
-        raise UsageError(f"cannot write --output {path}: {error.strerror}; pick a writable path") from None
+        raise UsageError(
+            f"cannot write {option} {path}: {error.strerror or error}; the previous file is unchanged, "
+            "free some space or pick another path"
+        ) from None
 
 
-def write_plot(path: Path, records: List[Measurement], title: str) -> None:
-    """Prefill ms and decode ms/token against batch size, one line per (mode, configuration)."""
+def write_json(path: Path, payload: Dict) -> None:
+    text = json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n"
+    with replacing(path, "--output") as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+        raise UsageError("--plot needs matplotlib: pip install matplotlib (or drop --plot)") from None
+    return plt
+
+
+def check_plot(path: Optional[Path]) -> None:
+    """Before the run: matplotlib is importable and can write the file's format."""
+    if path is None:
+        return
+    plt = _pyplot()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    kind = path.suffix.lower().lstrip(".")
+    if kind not in formats:
+        raise UsageError(
+            f"--plot {path}: unknown image type {path.suffix or '(no extension)'!r}; "
+            f"end the name with one of: {', '.join('.' + k for k in sorted(formats))}"
+        )
+
+
+def write_plot(path: Path, records: List[Measurement], title: str) -> None:
+    """Prefill ms and decode ms/token against batch size, one line per (mode, configuration)."""
+    plt = _pyplot()
     series: Dict[str, List[Measurement]] = {}
     for r in records:
         series.setdefault(f"{r.label} / {r.exe_mode}", []).append(r)
@@ -151,9 +198,8 @@ def write_plot(path: Path, records: List[Measurement], title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=110)
-    except OSError as error:
-        raise UsageError(f"cannot write --plot {path}: {error.strerror}; pick a writable path") from None
+        with replacing(path, "--plot") as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lower().lstrip("."))
     finally:
         plt.close(fig)
 

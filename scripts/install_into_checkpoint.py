@@ -1,7 +1,7 @@
 """Install this repository's ChatGLM files into a downloaded checkpoint, keeping the originals.
 
     python scripts/install_into_checkpoint.py CHECKPOINT_DIR            # install (idempotent)
-    python scripts/install_into_checkpoint.py CHECKPOINT_DIR --check    # ours / original / missing
+    python scripts/install_into_checkpoint.py CHECKPOINT_DIR --check    # exit 0 only when all are ours
     python scripts/install_into_checkpoint.py CHECKPOINT_DIR --restore  # put the originals back
 
 Install copies ``modeling_chatglm.py``, ``configuration_chatglm.py`` and ``tokenization_chatglm.py``
@@ -11,6 +11,10 @@ it is the true original from the first install, so installing again (for instanc
 this repository) only refreshes our files. A file already byte-identical to ours gets no backup,
 which also means that when a backup is absent the file in place equals the original.
 ``--restore`` copies each backup back and deletes the backup only once the copy is verified.
+A file that is neither ours nor the kept original (the user edited it) is never lost: it is kept
+as ``<name>_bak-<timestamp>.py`` first. Either every file is installed or, after an error
+part-way, every file is put back as it was. Symlinks (an HF-cache snapshot) are replaced by
+regular files, never written through into the shared ``blobs/``.
 
 The baseline. ``benchmark_chatglm.py --baseline`` times the ORIGINAL model from the same
 directory: it loads ``modeling_chatglm_orig.py``, not the installed file. That file does
@@ -25,10 +29,13 @@ other files even though our ``configuration_chatglm.py`` reads the same ``config
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
@@ -37,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from chatglm_bench import OneLineArgumentParser, UsageError  # noqa: E402  (needs the path set-up above)
+from chatglm_bench import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
 
 OUR_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
 
@@ -53,7 +60,7 @@ class FileState:
     def describe(self) -> str:
         text = f"{self.name}: {self.state}"
         if self.state == "other":
-            text += " (neither ours nor the kept original; install replaces it)"
+            text += " (neither ours nor the kept original; install keeps a timestamped copy)"
         if self.backup:
             text += f" (original kept as {self.backup})"
         return text
@@ -97,56 +104,124 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 def _copy_atomically(src: Path, dst: Path) -> None:
-    # Copy next to the target and rename, so an interrupted copy never leaves a half file.
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
+    # Copy next to the target and rename: an interrupted copy never leaves a half file, and a
+    # symlink at dst (an HF-cache snapshot) is replaced, never written through into its blob.
+    with replacing_file(dst) as tmp:
         shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+class _Journal:
+    """What each touched path held before, so that a failure part-way puts everything back:
+    a directory gets all of our files or none."""
+
+    def __init__(self):
+        self._before: List[tuple] = []
+
+    def save(self, path: Path) -> None:
+        if path.is_symlink():
+            self._before.append((path, "link", os.readlink(path)))
+        elif path.is_file():
+            self._before.append((path, "file", path.read_bytes()))
+        elif not path.exists():
+            self._before.append((path, "absent", None))
+
+    def roll_back(self) -> None:
+        for path, kind, payload in reversed(self._before):
+            with contextlib.suppress(OSError):
+                if kind == "absent":
+                    if path.is_symlink() or path.is_file():
+                        path.unlink()
+                elif kind == "link":
+                    if path.is_symlink() or path.is_file():
+                        path.unlink()
+                    path.symlink_to(payload)
+                else:
+                    with replacing_file(path) as tmp:
+                        tmp.write_bytes(payload)
+
+
+def _failed(action: str, directory: Path, error: OSError) -> UsageError:
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    return UsageError(
+        f"could not {action} {directory}: {error.strerror or error}{where}; nothing was changed "
+        "(every file put back as it was); fix that file or its permissions and run again"
+    )
+
+
+def user_copy_name(name: str, stamp: str) -> str:
+    """``modeling_chatglm.py`` -> ``modeling_chatglm_bak-20261125-120501.py``."""
+    stem, suffix = os.path.splitext(name)
+    return f"{stem}_bak-{stamp}{suffix}"
 
 
 def install(checkpoint_dir: Union[str, Path], *, source_dir: Union[str, Path] = REPO_ROOT) -> List[str]:
     """Copy our files into ``checkpoint_dir``, keeping each replaced original as ``<name>_orig.py``.
 
-    Returns one line per file saying what was done. Running it again is harmless.
+    A file that is neither ours nor the kept original (edited by the user, or an older version
+    of ours) is first kept as ``<name>_bak-<timestamp>.py``. All files or none: on an error
+    part-way every file is put back. Returns one line per file saying what was done. Running it
+    again is harmless.
     """
     directory = _check_dir(checkpoint_dir, writable=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    journal = _Journal()
     report = []
-    for src in _sources(Path(source_dir)):
-        dst, backup = directory / src.name, directory / backup_name(src.name)
-        if _same_bytes(src, dst):
-            report.append(f"{src.name}: already ours")
-            continue
-        if backup.exists():
-            action = f"installed ours (kept the existing {backup.name})"
-        elif dst.exists():
-            _copy_atomically(dst, backup)
-            if not _same_bytes(dst, backup):
-                raise OSError(f"could not back up {dst} to {backup}; nothing replaced")
-            action = f"installed ours (original kept as {backup.name})"
-        else:
-            action = "installed ours (there was no original)"
-        _copy_atomically(src, dst)
-        report.append(f"{src.name}: {action}")
+    try:
+        for src in _sources(Path(source_dir)):
+            dst, backup = directory / src.name, directory / backup_name(src.name)
+            if _same_bytes(src, dst):
+                report.append(f"{src.name}: already ours")
+                continue
+            keep = None
+            if backup.exists() or backup.is_symlink():
+                action = f"installed ours (kept the existing {backup.name})"
+                if (dst.exists() or dst.is_symlink()) and not _same_bytes(dst, backup):
+                    keep = directory / user_copy_name(src.name, stamp)
+                    action = f"installed ours (the file there was neither ours nor the original: kept as {keep.name})"
+            elif dst.exists() or dst.is_symlink():
+                keep = backup
+                action = f"installed ours (original kept as {backup.name})"
+            else:
+                action = "installed ours (there was no original)"
+            if keep is not None:
+                if keep.exists() or keep.is_symlink():
+                    raise FileExistsError(errno.EEXIST, "a backup of that name already exists", str(keep))
+                journal.save(keep)
+                _copy_atomically(dst, keep)
+                if not _same_bytes(dst, keep):
+                    raise OSError(errno.EIO, "the backup copy differs from the file", str(keep))
+            journal.save(dst)
+            _copy_atomically(src, dst)
+            report.append(f"{src.name}: {action}")
+    except OSError as error:
+        journal.roll_back()
+        raise _failed("install into", directory, error) from None
     return report
 
 
 def restore(checkpoint_dir: Union[str, Path]) -> List[str]:
-    """Put every ``<name>_orig.py`` back as ``<name>.py``; a backup is deleted only after a verified copy."""
+    """Put every ``<name>_orig.py`` back as ``<name>.py``; a backup is deleted only after a verified
+    copy. All files or none, like :func:`install`."""
     directory = _check_dir(checkpoint_dir, writable=True)
+    journal = _Journal()
     report = []
-    for name in OUR_FILES:
-        dst, backup = directory / name, directory / backup_name(name)
-        if not backup.is_file():
-            if dst.exists():
-                report.append(f"{name}: left as is (no {backup.name} to restore)")
-            continue
-        _copy_atomically(backup, dst)
-        if not _same_bytes(backup, dst):
-            raise OSError(f"restoring {dst} from {backup} did not produce the same bytes; backup kept")
-        backup.unlink()
-        report.append(f"{name}: original restored from {backup.name}")
+    try:
+        for name in OUR_FILES:
+            dst, backup = directory / name, directory / backup_name(name)
+            if not backup.is_file():
+                if dst.exists():
+                    report.append(f"{name}: left as is (no {backup.name} to restore)")
+                continue
+            journal.save(dst)
+            _copy_atomically(backup, dst)
+            if not _same_bytes(backup, dst):
+                raise OSError(errno.EIO, "the restored file differs from the backup", str(dst))
+            journal.save(backup)
+            backup.unlink()
+            report.append(f"{name}: original restored from {backup.name}")
+    except OSError as error:
+        journal.roll_back()
+        raise _failed("restore", directory, error) from None
     return report
 
 
@@ -198,7 +273,12 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.check:
-            lines = [state.describe() for state in check(args.checkpoint_dir)]
+            states = check(args.checkpoint_dir)
+            lines = [state.describe() for state in states]
+            if any(state.state != "ours" for state in states):
+                # Scripts can test it: non-zero unless every file is ours.
+                print("\n".join(lines + ["not fully installed: run without --check to install"]))
+                return 1
         elif args.restore:
             lines = restore(args.checkpoint_dir) or ["nothing to restore"]
         else:

@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from chatglm_bench import OneLineArgumentParser, UsageError  # noqa: E402  (needs the path set-up above)
+from chatglm_bench import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
 
 CODE_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -301,15 +301,21 @@ def make_tiny_checkpoint(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     note = f"{RANDOM_NOTE} (preset {preset}, seed {seed})."
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    # Every file goes through replacing_file: written beside its target and renamed over it, so
+    # with --force into an HF-cache snapshot a symlink is replaced, never written through into
+    # the shared blobs/ that other snapshots point at.
+    with replacing_file(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     config_data = _config_json(config, list(defaults), dtype, note)
-    (out_dir / "config.json").write_text(json.dumps(config_data, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "README.md").write_text(_readme(preset, seed, dtype, values, n_params), encoding="utf-8")
+    _write_text(out_dir / "config.json", json.dumps(config_data, indent=2) + "\n")
+    _write_text(out_dir / "README.md", _readme(preset, seed, dtype, values, n_params))
     for name in CODE_FILES:
         if (REPO_ROOT / name).is_file():
-            shutil.copyfile(REPO_ROOT / name, out_dir / name)
+            with replacing_file(out_dir / name) as tmp:
+                shutil.copyfile(REPO_ROOT / name, tmp)
     if tokenizer_model is not None:
-        shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+        with replacing_file(out_dir / "tokenizer.model") as tmp:
+            shutil.copyfile(tokenizer_model, tmp)
         tokenizer_config = {
             "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
             "tokenizer_class": "ChatGLMTokenizer",
@@ -317,10 +323,13 @@ def make_tiny_checkpoint(
             "clean_up_tokenization_spaces": False,
             "model_max_length": config.seq_length,
         }
-        (out_dir / "tokenizer_config.json").write_text(
-            json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8"
-        )
+        _write_text(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
     return out_dir
+
+
+def _write_text(path: Path, text: str) -> None:
+    with replacing_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _parse_assignment(text: str) -> tuple:
@@ -386,6 +395,14 @@ def main(argv: Optional[list] = None) -> int:
         )
     except UsageError as error:
         print(f"make_tiny_checkpoint.py: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        print(
+            f"make_tiny_checkpoint.py: error: cannot write{where}: {error.strerror or error}; "
+            "free some space or pick another OUT_DIR",
+            file=sys.stderr,
+        )
         return 2
     print(
         f"wrote a RANDOM-weight chatglm3 checkpoint (preset {args.preset}, seed {args.seed}, {args.dtype}) to {out}"

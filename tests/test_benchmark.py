@@ -225,3 +225,316 @@ def test_no_warmup_and_a_single_token_still_write_strict_json(capsys, tmp_path):
     (result,) = json.loads(text)["results"]
     assert result["decode_ms_mean"] is None and result["first_run_overhead_s"] is None
     assert result["prefill_ms"] > 0
+
+
+# ---- a user's checkpoint directory: each problem one line, before anything is loaded ----------
+
+
+def _broken_copy(checkpoint, tmp_path, problem: str):
+    directory = tmp_path / f"{problem}_{uuid.uuid4().hex[:8]}"
+    shutil.copytree(checkpoint, directory)
+    weights = directory / "model.safetensors"
+    if problem == "truncated":
+        with open(weights, "r+b") as handle:
+            handle.truncate(weights.stat().st_size - 100)
+    elif problem == "corrupt_header":
+        data = bytearray(weights.read_bytes())
+        data[8:16] = b"\x00garbage"
+        weights.write_bytes(bytes(data))
+    elif problem == "config_mismatch":
+        config = json.loads((directory / "config.json").read_text())
+        config["ffn_hidden_size"] = config["ffn_hidden_size"] // 2
+        (directory / "config.json").write_text(json.dumps(config))
+    elif problem == "garbage_tokenizer":
+        (directory / "tokenizer.model").write_bytes(os.urandom(2000))
+    elif problem == "dangling_symlink":
+        weights.unlink()
+        weights.symlink_to(tmp_path / "blobs" / "missing-blob")
+    elif problem == "corrupt_bin":
+        weights.unlink()
+        (directory / "pytorch_model.bin").write_bytes(b"not a pickle at all" * 10)
+    return directory
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("truncated", "truncated or corrupt download); re-download"),
+        ("corrupt_header", "not valid JSON (corrupt or not safetensors); re-download"),
+        ("config_mismatch", "config.json does not match the weights; fix config.json"),
+        ("garbage_tokenizer", "tokenizer.model is not a SentencePiece model"),
+        ("dangling_symlink", "is a dangling symlink"),
+        ("corrupt_bin", "cannot load"),
+    ],
+)
+def test_broken_checkpoint_is_one_line_naming_the_file(capsys, checkpoint, tmp_path, problem, message):
+    directory = _broken_copy(checkpoint, tmp_path, problem)
+    code, out, err = run_main(
+        capsys,
+        "--model_path",
+        str(directory),
+        "--input_max_len",
+        "32",
+        "--max_new_tokens",
+        "2",
+        "--iters",
+        "1",
+    )
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(directory) in lines[0], err
+    assert "model:" not in out
+
+
+# ---- prompts, memory, environment ----------------------------------------------------------------
+
+
+def test_prompts_file_that_is_not_utf8_is_refused(capsys, checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("caf".encode() + b"\xe9 au lait\n")
+    code, _, err = run_main(capsys, "--model_path", str(checkpoint), "--prompts-file", str(prompts))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "is not UTF-8 text (bad byte at offset 3)" in err
+
+
+def test_prompt_with_undecodable_bytes_is_refused(capsys, checkpoint):
+    # What Python makes of a non-UTF-8 argv byte: a lone surrogate.
+    code, _, err = run_main(capsys, "--model_path", str(checkpoint), "--prompt", "caf\udce9")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--prompt b'caf\\xe9' is not valid UTF-8 text" in err
+
+
+def test_impossible_batch_size_is_refused_with_the_memory_it_needs(capsys):
+    code, out, err = run_main(
+        capsys,
+        "--preset",
+        "chatglm3-6b",
+        "--batch_size",
+        "1",
+        "4096",
+        "--input_max_len",
+        "4096",
+        "--max_new_tokens",
+        "4096",
+    )
+    assert code == 2, err
+    assert "--batch_size 4096 with 8192 tokens needs about" in err and "GiB free" in err
+    assert "model:" not in out
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("CHATGLM_ATTENTION", "flash"),
+        ("CHATGLM_RMSNORM", "apex"),
+        ("CHATGLM_KV_CACHE", "paged"),
+        ("EXE_MODE", "graph"),
+    ],
+)
+@pytest.mark.parametrize("with_flag", [False, True])
+def test_invalid_fast_path_variable_is_one_line_even_with_a_flag(
+    capsys, monkeypatch, variable, value, with_flag
+):
+    monkeypatch.setenv(variable, value)
+    flags = ["--attention", "sdpa", "--rmsnorm", "math", "--kv_cache", "tuple", "--execute_mode", "eager"]
+    code, _, err = run_main(capsys, *FAST, *(flags if with_flag else []))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"{variable}={value!r} is not valid" in lines[0], err
+
+
+def test_fast_path_variables_are_honoured_and_reported(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHATGLM_ATTENTION", "math")
+    monkeypatch.setenv("CHATGLM_RMSNORM", "math")
+    monkeypatch.setenv("CHATGLM_KV_CACHE", "static")
+    monkeypatch.setenv("CHATGLM_GRAPH_BACKEND", "eager")
+    monkeypatch.setenv("EXE_MODE", "dynamo")
+    out_json = tmp_path / "r.json"
+    code, out, err = run_main(capsys, *FAST, "--output", str(out_json))
+    assert code == 0, err
+    (result,) = json.loads(out_json.read_text())["results"]
+    assert (result["attention"], result["rmsnorm"], result["kv_cache"], result["exe_mode"]) == (
+        "math",
+        "math",
+        "static",
+        "dynamo",
+    )
+    assert result["graph_backend"] == "eager"
+    assert "| dynamo | math      | math    | static | eager    |" in out
+
+
+def test_flags_beat_variables_and_auto_is_shown_resolved(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHATGLM_ATTENTION", "math")
+    monkeypatch.setenv("CHATGLM_KV_CACHE", "static")
+    out_json = tmp_path / "r.json"
+    code, _, err = run_main(
+        capsys, *FAST, "--attention", "sdpa", "--kv_cache", "tuple", "--output", str(out_json)
+    )
+    assert code == 0, err
+    (result,) = json.loads(out_json.read_text())["results"]
+    # rmsnorm: no flag, no variable -> auto, which is the fused kernel on a CPU.
+    assert (result["attention"], result["rmsnorm"], result["kv_cache"], result["graph_backend"]) == (
+        "sdpa",
+        "fused",
+        "tuple",
+        "-",
+    )
+
+
+# ---- checked before the model loads, not after the timed run -------------------------------------
+
+
+def test_baseline_without_the_original_file_fails_before_loading(capsys, checkpoint):
+    code, out, err = run_main(capsys, "--model_path", str(checkpoint), "--baseline", "--input_max_len", "32")
+    assert code == 2 and "has no modeling_chatglm_orig.py" in err
+    assert "model:" not in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--plot", "{tmp}/latency.xyz"], "unknown image type '.xyz'"),
+        (["--plot", "{tmp}/latency"], "unknown image type '(no extension)'"),
+        (["--output", "{tmp}/same.png", "--plot", "{tmp}/same.png"], "--output and --plot both name"),
+    ],
+)
+def test_output_problems_fail_before_the_run(capsys, tmp_path, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, out, err = run_main(capsys, *FAST, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert "model:" not in out
+
+
+def test_plot_without_matplotlib_fails_before_the_run(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an absent package looks like to import
+    code, out, err = run_main(capsys, *FAST, "--plot", str(tmp_path / "p.png"))
+    assert code == 2 and "--plot needs matplotlib" in err
+    assert "model:" not in out
+
+
+def test_output_replaces_the_previous_file_atomically_on_a_full_disk(tmp_path):
+    # A real write failure: the file-size limit makes the write fail part-way (EFBIG), as a
+    # full disk would. The previous results must survive and no partial file may be left.
+    previous = tmp_path / "results.json"
+    previous.write_text('{"previous": true}\n')
+    code = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from chatglm_bench import UsageError, report\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        f"    report.write_json(Path({str(previous)!r}), {{'results': ['x' * 100] * 1000}})\n"
+        "except UsageError as error:\n"
+        "    print(error)\n"
+        "    sys.exit(2)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "the previous file is unchanged" in proc.stdout
+    assert previous.read_text() == '{"previous": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_output_symlink_is_replaced_not_written_through(capsys, tmp_path):
+    shared = tmp_path / "shared.json"
+    shared.write_text("{}\n")
+    link = tmp_path / "r.json"
+    link.symlink_to(shared)
+    code, _, err = run_main(capsys, *FAST, "--output", str(link))
+    assert code == 0, err
+    assert shared.read_text() == "{}\n"
+    assert not link.is_symlink() and json.loads(link.read_text())["results"]
+
+
+def test_closed_stdout_still_writes_output_and_prints_no_traceback(tmp_path):
+    out_json = tmp_path / "r.json"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "benchmark_chatglm.py"), *FAST, "--output", str(out_json)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    proc.stdout.readline()  # what `| head -1` reads, then it goes away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert json.loads(out_json.read_text())["results"]
+
+
+# ---- launch problems ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_world_size_without_a_launcher_names_the_launchers(capsys, monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_main(capsys, *FAST)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "MASTER_ADDR/MASTER_PORT not set" in err and "deepspeed --num_gpus 2" in err and "torchrun" in err
+
+
+@pytest.mark.parametrize(
+    "rank, message",
+    [(0, "could not meet the other 1 rank(s)"), (1, "found nothing listening at 127.0.0.1:")],
+)
+def test_rendezvous_without_the_other_ranks_times_out_in_one_line(tmp_path, rank, message):
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        CHATGLM_DIST_TIMEOUT="2",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmark_chatglm.py"), *FAST],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=20,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "within 2 s" in lines[0] and "deepspeed --num_gpus 2" in lines[0]
+
+
+@pytest.mark.parametrize("rank, printed", [(0, 1), (1, 0), (2, 0)])
+def test_invalid_tensor_parallel_size_is_printed_by_rank_zero_only(capsys, monkeypatch, rank, printed):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    code, _, err = run_main(capsys, *FAST)
+    assert code == 2
+    assert err.count("cannot share 4 query heads in 2 KV groups") == printed, err
+    assert len(err.strip().splitlines()) == printed
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf"])
+def test_invalid_rendezvous_timeout_is_one_line(capsys, monkeypatch, value):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("CHATGLM_DIST_TIMEOUT", value)
+    code, _, err = run_main(capsys, *FAST)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"CHATGLM_DIST_TIMEOUT={value!r} is not a positive number of seconds" in err

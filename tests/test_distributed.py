@@ -25,6 +25,7 @@ from chatglm_bench.distributed import (
     gather_per_rank,
     init_distributed,
     kv_groups_for,
+    patch_torchair_for_hcom,
     rank0_print,
     rank_param_bytes,
     replicate_kv_groups,
@@ -300,3 +301,44 @@ def test_benchmark_under_the_deepspeed_launcher_prints_once_with_per_rank_bytes(
     from benchmark_chatglm import preset_params
 
     assert max(per_rank) < 0.8 * 4 * preset_params("tiny"), per_rank
+
+
+# --- torchair and HCCL collectives in graph mode ---------------------------------------------
+
+
+class RecordingTorchair:
+    """Test data standing in for the torchair module: it only records that it was asked to patch."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def patch_for_hcom(self):
+        self.calls += 1
+
+
+GRAPH = {"exe_mode": "dynamo", "graph_backend": "auto"}
+EAGER = {"exe_mode": "eager", "graph_backend": "auto"}
+
+
+@pytest.mark.parametrize(
+    "world_size, device, plan, patched",
+    [
+        (2, "npu", [GRAPH], True),
+        (8, "npu", [EAGER, dict(GRAPH, graph_backend="torchair")], True),
+        (1, "npu", [GRAPH], False),  # no tensor parallelism, no collectives in the graph
+        (2, "npu", [EAGER], False),
+        (2, "npu", [dict(GRAPH, graph_backend="inductor")], False),
+        (2, "cuda", [GRAPH], False),
+        (2, "cpu", [GRAPH], False),
+    ],
+)
+def test_torchair_is_patched_for_hcom_only_for_tensor_parallel_npu_graphs(world_size, device, plan, patched):
+    torchair = RecordingTorchair()
+    env = DistEnv(world_size=world_size, local_world_size=world_size)
+    assert patch_torchair_for_hcom(env, device, plan, torchair=torchair) is patched
+    assert torchair.calls == int(patched)
+
+
+def test_torchair_patch_off_npu_needs_no_torchair():
+    # Off-NPU the decision is made before any import: no torchair module, no error.
+    assert patch_torchair_for_hcom(DistEnv(world_size=2, local_world_size=2), "cpu", [GRAPH]) is False

@@ -450,3 +450,82 @@ def test_installed_tiny_checkpoint_loads_our_model(unique_dir):
     )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert type(model).__name__ == "ChatGLMForConditionalGeneration"
+
+
+# ---- never lose a user's file -----------------------------------------------------------------
+
+
+def _hf_snapshot(tmp_path: Path, files: dict) -> tuple:
+    """An HF-cache layout: snapshot entries are symlinks into a shared blobs/ directory."""
+    blobs = tmp_path / "blobs"
+    snapshot = tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for i, (name, data) in enumerate(files.items()):
+        blob = blobs / f"blob{i}"
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot, blobs
+
+
+def test_make_tiny_force_into_a_snapshot_replaces_symlinks_not_blobs(tmp_path):
+    original = {
+        "model.safetensors": b"the shared weights blob",
+        "config.json": b'{"model_type": "chatglm"}',
+        "modeling_chatglm.py": b"# shared original code",
+    }
+    snapshot, blobs = _hf_snapshot(tmp_path, original)
+    before = {p.name: p.read_bytes() for p in blobs.iterdir()}
+    mtc.make_tiny_checkpoint(snapshot, force=True)
+    assert {p.name: p.read_bytes() for p in blobs.iterdir()} == before
+    for name in original:
+        assert not (snapshot / name).is_symlink()
+    assert json.loads((snapshot / "config.json").read_text())["model_type"] == "chatglm"
+    assert load_file(str(snapshot / "model.safetensors"))
+    assert not [p for p in snapshot.iterdir() if p.name.startswith(".")]
+
+
+def test_install_keeps_a_timestamped_copy_of_a_user_edited_file(checkpoint, source_dir):
+    inst.install(checkpoint, source_dir=source_dir)
+    edited = b"# my own edits, not saved anywhere else\n"
+    (checkpoint / "modeling_chatglm.py").write_bytes(edited)
+    report = inst.install(checkpoint, source_dir=source_dir)
+    copies = sorted(checkpoint.glob("modeling_chatglm_bak-*.py"))
+    assert len(copies) == 1 and copies[0].read_bytes() == edited
+    assert copies[0].name in " ".join(report)
+    assert (checkpoint / "modeling_chatglm.py").read_bytes() == (
+        source_dir / "modeling_chatglm.py"
+    ).read_bytes()
+    assert _backup(checkpoint, "modeling_chatglm.py").read_bytes() == ORIGINALS["modeling_chatglm.py"]
+
+
+def test_install_is_all_or_nothing_when_a_file_cannot_be_replaced(checkpoint, source_dir):
+    # The last file cannot be backed up or replaced (a directory stands in its place): the two
+    # files already installed must be put back, and no backup may stay behind.
+    (checkpoint / "tokenization_chatglm.py").unlink()
+    (checkpoint / "tokenization_chatglm.py").mkdir()
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    with pytest.raises(inst.UsageError, match="nothing was changed"):
+        inst.install(checkpoint, source_dir=source_dir)
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted([*before, "tokenization_chatglm.py"])
+
+
+def test_install_into_a_snapshot_replaces_symlinks_and_keeps_blobs(tmp_path, source_dir):
+    files = {"config.json": b'{"model_type": "chatglm"}', **ORIGINALS}
+    snapshot, blobs = _hf_snapshot(tmp_path, files)
+    before = {p.name: p.read_bytes() for p in blobs.iterdir()}
+    inst.install(snapshot, source_dir=source_dir)
+    assert {p.name: p.read_bytes() for p in blobs.iterdir()} == before
+    for name, data in ORIGINALS.items():
+        assert (snapshot / name).read_bytes() == (source_dir / name).read_bytes()
+        assert _backup(snapshot, name).read_bytes() == data
+
+
+def test_check_exits_non_zero_unless_every_file_is_ours(tmp_path, checkpoint):
+    check = _run("install_into_checkpoint.py", str(checkpoint), "--check", tmp_path=tmp_path)
+    assert check.returncode == 1 and "not fully installed" in check.stdout
+    assert _run("install_into_checkpoint.py", str(checkpoint), tmp_path=tmp_path).returncode == 0
+    assert _run("install_into_checkpoint.py", str(checkpoint), "--check", tmp_path=tmp_path).returncode == 0
+    (checkpoint / "configuration_chatglm.py").write_bytes(b"# edited\n")
+    assert _run("install_into_checkpoint.py", str(checkpoint), "--check", tmp_path=tmp_path).returncode == 1

@@ -357,3 +357,107 @@ def test_loads_a_config_that_names_special_and_added_tokens(tmp_path, sp_model_p
     assert (
         tok.build_chat_input("hi")["input_ids"].tolist() == ref.build_chat_input("hi")["input_ids"].tolist()
     )
+
+
+# ---- the real chatglm3-6b tokenizer.model (../shared/tokenizer) --------------------------------
+
+REAL_MODEL = REPO_ROOT.parent / "shared" / "tokenizer" / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    if not REAL_MODEL.is_file():
+        pytest.skip(
+            f"the real chatglm3-6b tokenizer.model is not at {REAL_MODEL} (a clone without ../shared)"
+        )
+    path = _write_tokenizer_dir(tmp_path_factory.mktemp("real") / "chatglm3-6b", REAL_MODEL)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def real_special(real):
+    path = Path(real.vocab_file).parent
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True, encode_special_tokens=True)
+
+
+def test_real_model_has_the_published_command_ids(real):
+    assert real.vocab_size == 64798
+    assert [real.get_command(name) for name in COMMAND_ORDER] == list(range(64789, 64798))
+    assert (real.eos_token_id, real.pad_token_id, real.unk_token_id) == (2, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "text, ids",
+    [
+        ("你好", [64790, 64792, 36474, 54591]),
+        (
+            "[Round 1]\n\n问：你好\n\n答：",
+            [
+                64790,
+                64792,
+                790,
+                30951,
+                517,
+                30910,
+                30939,
+                30996,
+                13,
+                13,
+                54761,
+                31211,
+                39701,
+                13,
+                13,
+                55437,
+                31211,
+            ],
+        ),
+        (
+            "def main():\n    print('hello world')\t# greeting",
+            [64790, 64792, 884, 1301, 9427, 13, 296, 4466, 2029, 15616, 30914, 993, 3387, 12, 31010, 30174],
+        ),
+    ],
+)
+def test_real_model_ids_equal_the_published_ones(real, text, ids):
+    # Published by li-plus/chatglm.cpp's tests; THUDM's tokenizer reproduces them.
+    assert real(text)["input_ids"] == ids
+
+
+def test_real_model_chat_input_equals_the_published_ids(real):
+    assert real.build_chat_input("你好", history=[])["input_ids"].tolist() == [
+        [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]
+    ]
+
+
+@pytest.mark.parametrize("literal", ["</s>", "<unk>", "<s>"])
+def test_control_token_spelling_in_user_text_stays_text(real, literal):
+    text = f"tell me {literal} something"
+    sp = real.tokenizer.sp_model
+    ids = real.encode(text, add_special_tokens=False)
+    assert ids == sp.encode(text)
+    assert not {0, 1, 2} & set(ids)
+    assert real.decode(ids) == text
+    chat = real.build_chat_input(text)["input_ids"][0].tolist()
+    assert not {0, 1, 2} & set(chat)
+    batch = real([text, "hi"], padding=True)
+    assert batch["input_ids"][0] == [64790, 64792] + sp.encode(text)
+
+
+def test_encode_special_tokens_never_cuts_ordinary_words(real_special):
+    sp = real_special.tokenizer.sp_model
+    text = "I study philosophy and people stop by"
+    assert real_special.tokenize(text) == sp.encode_as_pieces(text)
+    assert "▁philosophy" in real_special.tokenize(text)
+
+
+def test_encode_special_tokens_recognises_role_and_mask_tokens(real_special):
+    ids = real_special.encode("<|user|>\nhi[gMASK] sop eop<|assistant|>", add_special_tokens=False)
+    sp = real_special.tokenizer.sp_model
+    assert ids == [64795, *sp.encode("\nhi"), 64790, *sp.encode(" sop eop"), 64796]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_real_model_text_ids_equal_sentencepiece_and_decode_back(real, text):
+    sp = real.tokenizer.sp_model
+    assert real.encode(text) == [64790, 64792] + sp.encode(text)
+    assert real.decode(real.encode(text, add_special_tokens=False)) == text

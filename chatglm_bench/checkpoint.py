@@ -1,0 +1,166 @@
+"""Cheap checks of a user's checkpoint directory, run before anything is loaded.
+
+Loading a 12 GB checkpoint only to fail inside torch on a truncated shard wastes minutes and
+ends in a traceback. What can be checked without reading the weights is checked here, each
+problem as one :class:`UsageError` naming the file and the fix: weight symlinks that point
+nowhere (an HF cache whose ``blobs/`` lost a file), a shard index naming missing shards,
+safetensors files whose header does not parse or whose size does not match the header's
+offsets (an interrupted download), and a ``tokenizer.model`` SentencePiece cannot load.
+"""
+
+import json
+import struct
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from . import UsageError
+
+REDOWNLOAD = "re-download it (huggingface-cli download THUDM/chatglm3-6b)"
+# Bytes per element of each safetensors dtype.
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+_MAX_HEADER = 100 * 2**20
+
+
+def check_symlinks(directory: Path) -> None:
+    """Every entry of the directory that is a symlink must lead to an existing file."""
+    for entry in sorted(directory.iterdir()):
+        if entry.is_symlink() and not entry.exists():
+            target = entry.resolve(strict=False)
+            raise UsageError(f"{entry} is a dangling symlink (its target {target} is missing); {REDOWNLOAD}")
+
+
+def check_shard_index(directory: Path) -> None:
+    """Each ``*.index.json`` must parse and name only shards that exist."""
+    for index in sorted(directory.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = set(weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{index} is not a valid shard index; {REDOWNLOAD}") from None
+        missing = sorted(name for name in shards if not (directory / name).is_file())
+        if missing:
+            raise UsageError(f"{index.name} names missing shard(s) {', '.join(missing)}; {REDOWNLOAD}")
+
+
+def safetensors_header(path: Path) -> Tuple[Dict, str]:
+    """(header, problem): the parsed header of a safetensors file, and what is wrong with the
+    header or the file's size ('' when nothing is)."""
+    header: Dict = {}
+    problem = _safetensors_problem(path, header)
+    return header, problem
+
+
+def _safetensors_problem(path: Path, parsed: Dict) -> str:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"is {size} bytes, too short for a safetensors header"
+        (length,) = struct.unpack("<Q", head)
+        if length > min(_MAX_HEADER, size - 8):
+            return f"declares a {length}-byte header in a {size}-byte file (truncated or not safetensors)"
+        try:
+            header = json.loads(handle.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return "has a header that is not valid JSON (corrupt or not safetensors)"
+    if not isinstance(header, dict):
+        return "has a header that is not a JSON object (corrupt)"
+    parsed.update(header)
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in info["data_offsets"])
+            count = 1
+            for dim in info["shape"]:
+                count *= int(dim)
+            expected = count * _DTYPE_BYTES.get(info["dtype"], 0)
+        except (KeyError, TypeError, ValueError):
+            return f"has a malformed header entry for {name!r} (corrupt)"
+        if expected and stop - begin != expected:
+            return f"gives tensor {name!r} {stop - begin} bytes where its shape needs {expected} (corrupt)"
+        end = max(end, stop)
+    if 8 + length + end != size:
+        return f"is {size} bytes but its header describes {8 + length + end} (truncated or corrupt download)"
+    return ""
+
+
+def check_safetensors(directory: Path, expected: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
+    """Headers parse, sizes match the headers, and (given ``expected``: parameter name -> shape
+    the config implies) every stored tensor has the shape the model will ask for."""
+    for path in sorted(directory.glob("*.safetensors")):
+        header, problem = safetensors_header(path)
+        if problem:
+            raise UsageError(f"{path} {problem}; {REDOWNLOAD}")
+        for name, info in header.items():
+            if expected is None or name not in expected:
+                continue
+            stored, wanted = tuple(int(d) for d in info["shape"]), tuple(expected[name])
+            if stored != wanted:
+                raise UsageError(
+                    f"{path} holds {name} as {list(stored)} but config.json implies {list(wanted)}: "
+                    f"config.json does not match the weights; fix config.json (e.g. hidden_size, "
+                    f"ffn_hidden_size, num_layers, padded_vocab_size) or {REDOWNLOAD}"
+                )
+
+
+def check_tokenizer_model(path: Path) -> None:
+    from sentencepiece import SentencePieceProcessor
+
+    try:
+        SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError, ValueError):
+        raise UsageError(
+            f"{path} is not a SentencePiece model (corrupt or a stray file); {REDOWNLOAD}"
+        ) from None
+
+
+def read_config(directory: Path) -> Dict:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{directory / 'config.json'} cannot be read ({error}); {REDOWNLOAD}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{directory / 'config.json'} is not a JSON object; {REDOWNLOAD}")
+    return config
+
+
+def check_directory(directory: Path, expected: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
+    """All the cheap checks, in the order a user would fix them."""
+    check_symlinks(directory)
+    check_shard_index(directory)
+    check_safetensors(directory, expected)
+    tokenizer = directory / "tokenizer.model"
+    if tokenizer.is_file():
+        check_tokenizer_model(tokenizer)
+
+
+def load_error_message(directory: Path, error: BaseException) -> str:
+    """One line for an exception raised while loading the weights."""
+    text = " ".join(str(error).split())
+    lines: List[str] = [text[:300] + ("..." if len(text) > 300 else "")]
+    if "size mismatch" in text or "shape" in text:
+        lines.append(
+            f"{directory / 'config.json'} does not match the weights: fix config.json (sizes such as "
+            f"hidden_size, num_layers, padded_vocab_size) or {REDOWNLOAD}"
+        )
+    else:
+        lines.append(f"the checkpoint looks damaged; {REDOWNLOAD}")
+    return f"cannot load {directory} ({type(error).__name__}: {lines[0]}); {lines[1]}"
