@@ -32,13 +32,13 @@ ATTENTION = ("auto", "npu", "sdpa", "math")
 RMSNORM = ("auto", "npu", "fused", "math")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "npu", "cuda", "cpu")
-KV_CACHES = ("tuple", "static")
+KV_CACHES = ("auto", "tuple", "static")
 # Fast-path switches, resolved as the model resolves them: CLI flag > environment > default.
 # (argparse dest, environment variable, allowed values or None for any, default)
 SWITCHES = (
     ("attention", "CHATGLM_ATTENTION", ATTENTION, "auto"),
     ("rmsnorm", "CHATGLM_RMSNORM", RMSNORM, "auto"),
-    ("kv_cache", "CHATGLM_KV_CACHE", KV_CACHES, "tuple"),
+    ("kv_cache", "CHATGLM_KV_CACHE", KV_CACHES, "auto"),
     ("graph_backend", "CHATGLM_GRAPH_BACKEND", None, "auto"),
 )
 
@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv_cache",
         choices=KV_CACHES,
         default=None,
-        help="tuple: the original's growing cache; static: preallocated, updated in place; "
-        "default: $CHATGLM_KV_CACHE, else tuple",
+        help="tuple: the original's growing cache; static: preallocated, updated in place; auto: "
+        "static in graph mode, tuple in eager; default: $CHATGLM_KV_CACHE, else auto",
     )
     run.add_argument(
         "--attention",
@@ -589,6 +589,7 @@ def validate_plan(plan: List[tuple], device, dtype) -> List[Dict[str, str]]:
                 options,
                 attention_backend=attention,
                 rmsnorm_backend=rmsnorm,
+                kv_cache=runtime.cache_kind,
                 graph_backend=compiler,
             )
         )
