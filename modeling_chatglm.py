@@ -716,22 +716,52 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((high, low), dim=-1).flatten(1).to(torch.int8)
 
 
+# int4 scale candidates per group, as fractions of the group's largest value. With the signed
+# maximum mapped to -8 (llama.cpp Q4_0's trick) the group uses all 16 levels; shrinking the scale
+# a little clips the rare extreme value but refines all others. Each group keeps the candidate
+# with the smallest squared error (on random weights: logits error 34 % -> 27 %, top-1 agreement
+# 0.34 -> 0.84 on the small preset, against absmax / 7 alone).
+_INT4_SCALE_CANDIDATES = (1.0, 0.95, 0.9, 0.85)
+_QUANTIZE_ROWS_PER_CHUNK = 2048  # bounds the float temporaries of a 6B-sized layer
+
+
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0):
     """Round-to-nearest symmetric quantization of a float [out, in] weight.
 
-    Returns ``(q, scale)`` in the stored layout: 8 bits per output channel; 4 bits per group of
-    ``group_size`` input columns (0 = one group per output channel, THUDM's layout). The scale
-    is rounded to the weight's dtype *before* the division, so q matches the scale kept.
+    Returns ``(q, scale)`` in the stored layout: 8 bits per output channel (absmax / 127); 4 bits
+    per group of ``group_size`` input columns (0 = one group per output channel, THUDM's
+    layout) with the least-squares scale among ``_INT4_SCALE_CANDIDATES``. Scales are rounded
+    to the weight's dtype *before* dividing, so q matches the scale that is kept.
     """
-    w = weight.detach().float()
-    out_features, in_features = w.shape
-    qmax = 127 if bits == 8 else 7
+    out_features, in_features = weight.shape
     group = in_features if bits == 8 or not group_size else group_size
-    groups = w.view(out_features, in_features // group, group)
-    scale = (groups.abs().amax(-1) / qmax).to(weight.dtype).float()  # [out, in // group]
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(groups / safe[..., None]).clamp_(-qmax - (bits == 4), qmax)
-    q = q.view(out_features, in_features).to(torch.int8)
+    qs, scales = [], []
+    for start in range(0, out_features, _QUANTIZE_ROWS_PER_CHUNK):
+        rows = weight[start : start + _QUANTIZE_ROWS_PER_CHUNK].detach().float()
+        groups = rows.view(rows.shape[0], in_features // group, group)
+        if bits == 8:
+            candidates = [groups.abs().amax(-1) / 127]
+        else:
+            peak = torch.gather(groups, -1, groups.abs().argmax(-1, keepdim=True))[..., 0]
+            candidates = [peak * (ratio / -8) for ratio in _INT4_SCALE_CANDIDATES]
+        best_q = best_scale = best_error = None
+        for scale in candidates:
+            scale = scale.to(weight.dtype).float()
+            safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+            q = torch.round(groups / safe[..., None]).clamp_(
+                -128 if bits == 8 else -8, 127 if bits == 8 else 7
+            )
+            error = (q * scale[..., None] - groups).pow_(2).sum(-1)
+            if best_q is None:
+                best_q, best_scale, best_error = q, scale, error
+            else:
+                better = error < best_error
+                best_q = torch.where(better[..., None], q, best_q)
+                best_scale = torch.where(better, scale, best_scale)
+                best_error = torch.minimum(error, best_error)
+        qs.append(best_q.view(rows.shape[0], in_features).to(torch.int8))
+        scales.append(best_scale)
+    q, scale = torch.cat(qs), torch.cat(scales)
     if bits == 4:
         q = pack_int4(q)
     if bits == 8 or not group_size:
@@ -973,7 +1003,9 @@ def resolve_quant_kernel(option: Optional[str], device: torch.device, dtype: tor
         if kind == "npu" and dtype not in _NPU_KERNEL_DTYPES:
             return "math"
         return kind if kind in QUANT_KERNELS and _quant_kernel_available(kind, bits) else "math"
-    if option != "math" and option != kind:
+    # Like the attention backends, an explicit "npu" runs wherever torch_npu imports (the tests
+    # run it on CPU against tests/npu_reference.py); cpu and cuda need their own device.
+    if option in ("cpu", "cuda") and option != kind:
         raise ValueError(
             f"{source}={option!r} runs on {option} tensors but the model is on {kind}; "
             "use auto (or math, the reference that runs anywhere)"
@@ -1094,6 +1126,14 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+
+def _default_group_size(widths) -> int:
+    """QUANT_GROUP_SIZE, or the largest smaller power of two (>= 32) dividing every width."""
+    for group in (QUANT_GROUP_SIZE, 64, 32):
+        if all(width % group == 0 for width in widths):
+            return group
+    return 0  # per output channel
 
 
 # The linear layers quantize() replaces in every GLMBlock, as in THUDM's quantization.py.
@@ -1845,7 +1885,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         """Weight-only quantization in place (the original's signature); returns the model.
 
         ``bits``: 8 (per output channel) or 4 (grouped, ``group_size`` input columns per scale,
-        default 128; 0 = per output channel, THUDM's layout); 0 does nothing. Replaces
+        default 128, or 64/32 where 128 does not divide every layer; 0 = per output channel,
+        THUDM's layout); 0 does nothing. Replaces
         query_key_value, dense, dense_h_to_4h and dense_4h_to_h of every block, and the output
         layer when ``output_layer`` (default: on for 8 bits, off for 4). ``empty_init`` allocates
         empty int8 storage for a loader to fill; ``device`` places the quantized weights.
@@ -1864,10 +1905,16 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 f"unquantized checkpoint to quantize it to {bits}"
             )
         output_layer = bits == 8 if output_layer is None else bool(output_layer)
-        group_size = 0 if bits == 8 else (QUANT_GROUP_SIZE if group_size is None else int(group_size))
         targets = [
             (block, names) for block in self.transformer.encoder.layers for names in _QUANTIZED_BLOCK_LINEARS
         ]
+        if bits == 8:
+            group_size = 0
+        elif group_size is None:
+            widths = [getattr(getattr(b, p), n).in_features for b, (p, n) in targets]
+            group_size = _default_group_size(widths)
+        else:
+            group_size = int(group_size)
         for block, (parent_name, name) in targets:
             linear = getattr(getattr(block, parent_name), name)
             if not isinstance(linear, nn.Linear):
