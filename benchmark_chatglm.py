@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="tuple",
         help="tuple: the original's growing cache; static: preallocated, updated in place",
     )
+    run.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=("none", "8", "4"),
+        default=["none"],
+        help="weight-only quantization of the timed model (model.quantize(bits)); a list sweeps "
+        "(with --ablation: the full ablation unquantized, then 'all' per bit width)",
+    )
     run.add_argument("--attention", choices=ATTENTION, default="auto", help="attention kernel")
     run.add_argument("--rmsnorm", choices=RMSNORM, default="auto", help="RMSNorm kernel")
     run.add_argument(
@@ -464,6 +472,22 @@ def validate_plan(plan: List[tuple], device, dtype) -> None:
             raise UsageError(f"{label}: {error}" if label != "run" else str(error)) from None
 
 
+def validate_quantize(levels: List[int], env, device, dtype) -> None:
+    """--quantize needs one rank (AutoTP shards nn.Linear only) and a usable kernel here."""
+    from modeling_chatglm import resolve_quant_kernel
+
+    if any(levels) and env.world_size > 1:
+        raise UsageError(
+            "--quantize 8/4 runs on one rank only (DeepSpeed AutoTP shards nn.Linear layers, not "
+            "quantized ones); drop --quantize or run without the launcher"
+        )
+    for bits in filter(None, levels):
+        try:
+            resolve_quant_kernel(None, device, dtype, bits)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise UsageError(str(error)) from None
+
+
 def load_original_model(directory: Path, dtype):
     """The original implementation kept in the checkpoint dir (modeling_chatglm_orig.py)."""
     import importlib
@@ -603,6 +627,8 @@ def run(args) -> int:
             f"model's context (seq_length={seq_length}); lower them or use a longer-context checkpoint"
         )
 
+    levels = [0 if q == "none" else int(q) for q in dict.fromkeys(args.quantize)]
+    validate_quantize(levels, env, device, dtype)
     model = model.to(device)
     model.transformer.static_cache_len = args.input_max_len + args.max_new_tokens
     model = distributed.shard_model(model, env, dtype)
@@ -626,26 +652,44 @@ def run(args) -> int:
     originals = [("original", mode) for mode in modes] if args.baseline else []
 
     progress = make_progress(
-        env, len(args.batch_size) * (len(plan) + len(originals)) * args.iters * (args.max_new_tokens - 1)
+        env,
+        len(args.batch_size)
+        * (len(plan) + (len(args.quantize) - 1) * (1 if args.ablation else len(plan)) + len(originals))
+        * args.iters
+        * (args.max_new_tokens - 1),
     )
     records, answers = [], None
-    for label, options in plan:
-        model.transformer.set_runtime_options(**options)
-        for size in args.batch_size:
-            record, steady = measure(
-                model,
-                batches[size],
-                args.max_new_tokens,
-                label=label,
-                options=options,
-                warmup=args.warmup,
-                iters=args.iters,
-                device=device,
-                progress=progress.update if progress else None,
-            )
-            records.append(record)
-            if answers is None:
-                answers = steady.tokens
+    for index, bits in enumerate(levels):
+        if index:  # quantize() is one-way: every level starts from freshly built weights
+            del model
+            model = (
+                load_checkpoint_model(directory, dtype)
+                if directory
+                else build_preset_model(args.preset, dtype, args.seed)
+            ).to(device)
+            model.transformer.static_cache_len = args.input_max_len + args.max_new_tokens
+        if bits:
+            model.quantize(bits)
+        for label, options in plan[-1:] if args.ablation and bits else plan:
+            if bits:
+                label = f"int{bits}" if label == "run" else f"{label} + int{bits}"
+            model.transformer.set_runtime_options(**options)
+            for size in args.batch_size:
+                record, steady = measure(
+                    model,
+                    batches[size],
+                    args.max_new_tokens,
+                    label=label,
+                    options=options,
+                    warmup=args.warmup,
+                    iters=args.iters,
+                    device=device,
+                    progress=progress.update if progress else None,
+                )
+                record.quantization = f"int{bits}" if bits else "none"
+                records.append(record)
+                if answers is None:
+                    answers = steady.tokens
     if originals:
         original = load_original_model(directory, dtype).to(device)
         eager_encoder = original.transformer.encoder
