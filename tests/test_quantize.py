@@ -110,7 +110,7 @@ def _tolerance(kernel, dtype, rows, bits):
     # the int8 prefill path is exact up to summation order.
     if dtype == torch.float32 and (kernel == "math" or (kernel == "cpu" and rows >= 64 and bits == 8)):
         return 1e-5
-    return 1e-2
+    return 6e-3  # bf16 rounding of the activations and the output: measured <= 3.3e-3
 
 
 @pytest.mark.parametrize("rows", [1, 3, 80])
