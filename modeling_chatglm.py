@@ -1103,7 +1103,8 @@ class QuantizedLinear(nn.Module):
         """Choose the kernel for activations of ``dtype`` on ``device`` and prepare its operands
         (repacking happens only when the choice, the device or the stored weight changed)."""
         name = resolve_quant_kernel(self.kernel_option, device, dtype, self.bits)
-        key = (name, device, dtype, self.weight.data_ptr(), self.weight._version, self.weight_scale._version)
+        stored = (self.weight, self.weight_scale)
+        key = (name, device, dtype, *[(t.data_ptr(), t._version) for t in stored])
         if key == self._kernel_key:
             return
         with torch.no_grad():
