@@ -888,20 +888,43 @@ class _CpuKernel:
         return out.to(x.dtype)
 
 
+# Output channels dequantized at a time on the prefill path: bounds the reused buffer (4096 x
+# 13696 fp32 = 224 MB for the 6B model, instead of 449 MB for a whole dense_h_to_4h) while each
+# GEMM stays large enough to run at full speed.
+_DEQUANT_CHUNK_ROWS = 4096
+
+
 def _dequantized_gemm(layer, x, gemm_dtype):
-    """Prefill path: the weight in ``gemm_dtype`` (a reused buffer in eager mode), one GEMM."""
-    shape = (layer.out_features, layer.in_features)
-    if layer.bits == 8:
-        # Per-output-channel scale commutes with the GEMM: convert only, scale the output.
-        if _is_compiling():
-            weight = layer.weight.to(gemm_dtype)
+    """Prefill path: the weight dequantized to ``gemm_dtype`` and ordinary GEMMs.
+
+    int8's per-output-channel scale commutes with the GEMM, so its weight is only converted and
+    the scale applied to the output. In eager mode the weight goes through one reused buffer,
+    ``_DEQUANT_CHUNK_ROWS`` output channels at a time; a compiled graph takes the whole weight
+    and lets the compiler plan the memory.
+    """
+    xg = x.to(gemm_dtype)
+    if _is_compiling():
+        if layer.bits == 8:
+            out = F.linear(xg, layer.weight.to(gemm_dtype)) * layer.weight_scale.to(gemm_dtype)
         else:
-            weight = layer.scratch.get(shape, gemm_dtype, x.device)
-            weight.copy_(layer.weight)
-        out = F.linear(x.to(gemm_dtype), weight) * layer.weight_scale.to(gemm_dtype)
+            out = F.linear(xg, dequantize_weight(layer.weight, layer.weight_scale, 4).to(gemm_dtype))
         return out.to(x.dtype)
-    weight = dequantize_weight(layer.weight, layer.weight_scale, 4)
-    return F.linear(x.to(gemm_dtype), weight.to(gemm_dtype)).to(x.dtype)
+    rows = min(_DEQUANT_CHUNK_ROWS, layer.out_features)
+    buffer = layer.scratch.get((rows, layer.in_features), gemm_dtype, x.device)
+    out_t = torch.empty(layer.out_features, x.shape[0], dtype=gemm_dtype, device=x.device)  # [out, m]
+    for start in range(0, layer.out_features, rows):
+        stop = min(start + rows, layer.out_features)
+        chunk = buffer[: stop - start]
+        if layer.bits == 8:
+            chunk.copy_(layer.weight[start:stop])
+        else:
+            scale = layer.weight_scale[start:stop]
+            chunk.copy_(dequantize_weight(layer.weight[start:stop], scale, 4))
+        torch.mm(chunk, xg.t(), out=out_t[start:stop])
+    out = out_t.t()
+    if layer.bits == 8:
+        out = out * layer.weight_scale.to(gemm_dtype)
+    return out.to(x.dtype).contiguous()
 
 
 def _tinygemm_tiles(layer) -> Optional[int]:

@@ -136,6 +136,20 @@ def test_cpu_kernel_matches_the_math_reference_per_layer(in_out, bits, group, dt
     assert rel_error(math_out, expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("gemm_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_path_dequantizes_in_chunks_through_one_buffer(monkeypatch, bits, gemm_dtype):
+    # int4 takes this path only on CPUs with native half GEMMs: exercise it directly.
+    monkeypatch.setattr(M, "_DEQUANT_CHUNK_ROWS", 40)  # 96 outputs: chunks of 40, 40, 16
+    layer = _layer(160, 96, bits, 32, torch.float32, "cpu")
+    x = torch.randn(70, 160, generator=torch.Generator().manual_seed(12))
+    expected = x.double() @ M.dequantize_weight(layer.weight, layer.weight_scale, bits).double().t()
+    out = M._dequantized_gemm(layer, x, gemm_dtype)
+    assert out.shape == (70, 96) and out.dtype == torch.float32
+    assert rel_error(out, expected) <= (1e-6 if gemm_dtype == torch.float32 else 6e-3)
+    assert layer.scratch.buffer.numel() == 40 * 160
+
+
 @pytest.mark.parametrize("rows", [1, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 32)])
