@@ -3,6 +3,8 @@
 Field names and defaults are the public contract of the original checkpoints. Five extra fields
 select our fast paths; each defaults to ``None``, meaning "take the environment variable, else
 ``auto``" (see ``modeling_chatglm.RuntimeOptions``), so a stock ``config.json`` needs no edits.
+Three more describe weight-only quantization (``quantization_group_size``,
+``quantization_output_layer``, ``quant_kernel``); absent, they mean THUDM's quantized layout.
 """
 
 from transformers import PretrainedConfig
