@@ -1006,10 +1006,16 @@ QUANT_KERNELS: Mapping[str, Any] = MappingProxyType(
 
 def _quant_kernel_available(name: str, bits: int) -> bool:
     if name == "cpu":
-        op = "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu"
-        return hasattr(torch, op)
+        ops = (
+            ("_weight_int8pack_mm",)
+            if bits == 8
+            else ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
+        )
+        return all(hasattr(torch, op) for op in ops)
     if name == "cuda":
-        return bits == 8 or hasattr(torch, "_weight_int4pack_mm")
+        return bits == 8 or (
+            hasattr(torch, "_weight_int4pack_mm") and hasattr(torch, "_convert_weight_to_int4pack")
+        )
     if name == "npu":
         return _TORCH_NPU is not None and hasattr(_TORCH_NPU, "npu_weight_quant_batchmatmul")
     return True
