@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="RMSNorm kernel; default: $CHATGLM_RMSNORM, else auto",
     )
     run.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=("none", "8", "4"),
+        default=["none"],
+        help="weight-only quantization of the timed model (model.quantize(bits)); a list sweeps "
+        "(with --ablation: the full ablation unquantized, then 'all' per bit width)",
+    )
+    run.add_argument(
         "--graph_backend",
         default=None,
         help="torch.compile backend in dynamo mode (auto: torchair on npu, inductor elsewhere); "
@@ -665,6 +673,22 @@ def check_memory(args, shape: Dict, n_params: int, dtype, device, env) -> None:
             )
 
 
+def validate_quantize(levels: List[int], env, device, dtype) -> None:
+    """--quantize needs one rank (AutoTP shards nn.Linear only) and a usable kernel here."""
+    from modeling_chatglm import resolve_quant_kernel
+
+    if any(levels) and env.world_size > 1:
+        raise UsageError(
+            "--quantize 8/4 runs on one rank only (DeepSpeed AutoTP shards nn.Linear layers, not "
+            "quantized ones); drop --quantize or run without the launcher"
+        )
+    for bits in filter(None, levels):
+        try:
+            resolve_quant_kernel(None, device, dtype, bits)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise UsageError(str(error)) from None
+
+
 def load_original_model(directory: Path, dtype):
     """The original implementation kept in the checkpoint dir (modeling_chatglm_orig.py)."""
     import importlib
@@ -838,6 +862,8 @@ def run(args) -> int:
             "pass --model_path for a real checkpoint)"
         )
 
+    levels = [0 if q == "none" else int(q) for q in dict.fromkeys(args.quantize)]
+    validate_quantize(levels, env, device, dtype)
     model = model.to(device)
     model.transformer.static_cache_len = args.input_max_len + args.max_new_tokens
     distributed.patch_torchair_for_hcom(env, device.type, [options for _, options in plan])
@@ -862,26 +888,45 @@ def run(args) -> int:
     originals = [("original", mode) for mode in modes] if args.baseline else []
 
     progress = make_progress(
-        env, len(args.batch_size) * (len(plan) + len(originals)) * args.iters * (args.max_new_tokens - 1)
+        env,
+        len(args.batch_size)
+        * (len(plan) + (len(args.quantize) - 1) * (1 if args.ablation else len(plan)) + len(originals))
+        * args.iters
+        * (args.max_new_tokens - 1),
     )
     records, answers = [], None
-    for (label, options), ran in zip(plan, resolved):
-        model.transformer.set_runtime_options(**options)
-        for size in args.batch_size:
-            record, steady = measure(
-                model,
-                batches[size],
-                args.max_new_tokens,
-                label=label,
-                options=ran,
-                warmup=args.warmup,
-                iters=args.iters,
-                device=device,
-                progress=progress.update if progress else None,
-            )
-            records.append(record)
-            if answers is None:
-                answers = steady.tokens
+    for index, bits in enumerate(levels):
+        if index:  # quantize() is one-way: every level starts from freshly built weights
+            del model
+            model = (
+                load_checkpoint_model(directory, dtype)
+                if directory
+                else build_preset_model(args.preset, dtype, args.seed)
+            ).to(device)
+            model.transformer.static_cache_len = args.input_max_len + args.max_new_tokens
+        if bits:
+            model.quantize(bits)
+        pairs = list(zip(plan, resolved))
+        for (label, options), ran in pairs[-1:] if args.ablation and bits else pairs:
+            if bits:
+                label = f"int{bits}" if label == "run" else f"{label} + int{bits}"
+            model.transformer.set_runtime_options(**options)
+            for size in args.batch_size:
+                record, steady = measure(
+                    model,
+                    batches[size],
+                    args.max_new_tokens,
+                    label=label,
+                    options=ran,
+                    warmup=args.warmup,
+                    iters=args.iters,
+                    device=device,
+                    progress=progress.update if progress else None,
+                )
+                record.quantization = f"int{bits}" if bits else "none"
+                records.append(record)
+                if answers is None:
+                    answers = steady.tokens
     if originals:
         original = load_original_model(directory, dtype).to(device)
         eager_encoder = original.transformer.encoder

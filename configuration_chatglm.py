@@ -3,6 +3,8 @@
 Field names and defaults are the public contract of the original checkpoints. Five extra fields
 select our fast paths; each defaults to ``None``, meaning "take the environment variable, else
 ``auto``" (see ``modeling_chatglm.RuntimeOptions``), so a stock ``config.json`` needs no edits.
+Three more describe weight-only quantization (``quantization_group_size``,
+``quantization_output_layer``, ``quant_kernel``); absent, they mean THUDM's quantized layout.
 """
 
 from transformers import PretrainedConfig
@@ -46,6 +48,9 @@ class ChatGLMConfig(PretrainedConfig):
         kv_cache=None,
         exe_mode=None,
         graph_backend=None,
+        quantization_group_size=None,
+        quantization_output_layer=None,
+        quant_kernel=None,
         **kwargs,
     ):
         self.num_layers = num_layers
@@ -81,4 +86,10 @@ class ChatGLMConfig(PretrainedConfig):
         self.kv_cache = kv_cache
         self.exe_mode = exe_mode
         self.graph_backend = graph_backend
+        # Weight-only quantization (ours; see modeling_chatglm.quantize). Absent = THUDM's layout
+        # (int4 per output channel, output layer unquantized); quant_kernel None = the
+        # CHATGLM_QUANT_KERNEL environment variable, else "auto".
+        self.quantization_group_size = quantization_group_size
+        self.quantization_output_layer = quantization_output_layer
+        self.quant_kernel = quant_kernel
         super().__init__(**kwargs)

@@ -11,6 +11,8 @@ What is new, each switchable for an ablation (config field, else environment var
   KV cache    ``kv_cache``          / CHATGLM_KV_CACHE  = auto | tuple | static  (auto: static in graph mode)
   graph mode  ``exe_mode``          / EXE_MODE          = eager | dynamo
   compiler    ``graph_backend``     / CHATGLM_GRAPH_BACKEND = auto | inductor | eager | aot_eager | ...
+  int8/int4   ``quant_kernel``      / CHATGLM_QUANT_KERNEL = auto | cpu | cuda | npu | math
+              (weight-only kernels of ``model.quantize(8 | 4)``, see "Weight-only quantization")
 
 Internally activations are batch-first, ``[batch, seq, hidden]``, and attention runs in BNSD
 (``[batch, heads, seq, head_dim]``), the layout the fused NPU kernels and SDPA take; the public
@@ -780,6 +782,506 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
+# ---------------------------------------------------------------------------------------------
+# Weight-only quantization.
+#
+# The stored layout (state_dict, save_pretrained; the same on every device, and THUDM's own for
+# its int4/int8 checkpoints, so those load unchanged):
+#   weight        int8. 8 bits: [out, in]. 4 bits: [out, in // 2], two signed nibbles per byte,
+#                 column 2j in the high nibble and 2j + 1 in the low one (THUDM's packing).
+#   weight_scale  the model's float dtype. [out]: one scale per output channel (int8, and THUDM's
+#                 int4); [out, in // group]: int4 grouped along the input (ours, group 128).
+#   bias          as in nn.Linear.
+# Symmetric: w = q * scale. Each kernel derives its own packed copy from this when the device and
+# dtype are known (outside any compiled region) and keeps it beside the stored tensors.
+# ---------------------------------------------------------------------------------------------
+
+QUANT_GROUP_SIZE = 128  # default int4 group; divides every chatglm3-6b input width (4096, 13696)
+# Rows from which the CPU kernel leaves the weight-only GEMV kernels for "dequantize into a reused
+# buffer + ordinary GEMM" (prefill). Measured crossover on a 2-core AVX2 EPYC, 4096x13696 int8:
+# 64 rows 166 ms (int8pack) vs 179 ms (dequantize + fp32 GEMM); 128 rows 375 vs 320 ms.
+_CPU_GEMV_MAX_ROWS = 64
+_QUANT_KERNEL_CHOICES = ("auto", "cpu", "cuda", "npu", "math")
+
+
+def _int4_to_unsigned_nibbles(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8) & 15
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] holding values in [-8, 7] -> int8 [out, in // 2] in THUDM's nibble order."""
+    nibbles = _int4_to_unsigned_nibbles(q.contiguous())
+    return ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).contiguous().view(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 [out, in // 2] -> int8 [out, in] in [-8, 7]."""
+    byte = packed.contiguous().view(torch.uint8).to(torch.int16)
+    # (n ^ 8) - 8 sign-extends a 4-bit two's-complement value held in 0..15.
+    high = ((byte >> 4) ^ 8) - 8
+    low = ((byte & 15) ^ 8) - 8
+    return torch.stack((high, low), dim=-1).flatten(1).to(torch.int8)
+
+
+# int4 scale candidates per group, as fractions of the group's largest value. With the signed
+# maximum mapped to -8 (llama.cpp Q4_0's trick) the group uses all 16 levels; shrinking the scale
+# a little clips the rare extreme value but refines all others. Each group keeps the candidate
+# with the smallest squared error (on random weights: logits error 34 % -> 27 %, top-1 agreement
+# 0.34 -> 0.84 on the small preset, against absmax / 7 alone).
+_INT4_SCALE_CANDIDATES = (1.0, 0.95, 0.9, 0.85)
+_QUANTIZE_ROWS_PER_CHUNK = 2048  # bounds the float temporaries of a 6B-sized layer
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0):
+    """Round-to-nearest symmetric quantization of a float [out, in] weight.
+
+    Returns ``(q, scale)`` in the stored layout: 8 bits per output channel (absmax / 127); 4 bits
+    per group of ``group_size`` input columns (0 = one group per output channel, THUDM's
+    layout) with the least-squares scale among ``_INT4_SCALE_CANDIDATES``. Scales are rounded
+    to the weight's dtype *before* dividing, so q matches the scale that is kept.
+    """
+    out_features, in_features = weight.shape
+    group = in_features if bits == 8 or not group_size else group_size
+    qs, scales = [], []
+    for start in range(0, out_features, _QUANTIZE_ROWS_PER_CHUNK):
+        rows = weight[start : start + _QUANTIZE_ROWS_PER_CHUNK].detach().float()
+        groups = rows.view(rows.shape[0], in_features // group, group)
+        if bits == 8:
+            candidates = [groups.abs().amax(-1) / 127]
+        else:
+            peak = torch.gather(groups, -1, groups.abs().argmax(-1, keepdim=True))[..., 0]
+            candidates = [peak * (ratio / -8) for ratio in _INT4_SCALE_CANDIDATES]
+        best_q = best_scale = best_error = None
+        for scale in candidates:
+            scale = scale.to(weight.dtype).float()
+            safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+            q = torch.round(groups / safe[..., None]).clamp_(
+                -128 if bits == 8 else -8, 127 if bits == 8 else 7
+            )
+            error = (q * scale[..., None] - groups).pow_(2).sum(-1)
+            if best_q is None:
+                best_q, best_scale, best_error = q, scale, error
+            else:
+                better = error < best_error
+                best_q = torch.where(better[..., None], q, best_q)
+                best_scale = torch.where(better, scale, best_scale)
+                best_error = torch.minimum(error, best_error)
+        qs.append(best_q.view(rows.shape[0], in_features).to(torch.int8))
+        scales.append(best_scale)
+    q, scale = torch.cat(qs), torch.cat(scales)
+    if bits == 4:
+        q = pack_int4(q)
+    if bits == 8 or not group_size:
+        scale = scale[:, 0]
+    return q, scale.to(weight.dtype)
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored layout -> float32 [out, in] (the arithmetic every kernel is tested against)."""
+    q = (unpack_int4(weight) if bits == 4 else weight).float()
+    if scale.dim() == 1:
+        return q * scale.float()[:, None]
+    out_features, groups = scale.shape
+    return (q.view(out_features, groups, -1) * scale.float()[..., None]).view(out_features, -1)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()
+
+
+class DequantScratch:
+    """One float buffer shared by all quantized layers of a model, reused for every prefill GEMM
+    (eager only; a compiled graph lets the compiler plan its own memory)."""
+
+    def __init__(self):
+        self.buffer: Optional[torch.Tensor] = None
+
+    def get(self, shape, dtype, device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffer
+        if buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < numel:
+            self.buffer = buffer = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
+def _divisor_group(layer, allowed) -> Optional[int]:
+    """The largest kernel group size in ``allowed`` that splits both the input width and the
+    layer's own groups (a per-channel scale is repeated, exactly, over the kernel's groups)."""
+    stored = layer.in_features if layer.weight_scale.dim() == 1 else layer.group_size
+    for group in allowed:
+        if stored % group == 0 and layer.in_features % group == 0:
+            return group
+    return None
+
+
+def _scales_per_group(layer, group: int) -> torch.Tensor:
+    """The layer's scales as [out, in // group] for a kernel group dividing the stored one."""
+    scale = layer.weight_scale
+    if scale.dim() == 1:
+        scale = scale[:, None]
+    repeat = layer.in_features // group // scale.shape[1]
+    return scale.repeat_interleave(repeat, dim=1)
+
+
+class _MathKernel:
+    """Reference on any device: dequantize the whole weight (fp32 arithmetic), then a matmul."""
+
+    @staticmethod
+    def prepare(layer, dtype):
+        return ()
+
+    @staticmethod
+    def matmul(layer, x):
+        weight = dequantize_weight(layer.weight, layer.weight_scale, layer.bits).to(x.dtype)
+        return F.linear(x, weight)
+
+
+def _cpu_has_fast_half_gemm() -> bool:
+    # oneDNN reports native bf16 (AVX512-BF16/AMX class) CPUs; elsewhere (e.g. AVX2) a bf16 GEMM
+    # runs ~5x slower than fp32 and the prefill dequantizes to fp32 instead.
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:
+        return False
+
+
+class _CpuKernel:
+    """``torch._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` for few rows (decode).
+
+    Both are vectorised for bf16 activations only (fp32 runs 5-10x slower), so other activation
+    dtypes are rounded to bf16 for the product (accumulation is fp32 inside). From
+    ``_CPU_GEMV_MAX_ROWS`` rows (prefill) the weight is dequantized into a reused buffer and an
+    ordinary GEMM runs: fp32 unless the CPU has native half GEMMs. int8 needs only a conversion
+    (its per-output-channel scale is applied to the GEMM's output); int4 on a CPU without fast
+    half GEMMs stays on the int4 kernel, which measured as fast as unpacking plus an fp32 GEMM.
+    """
+
+    GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
+
+    @staticmethod
+    def prepare(layer, dtype):
+        fast_half = _cpu_has_fast_half_gemm()
+        if layer.bits == 8:
+            return (layer.weight_scale.to(torch.bfloat16), fast_half)
+        group = _divisor_group(layer, _CpuKernel.GROUPS)
+        if group is None:
+            raise ValueError(
+                f"the cpu int4 kernel needs in_features ({layer.in_features}) and the group size to "
+                f"be multiples of 32; quantize with group_size=32 or set CHATGLM_QUANT_KERNEL=math"
+            )
+        unsigned = (unpack_int4(layer.weight).to(torch.int32) + 8).contiguous()
+        packed = torch._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+        scales = _scales_per_group(layer, group).t().contiguous()  # [in // group, out]
+        # The kernel computes (q - 8) * scale + zero; symmetric int4 has zero = 0.
+        scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1).to(torch.bfloat16)
+        return (packed, scales_and_zeros, group, fast_half)
+
+    @staticmethod
+    def matmul(layer, x):
+        state = layer._kernel_state
+        fast_half = state[-1]
+        if x.shape[0] >= _CPU_GEMV_MAX_ROWS and (layer.bits == 8 or fast_half):
+            return _dequantized_gemm(layer, x, x.dtype if fast_half else torch.float32)
+        xb = x.to(torch.bfloat16)
+        if layer.bits == 8:
+            out = torch._weight_int8pack_mm(xb, layer.weight, state[0])
+        else:
+            packed, scales_and_zeros, group, _ = state
+            out = torch._weight_int4pack_mm_for_cpu(xb, packed, group, scales_and_zeros)
+        return out.to(x.dtype)
+
+
+# Output channels dequantized at a time on the prefill path: bounds the reused buffer (4096 x
+# 13696 fp32 = 224 MB for the 6B model, instead of 449 MB for a whole dense_h_to_4h) while each
+# GEMM stays large enough to run at full speed.
+_DEQUANT_CHUNK_ROWS = 4096
+
+
+def _dequantized_gemm(layer, x, gemm_dtype):
+    """Prefill path: the weight dequantized to ``gemm_dtype`` and ordinary GEMMs.
+
+    int8's per-output-channel scale commutes with the GEMM, so its weight is only converted and
+    the scale applied to the output. In eager mode the weight goes through one reused buffer,
+    ``_DEQUANT_CHUNK_ROWS`` output channels at a time; a compiled graph takes the whole weight
+    and lets the compiler plan the memory.
+    """
+    xg = x.to(gemm_dtype)
+    if _is_compiling():
+        if layer.bits == 8:
+            out = F.linear(xg, layer.weight.to(gemm_dtype)) * layer.weight_scale.to(gemm_dtype)
+        else:
+            out = F.linear(xg, dequantize_weight(layer.weight, layer.weight_scale, 4).to(gemm_dtype))
+        return out.to(x.dtype)
+    rows = min(_DEQUANT_CHUNK_ROWS, layer.out_features)
+    buffer = layer.scratch.get((rows, layer.in_features), gemm_dtype, x.device)
+    out_t = torch.empty(layer.out_features, x.shape[0], dtype=gemm_dtype, device=x.device)  # [out, m]
+    for start in range(0, layer.out_features, rows):
+        stop = min(start + rows, layer.out_features)
+        chunk = buffer[: stop - start]
+        if layer.bits == 8:
+            chunk.copy_(layer.weight[start:stop])
+        else:
+            scale = layer.weight_scale[start:stop]
+            chunk.copy_(dequantize_weight(layer.weight[start:stop], scale, 4))
+        torch.mm(chunk, xg.t(), out=out_t[start:stop])
+    out = out_t.t()
+    if layer.bits == 8:
+        out = out * layer.weight_scale.to(gemm_dtype)
+    return out.to(x.dtype).contiguous()
+
+
+def _tinygemm_tiles(layer) -> Optional[int]:
+    for tiles in (8, 4, 2):
+        if layer.in_features % (tiles * 16) == 0 and layer.out_features % 8 == 0:
+            return tiles
+    return None
+
+
+class _CudaKernel:
+    """int4: ``torch._weight_int4pack_mm`` (tinygemm, bf16 activations); int8 and int4 shapes
+    tinygemm cannot take: dequantize then matmul, which inductor fuses into one kernel in graph
+    mode (gpt-fast's recipe). Written from the ops' documented contracts; not yet run on a GPU."""
+
+    GROUPS = (256, 128, 64, 32)
+
+    @staticmethod
+    def prepare(layer, dtype):
+        if layer.bits == 8:
+            return (layer.weight_scale.to(dtype),)
+        group, tiles = _divisor_group(layer, _CudaKernel.GROUPS), _tinygemm_tiles(layer)
+        if group is None or tiles is None:
+            return ()
+        nibbles = _int4_to_unsigned_nibbles(unpack_int4(layer.weight) + 8)
+        packed_u8 = ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).contiguous()
+        packed = torch._convert_weight_to_int4pack(packed_u8, tiles)
+        scales = _scales_per_group(layer, group).t().contiguous()
+        scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1).to(torch.bfloat16)
+        return (packed, scales_and_zeros, group)
+
+    @staticmethod
+    def matmul(layer, x):
+        state = layer._kernel_state
+        if layer.bits == 8:
+            return F.linear(x, layer.weight.to(x.dtype)) * state[0]
+        if not state:
+            return _MathKernel.matmul(layer, x)
+        packed, scales_and_zeros, group = state
+        out = torch._weight_int4pack_mm(x.to(torch.bfloat16), packed, group, scales_and_zeros)
+        return out.to(x.dtype)
+
+
+class _NpuKernel:
+    """``torch_npu.npu_weight_quant_batchmatmul`` (W8A16 / W4A16): y = x @ ((w + offset) * scale),
+    weight [in, out] (int8, or int32 carrying 8 int4 from ``npu_convert_weight_to_int4pack``),
+    scale [out] per channel or [in // group, out] per group (group a multiple of 32 below in)."""
+
+    @staticmethod
+    def prepare(layer, dtype):
+        npu = _require_torch_npu("the npu quantized-matmul kernel")
+        if layer.bits == 8:
+            # The transposed view of our [out, in] weight is the documented fast per-channel input.
+            return (layer.weight.t(), layer.weight_scale.to(dtype), 0)
+        values = unpack_int4(layer.weight).to(torch.int32).t().contiguous()  # [in, out]
+        packed = npu.npu_convert_weight_to_int4pack(values)
+        if layer.weight_scale.dim() == 1:
+            return (packed, layer.weight_scale.to(dtype), 0)
+        group = layer.group_size
+        if group % 32 or group >= layer.in_features:
+            raise ValueError(
+                f"npu_weight_quant_batchmatmul needs a group size that is a multiple of 32 below "
+                f"in_features ({layer.in_features}), not {group}; quantize with group_size=128"
+            )
+        return (packed, layer.weight_scale.t().contiguous().to(dtype), group)
+
+    @staticmethod
+    def matmul(layer, x):
+        weight, scale, group = layer._kernel_state
+        return _TORCH_NPU.npu_weight_quant_batchmatmul(x, weight, scale, antiquant_group_size=group)
+
+
+# The one place quantized-matmul kernels are chosen from (read-only).
+QUANT_KERNELS: Mapping[str, Any] = MappingProxyType(
+    {"cpu": _CpuKernel, "cuda": _CudaKernel, "npu": _NpuKernel, "math": _MathKernel}
+)
+
+
+def _quant_kernel_available(name: str, bits: int) -> bool:
+    if name == "cpu":
+        ops = (
+            ("_weight_int8pack_mm",)
+            if bits == 8
+            else ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
+        )
+        return all(hasattr(torch, op) for op in ops)
+    if name == "cuda":
+        return bits == 8 or (
+            hasattr(torch, "_weight_int4pack_mm") and hasattr(torch, "_convert_weight_to_int4pack")
+        )
+    if name == "npu":
+        return _TORCH_NPU is not None and hasattr(_TORCH_NPU, "npu_weight_quant_batchmatmul")
+    return True
+
+
+def resolve_quant_kernel(option: Optional[str], device: torch.device, dtype: torch.dtype, bits: int) -> str:
+    """The kernel name for ``option`` (config ``quant_kernel`` > CHATGLM_QUANT_KERNEL > auto)."""
+    source = "config.quant_kernel"
+    if option is None:
+        option, source = os.environ.get("CHATGLM_QUANT_KERNEL") or "auto", "CHATGLM_QUANT_KERNEL"
+    option = str(option).strip().lower()
+    if option not in _QUANT_KERNEL_CHOICES:
+        raise ValueError(f"{source}={option!r} is not valid; use one of: {', '.join(_QUANT_KERNEL_CHOICES)}")
+    kind = device.type
+    if option == "auto":
+        if kind == "npu" and dtype not in _NPU_KERNEL_DTYPES:
+            return "math"
+        return kind if kind in QUANT_KERNELS and _quant_kernel_available(kind, bits) else "math"
+    # Like the attention backends, an explicit "npu" runs wherever torch_npu imports (the tests
+    # run it on CPU against tests/npu_reference.py); cpu and cuda need their own device.
+    if option in ("cpu", "cuda") and option != kind:
+        raise ValueError(
+            f"{source}={option!r} runs on {option} tensors but the model is on {kind}; "
+            "use auto (or math, the reference that runs anywhere)"
+        )
+    if not _quant_kernel_available(option, bits):
+        raise RuntimeError(
+            f"{source}={option!r} needs a kernel this torch {torch.__version__} lacks "
+            f"({bits}-bit); upgrade torch (torch_npu on Ascend) or set CHATGLM_QUANT_KERNEL=math"
+        )
+    if option == "npu" and dtype not in _NPU_KERNEL_DTYPES:
+        raise TypeError(
+            "the npu quantized-matmul kernel takes float16/bfloat16 activations; load the model "
+            "with torch_dtype=torch.float16 or set CHATGLM_QUANT_KERNEL=math"
+        )
+    return option
+
+
+class QuantizedLinear(nn.Module):
+    """Weight-only int8/int4 drop-in for ``nn.Linear`` (same call: ``y = layer(x)``).
+
+    Holds the stored layout described above; ``select_kernel`` (called by the model when it
+    knows the device and dtype, or at the first call) derives the chosen kernel's operands.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int = 0,
+        bias: bool = True,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"QuantizedLinear supports 8 or 4 bits, not {bits!r}")
+        group_size = 0 if bits == 8 else int(group_size or 0)
+        if bits == 4 and (in_features % 2 or (group_size and in_features % group_size)):
+            raise ValueError(
+                f"int4 needs an even in_features ({in_features}) divisible by the group size "
+                f"({group_size}); pass a group_size that divides it (e.g. 32), or 0 for per-channel"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features * bits // 8, dtype=torch.int8, device=device),
+            requires_grad=False,
+        )
+        scale_shape = (out_features, in_features // group_size) if group_size else (out_features,)
+        self.weight_scale = nn.Parameter(
+            torch.empty(scale_shape, dtype=dtype, device=device), requires_grad=False
+        )
+        if bias:
+            self.bias = nn.Parameter(
+                torch.empty(out_features, dtype=dtype, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("bias", None)
+        self.kernel_option: Optional[str] = None  # None: CHATGLM_QUANT_KERNEL, else auto
+        self.scratch = DequantScratch()
+        self.kernel_name: Optional[str] = None
+        self._kernel_key = None
+        self._kernel_state: tuple = ()
+        self._kernel_matmul = None
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Module, bits: int, group_size: int = 0, empty_init: bool = False, device=None
+    ):
+        weight = linear.weight
+        layer = cls(
+            weight.shape[1],
+            weight.shape[0],
+            bits,
+            group_size,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        if not empty_init:
+            q, scale = quantize_weight(weight, bits, layer.group_size)
+            with torch.no_grad():
+                layer.weight.copy_(q)
+                layer.weight_scale.copy_(scale)
+                if linear.bias is not None:
+                    layer.bias.copy_(linear.bias)
+        return layer if device is None else layer.to(device)
+
+    def extra_repr(self) -> str:
+        group = f"group_size={self.group_size}" if self.group_size else "per-channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {group}"
+
+    def select_kernel(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Choose the kernel for activations of ``dtype`` on ``device`` and prepare its operands
+        (repacking happens only when the choice, the device or the stored weight changed)."""
+        name = resolve_quant_kernel(self.kernel_option, device, dtype, self.bits)
+        stored = (self.weight, self.weight_scale)
+        key = (name, device, dtype, *[(t.data_ptr(), t._version) for t in stored])
+        if key == self._kernel_key:
+            return
+        with torch.no_grad():
+            self._kernel_state = QUANT_KERNELS[name].prepare(self, dtype)
+        self.kernel_name, self._kernel_matmul, self._kernel_key = name, QUANT_KERNELS[name].matmul, key
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # THUDM's int4 checkpoints hold one scale per output channel; a grouped layer takes it
+        # repeated over its groups (exact: the same w = q * scale).
+        scale = state_dict.get(prefix + "weight_scale")
+        if scale is not None and scale.dim() == 1 and self.weight_scale.dim() == 2:
+            state_dict[prefix + "weight_scale"] = scale[:, None].expand(self.weight_scale.shape).contiguous()
+        self._kernel_key = self._kernel_matmul = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_matmul is None:  # used outside ChatGLMModel, or reloaded since
+            self.select_kernel(x.device, x.dtype)
+        out = self._kernel_matmul(self, x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def _default_group_size(widths) -> int:
+    """QUANT_GROUP_SIZE, or the largest smaller power of two (>= 32) dividing every width."""
+    for group in (QUANT_GROUP_SIZE, 64, 32):
+        if all(width % group == 0 for width in widths):
+            return group
+    return 0  # per output channel
+
+
+# The linear layers quantize() replaces in every GLMBlock, as in THUDM's quantization.py.
+_QUANTIZED_BLOCK_LINEARS = (
+    ("self_attention", "query_key_value"),
+    ("self_attention", "dense"),
+    ("mlp", "dense_h_to_4h"),
+    ("mlp", "dense_4h_to_h"),
+)
+
+
 class GLMBlock(nn.Module):
     """Pre-norm transformer layer: RMSNorm -> attention -> residual -> RMSNorm -> MLP -> residual."""
 
@@ -1135,6 +1637,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 module.impl = RMSNORM_BACKENDS[rmsnorm]
             elif isinstance(module, CoreAttention):
                 module.impl = ATTENTION_BACKENDS[attention]
+            elif isinstance(module, QuantizedLinear):
+                module.select_kernel(device, dtype)
         self.backends = {
             "attention": attention,
             "rmsnorm": rmsnorm,
@@ -1443,24 +1947,6 @@ def _torchair_backend(static_decode: bool):
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_checkpoint_quantizer(config):
-    candidates = [Path(__file__).resolve().parent / "quantization.py"]
-    name_or_path = getattr(config, "_name_or_path", None)
-    if name_or_path and Path(name_or_path).is_dir():
-        candidates.append(Path(name_or_path) / "quantization.py")
-    for candidate in candidates:
-        if candidate.is_file():
-            spec = importlib.util.spec_from_file_location(f"_chatglm_quantization_{id(config)}", candidate)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module.quantize
-    raise FileNotFoundError(
-        "quantize() uses the checkpoint's own quantization.py (shipped with THUDM/chatglm3-6b), "
-        f"which is not in {' or '.join(str(c.parent) for c in candidates)}; copy it next to "
-        "modeling_chatglm.py or load an already quantized checkpoint (chatglm3-6b-int4)"
-    )
-
-
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     """ChatGLM with its language-model head (``transformer.output_layer``), ``generate`` and chat."""
 
@@ -1471,7 +1957,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.config = config
         self.quantized = False
         if self.config.quantization_bit:
-            self.quantize(self.config.quantization_bit, empty_init=True)
+            # As the original: a checkpoint saved quantized is built quantized (empty int8
+            # storage the loader fills). Absent fields mean THUDM's layout: blocks only, int4
+            # with one scale per output channel.
+            self.quantize(
+                self.config.quantization_bit,
+                empty_init=True,
+                output_layer=bool(getattr(config, "quantization_output_layer", None)),
+                group_size=getattr(config, "quantization_group_size", None) or 0,
+            )
         self.post_init()
 
     # --- generation plumbing (independent of the transformers version) ---------------------
@@ -1587,19 +2081,81 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             for layer_past in past
         )
 
-    def quantize(self, bits: int, empty_init=False, device=None, **kwargs):
-        """Weight-only quantisation through the checkpoint's own ``quantization.py``."""
+    def quantize(
+        self,
+        bits: int,
+        empty_init: bool = False,
+        device=None,
+        output_layer: Optional[bool] = None,
+        group_size: Optional[int] = None,
+    ):
+        """Weight-only quantization in place (the original's signature); returns the model.
+
+        ``bits``: 8 (per output channel) or 4 (grouped, ``group_size`` input columns per scale,
+        default 128, or 64/32 where 128 does not divide every layer; 0 = per output channel,
+        THUDM's layout); 0 does nothing. Replaces
+        query_key_value, dense, dense_h_to_4h and dense_4h_to_h of every block, and the output
+        layer when ``output_layer`` (default: on for 8 bits, off for 4). ``empty_init`` allocates
+        empty int8 storage for a loader to fill; ``device`` places the quantized weights.
+        The kernel follows config ``quant_kernel`` / CHATGLM_QUANT_KERNEL (auto by device).
+        """
         if bits == 0:
             return self
+        if isinstance(bits, bool) or bits not in (4, 8):
+            raise ValueError(f"quantize(bits={bits!r}): use 8 or 4 (weight-only int8/int4), or 0 for none")
         if self.quantized:
-            logger.info("Already quantized.")
-            return self
-        quantize_fn = _load_checkpoint_quantizer(self.config)
+            if self.config.quantization_bit == bits:
+                logger.info("Already quantized.")
+                return self
+            raise ValueError(
+                f"the model is already quantized to {self.config.quantization_bit} bits; reload the "
+                f"unquantized checkpoint to quantize it to {bits}"
+            )
+        output_layer = bits == 8 if output_layer is None else bool(output_layer)
+        targets = [
+            (block, names) for block in self.transformer.encoder.layers for names in _QUANTIZED_BLOCK_LINEARS
+        ]
+        if bits == 8:
+            group_size = 0
+        elif group_size is None:
+            widths = [getattr(getattr(b, p), n).in_features for b, (p, n) in targets]
+            group_size = _default_group_size(widths)
+        else:
+            group_size = int(group_size)
+        for block, (parent_name, name) in targets:
+            linear = getattr(getattr(block, parent_name), name)
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(
+                    f"quantize() found {type(linear).__name__} at {parent_name}.{name}, not nn.Linear "
+                    "(e.g. after DeepSpeed AutoTP sharding); quantize before sharding is not "
+                    "supported either: run quantized models on one rank"
+                )
+            if bits == 4 and group_size and linear.in_features % group_size:
+                raise ValueError(
+                    f"group_size={group_size} does not divide {parent_name}.{name}'s in_features "
+                    f"({linear.in_features}); pass a group_size that does (e.g. 32), or 0 for per-channel"
+                )
+        scratch = DequantScratch()  # one prefill buffer for the whole model
+        option = getattr(self.config, "quant_kernel", None)
+
+        def convert(linear):
+            layer = QuantizedLinear.from_linear(
+                linear, bits, group_size, empty_init=empty_init, device=device
+            )
+            layer.scratch, layer.kernel_option = scratch, option
+            return layer
+
+        with torch.no_grad():
+            for block, (parent_name, name) in targets:
+                parent = getattr(block, parent_name)
+                setattr(parent, name, convert(getattr(parent, name)))
+            if output_layer:
+                self.transformer.output_layer = convert(self.transformer.output_layer)
         self.quantized = True
         self.config.quantization_bit = bits
-        self.transformer.encoder = quantize_fn(
-            self.transformer.encoder, bits, empty_init=empty_init, device=device, **kwargs
-        )
+        self.config.quantization_group_size = group_size
+        self.config.quantization_output_layer = output_layer
+        self.transformer._backend_key = None  # kernels are chosen at the next forward
         return self
 
     # --- chat helpers ---------------------------------------------------------------------

@@ -74,6 +74,7 @@ class Measurement:
     iters: int
     prefill_ms_all: List[float] = field(default_factory=list)
     graph_backend: str = "-"  # the torch.compile backend in graph mode; "-" when eager
+    quantization: str = "none"  # weights: none, int8 or int4 (model.quantize)
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -168,19 +169,28 @@ class ModelFacts:
 def model_facts(model) -> ModelFacts:
     transformer = model.transformer
     embedding = transformer.embedding.word_embeddings.weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    # The bytes the model actually holds (parameters and buffers, each storage once): quantized
+    # int8/int4 weights and their scales count at their real size.
+    storages = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        storages[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    total = sum(storages.values())
     attention = transformer.encoder.layers[0].self_attention
-    head = transformer.output_layer.weight
-    encoder = sum(p.numel() for p in transformer.encoder.parameters())
+    head = transformer.output_layer
+
+    def matmul_params(module) -> int:
+        # in x out of every linear layer, whatever its storage (packed int4 holds half a byte each).
+        return sum(m.in_features * m.out_features for m in module.modules() if hasattr(m, "out_features"))
+
     return ModelFacts(
         weight_bytes_per_step=total - embedding.numel() * embedding.element_size(),
-        encoder_params=encoder,
-        head_params=head.numel(),
+        encoder_params=matmul_params(transformer.encoder),
+        head_params=head.in_features * head.out_features,
         layers=len(transformer.encoder.layers),
         heads=attention.num_attention_heads_per_partition,
         kv_heads=attention.num_multi_query_groups_per_partition,
         head_dim=attention.hidden_size_per_attention_head,
-        dtype_bytes=head.element_size(),
+        dtype_bytes=embedding.element_size(),  # activations and KV cache: the float dtype
     )
 
 

@@ -50,6 +50,8 @@ def latency_table(records: List[Measurement], hardware: HardwareRef) -> str:
         "e2e s",
         "decode GB/s",
         "% BW",
+        "floor ms",
+        "peak MiB",
         "prefill TFLOP/s",
         "% FLOP/s",
         "compile s",
@@ -73,6 +75,11 @@ def latency_table(records: List[Measurement], hardware: HardwareRef) -> str:
                 _fmt(r.e2e_ms / 1e3, 2),
                 _fmt(r.decode_bandwidth_gbs),
                 _pct(r.decode_bandwidth_gbs, hardware.bandwidth_gbs),
+                # Decode floor: the bytes a step reads (weights as held, plus KV) / bandwidth.
+                _fmt(r.decode_bytes_per_step / (hardware.bandwidth_gbs * 1e6), 2)
+                if hardware.bandwidth_gbs
+                else "-",
+                _fmt(r.peak_memory_bytes / 2**20, 0) if r.peak_memory_bytes else "-",
                 _fmt(r.prefill_tflops, 3),
                 _pct(r.prefill_tflops, hardware.tflops),
                 _fmt(r.first_run_overhead_s, 2),
@@ -86,6 +93,7 @@ def ablation_table(records: List[Measurement]) -> str:
     header = [
         "batch",
         "configuration",
+        "weights",
         "attention",
         "rmsnorm",
         "cache",
@@ -103,6 +111,7 @@ def ablation_table(records: List[Measurement]) -> str:
             [
                 r.batch_size,
                 r.label,
+                r.quantization,
                 r.attention,
                 r.rmsnorm,
                 r.kv_cache,

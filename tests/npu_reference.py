@@ -1287,6 +1287,120 @@ def scatter_update_(
     return data
 
 
+# ------------------------------------------------------- weight-only quantized matmul (W8A16/W4A16)
+#
+# Sources: Ascend/op-plugin docs/context/torch_npu-npu_weight_quant_batchmatmul.md (commit
+# 1dd24f2) and torch_npu-npu_convert_weight_to_int4pack.md. y = x @ ((weight + offset) * scale)
+# (+ bias); x [M, K] float16/bfloat16; weight [K, N] int8, or int32 carrying 8 int4 values each
+# ([K, N // 8], from npu_convert_weight_to_int4pack); antiquant_scale (1,)/(1, 1) per tensor,
+# (N,)/(1, N) per channel, (ceil(K / group), N) per group; antiquant_group_size a multiple of 32
+# in [32, K - 1] (0 = not grouped); a float scale must have x's dtype (single-op mode).
+# The int4 nibble order inside an int32 is not documented; this stand-in packs value 8j + i into
+# bits 4i..4i+3 of word j. Callers must only feed it what npu_convert_weight_to_int4pack made.
+
+INT4_PER_INT32 = 8
+
+
+@torch.library.custom_op(f"{_NS}::convert_weight_to_int4pack", mutates_args=())
+def _convert_weight_to_int4pack_op(weight: torch.Tensor) -> torch.Tensor:
+    op = "npu_convert_weight_to_int4pack"
+    _require(weight.dtype == torch.int32 and weight.dim() == 2, f"{op}: weight must be 2-D int32")
+    _require(weight.shape[-1] % INT4_PER_INT32 == 0, f"{op}: the last dim must be a multiple of 8")
+    _require(weight.is_contiguous(), f"{op}: weight must be contiguous")
+    _require(bool(((weight >= -8) & (weight <= 7)).all()), f"{op}: values must lie in the int4 range [-8, 7]")
+    _record(op, shape=tuple(weight.shape))
+    nibbles = (weight & 15).view(weight.shape[0], -1, INT4_PER_INT32).to(torch.int64)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    words = (nibbles << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@_convert_weight_to_int4pack_op.register_fake
+def _convert_weight_to_int4pack_fake(weight):
+    return weight.new_empty(weight.shape[0], weight.shape[1] // INT4_PER_INT32)
+
+
+def npu_convert_weight_to_int4pack(weight: torch.Tensor, inner_k_tiles: int = 0) -> torch.Tensor:
+    """Pack int32 [r, c] int4 values into int32 [r, c // 8]."""
+    return _convert_weight_to_int4pack_op(weight)
+
+
+def _unpack_int4_words(words: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    nibbles = (words.to(torch.int64)[..., None] >> shifts) & 15
+    return (((nibbles ^ 8) - 8).flatten(-2)).to(torch.float32)
+
+
+def _wqbmm_static(x, weight, antiquant_scale, antiquant_group_size):
+    op = "npu_weight_quant_batchmatmul"
+    _require(x.dim() == 2 and weight.dim() == 2, f"{op}: x and weight must be 2-D ([M, K], [K, N])")
+    _require(x.dtype in _kernel_dtypes(), f"{op}: x must be float16/bfloat16, got {x.dtype}")
+    _require(weight.dtype in (torch.int8, torch.int32), f"{op}: weight must be int8 or int32 (int4)")
+    k = x.shape[1]
+    n = weight.shape[1] * (INT4_PER_INT32 if weight.dtype == torch.int32 else 1)
+    _require(weight.shape[0] == k, f"{op}: weight is [{weight.shape[0]}, ...] but x has K={k}")
+    _require(antiquant_scale.dtype == x.dtype, f"{op}: antiquant_scale must have x's dtype")
+    group = antiquant_group_size
+    if group:
+        _require(
+            group % 32 == 0 and 32 <= group <= k - 1,
+            f"{op}: antiquant_group_size must be a multiple of 32 in [32, K-1]",
+        )
+        _require(
+            tuple(antiquant_scale.shape) == (math.ceil(k / group), n),
+            f"{op}: per-group antiquant_scale must be (ceil(K/group), N) = ({math.ceil(k / group)}, {n})",
+        )
+    else:
+        _require(
+            tuple(antiquant_scale.shape) in ((1,), (1, 1), (n,), (1, n)),
+            f"{op}: antiquant_scale {tuple(antiquant_scale.shape)} is neither per tensor nor per channel (N={n})",
+        )
+    return n
+
+
+@torch.library.custom_op(f"{_NS}::weight_quant_batchmatmul", mutates_args=())
+def _weight_quant_batchmatmul_op(
+    x: torch.Tensor, weight: torch.Tensor, antiquant_scale: torch.Tensor, antiquant_group_size: int
+) -> torch.Tensor:
+    n = _wqbmm_static(x, weight, antiquant_scale, antiquant_group_size)
+    _record(
+        "npu_weight_quant_batchmatmul", m=x.shape[0], n=n, group=antiquant_group_size, dtype=str(weight.dtype)
+    )
+    w = _unpack_int4_words(weight) if weight.dtype == torch.int32 else weight.float()  # [K, N]
+    scale = antiquant_scale.float()
+    if antiquant_group_size:
+        scale = scale.repeat_interleave(antiquant_group_size, dim=0)[: w.shape[0]]
+    return (x.float() @ (w * scale)).to(x.dtype)
+
+
+@_weight_quant_batchmatmul_op.register_fake
+def _weight_quant_batchmatmul_fake(x, weight, antiquant_scale, antiquant_group_size):
+    n = _wqbmm_static(x, weight, antiquant_scale, antiquant_group_size)
+    return x.new_empty(x.shape[0], n)
+
+
+def npu_weight_quant_batchmatmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    antiquant_scale: torch.Tensor,
+    antiquant_offset: Optional[torch.Tensor] = None,
+    quant_scale: Optional[torch.Tensor] = None,
+    quant_offset: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    antiquant_group_size: int = 0,
+    inner_precise: int = 0,
+) -> torch.Tensor:
+    """y = x @ (weight * antiquant_scale), weight [K, N] int8 or packed int4 (int32)."""
+    _unsupported(
+        "npu_weight_quant_batchmatmul",
+        antiquant_offset=antiquant_offset,
+        quant_scale=quant_scale,
+        quant_offset=quant_offset,
+        bias=bias,
+    )
+    return _weight_quant_batchmatmul_op(x, weight, antiquant_scale, antiquant_group_size)
+
+
 # ------------------------------------------------------------------- the stand-in modules
 
 
@@ -1346,6 +1460,8 @@ TORCH_NPU_OPS = {
     "npu_rms_norm": npu_rms_norm,
     "npu_rotary_mul": npu_rotary_mul,
     "scatter_update_": scatter_update_,
+    "npu_weight_quant_batchmatmul": npu_weight_quant_batchmatmul,
+    "npu_convert_weight_to_int4pack": npu_convert_weight_to_int4pack,
 }
 
 

@@ -538,3 +538,25 @@ def test_invalid_rendezvous_timeout_is_one_line(capsys, monkeypatch, value):
     code, _, err = run_main(capsys, *FAST)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"CHATGLM_DIST_TIMEOUT={value!r} is not a positive number of seconds" in err
+
+
+def test_quantize_sweep_adds_int8_and_int4_rows_with_the_bytes_they_hold(capsys, tmp_path):
+    out_json = tmp_path / "q.json"
+    code, out, err = run_main(capsys, *FAST, "--quantize", "none", "8", "4", "--output", str(out_json))
+    assert code == 0, err
+    assert "| eager (int8)" in out and "| eager (int4)" in out and "floor ms" in out
+    results = json.loads(out_json.read_text())["results"]
+    assert [r["quantization"] for r in results] == ["none", "int8", "int4"]
+    unquantized, int8, int4 = (r["decode_bytes_per_step"] for r in results)
+    assert int8 < 0.5 * unquantized and int4 < 0.6 * unquantized  # float32 preset: 4 bytes/weight
+    code, out, err = run_main(
+        capsys, *FAST, "--quantize", "none", "8", "--ablation", "--graph_backend", "eager"
+    )
+    assert code == 0, err
+    assert "| all + int8" in out.split("ablation (speed-up vs baseline):")[1]
+
+
+def test_unusable_quant_kernel_is_one_line_with_exit_code_2(capsys, monkeypatch):
+    monkeypatch.setenv("CHATGLM_QUANT_KERNEL", "npu")
+    code, out, err = run_main(capsys, *FAST, "--quantize", "8")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "CHATGLM_QUANT_KERNEL=math" in err

@@ -232,35 +232,6 @@ def test_sequence_classification_uses_the_last_position():
     assert {"classifier_head.weight", "classifier_head.bias"} <= set(model.state_dict())
 
 
-def test_quantize_without_the_checkpoint_quantizer_says_where_to_put_it():
-    model = _random_model()
-    with pytest.raises(FileNotFoundError, match="quantization.py"):
-        model.quantize(4)
-    assert model.quantize(0) is model
-
-
-def test_quantize_delegates_to_the_checkpoint_quantization_file(tmp_path):
-    (tmp_path / "quantization.py").write_text(
-        "import torch\n"
-        "def quantize(encoder, weight_bit_width, empty_init=False, device=None, **kwargs):\n"
-        "    for layer in encoder.layers:\n"
-        "        w = layer.mlp.dense_4h_to_h.weight\n"
-        "        scale = w.abs().amax(dim=1, keepdim=True) / (2 ** (weight_bit_width - 1) - 1)\n"
-        "        with torch.no_grad():\n"
-        "            w.copy_(torch.round(w / scale) * scale)\n"
-        "    encoder.quantized_bits = weight_bit_width\n"
-        "    return encoder\n"
-    )
-    model = _random_model()
-    model.config._name_or_path = str(tmp_path)
-    before = model.transformer.encoder.layers[0].mlp.dense_4h_to_h.weight.clone()
-    assert model.quantize(4) is model
-    assert model.transformer.encoder.quantized_bits == 4 and model.config.quantization_bit == 4
-    after = model.transformer.encoder.layers[0].mlp.dense_4h_to_h.weight
-    assert not torch.equal(before, after)
-    assert after.unique().numel() <= 15 * after.shape[0]
-
-
 # --- bad input: precise errors --------------------------------------------------------------
 
 
