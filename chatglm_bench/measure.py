@@ -297,3 +297,40 @@ def measure(
         graph_backend=str(options.get("graph_backend", "-")) if options["exe_mode"] == "dynamo" else "-",
     )
     return record, steady
+
+
+def run_plan(
+    entries,
+    model_for,
+    batches: Dict[int, Batch],
+    new_tokens: int,
+    *,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    progress=None,
+) -> Tuple[List[Measurement], Optional[torch.Tensor]]:
+    """Every plan entry at every batch size, by the same :func:`measure`. ``model_for(entry)``
+    gives the model an entry runs. Returns the records and the tokens of the first steady run
+    (the answers a real checkpoint gives)."""
+    records: List[Measurement] = []
+    answers = None
+    for entry in entries:
+        model = model_for(entry)
+        for batch in batches.values():
+            record, steady = measure(
+                model,
+                batch,
+                new_tokens,
+                label=entry.label,
+                options=entry.ran,
+                warmup=warmup,
+                iters=iters,
+                device=device,
+                progress=progress,
+            )
+            record.quantization = entry.quantization
+            records.append(record)
+            if answers is None:
+                answers = steady.tokens
+    return records, answers

@@ -226,9 +226,9 @@ def test_quantize_replaces_the_block_linears_and_the_output_layer_for_int8_only(
 # set at the measured value plus a margin, and the miss is reported in the README.
 @pytest.mark.parametrize("bits, max_error", [(8, 0.03), (4, 0.28)])
 def test_quantized_logits_stay_close_to_the_unquantized_model(bits, max_error):
-    from benchmark_chatglm import build_preset_model
+    from chatglm_bench.presets import build_preset_model
 
-    model = build_preset_model("small", torch.float32, seed=0)
+    model = build_preset_model("small-32k-vocab", torch.float32, seed=0)
     ids = torch.randint(3, 32768, (1, 64), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         reference = model(ids).logits[0, -32:]

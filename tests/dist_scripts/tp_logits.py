@@ -38,8 +38,7 @@ DECODE_STEPS = 3
 
 def build_tiny_model(seed: int = 0, **changes):
     """A tiny chatglm3-shaped model (8 query heads, 2 KV groups) with seeded random weights."""
-    from make_tiny_checkpoint import randomize_
-
+    from chatglm_bench.presets import randomize_
     from configuration_chatglm import ChatGLMConfig
     from modeling_chatglm import ChatGLMForConditionalGeneration
 
