@@ -19,10 +19,11 @@ regular files, never written through into the shared ``blobs/``.
 The baseline. ``benchmark_chatglm.py --baseline`` times the ORIGINAL model from the same
 directory: it loads ``modeling_chatglm_orig.py``, not the installed file. That file does
 ``from .configuration_chatglm import ChatGLMConfig`` (and ``from .quantization import ...``), so
-the benchmark copies it into a temporary package together with ``configuration_chatglm_orig.py``
-(or ``configuration_chatglm.py`` when there is no backup, i.e. the original was identical to
-ours) and the checkpoint's untouched ``quantization.py``, rewriting that one relative import to
-``.configuration_chatglm_orig``. That is why the original configuration is backed up like the
+the benchmark copies it into a temporary package as ``modeling_chatglm.py``, beside
+``configuration_chatglm_orig.py`` saved as ``configuration_chatglm.py`` (or our
+``configuration_chatglm.py`` when there is no backup, i.e. the original was identical to ours)
+and the checkpoint's untouched ``quantization.py``; the relative imports then resolve as they
+do in the checkpoint, unchanged. That is why the original configuration is backed up like the
 other files even though our ``configuration_chatglm.py`` reads the same ``config.json``.
 """
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import os
 import shutil
 import sys
@@ -44,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from chatglm_bench import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
+from chatglm_bench.cli import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
 
 OUR_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
 
@@ -73,20 +73,18 @@ def backup_name(name: str) -> str:
 
 
 def _check_dir(checkpoint_dir: Union[str, Path], *, writable: bool) -> Path:
+    """The model file's own check of a checkpoint directory (one check for the model, the
+    benchmark and this script), then write permission when we are to write."""
+    from modeling_chatglm import check_checkpoint_dir
+
     directory = Path(checkpoint_dir)
-    if not directory.is_dir():
-        raise UsageError(
-            f"checkpoint directory {directory} does not exist; pass the downloaded chatglm3 folder"
-        )
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise UsageError(f"{directory} has no config.json; pass the chatglm3 checkpoint folder that holds it")
     try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, OSError, AttributeError) as error:
-        raise UsageError(f"{config_file} is not a valid config ({error})") from None
-    if model_type != "chatglm":
-        raise UsageError(f"{config_file} has model_type={model_type!r}, not 'chatglm'; refusing to touch it")
+        # Absolute: a relative name that does not exist is a missing folder here, not a hub id.
+        check_checkpoint_dir(str(directory.absolute()))
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    except AttributeError:  # config.json holds JSON that is not an object
+        raise UsageError(f"{directory / 'config.json'} is not a valid config (not a JSON object)") from None
     if writable and not os.access(directory, os.W_OK):
         raise UsageError(f"{directory} is not writable; fix its permissions or copy the checkpoint first")
     return directory

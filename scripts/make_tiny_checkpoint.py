@@ -11,10 +11,11 @@ The directory gets ``config.json`` (the real checkpoint's ``auto_map``), ``model
 ``tokenizer_config.json`` for ``AutoTokenizer``.
 
 The weights are random: good for tests, demos, timing and bug reports, useless for answers.
-The recipe is the golden fixtures' (``shared/golden/README.md``): the model is built after
-``torch.manual_seed(seed)``, then every parameter, in ``named_parameters()`` order, is drawn
-from ``torch.Generator().manual_seed(seed)`` as ``randn * 0.02`` (plus 1 for the RMSNorm
-weights, so the norms do not squash activations to zero). Draws are made in float32 and then
+The recipe is the golden fixtures' (``tests/golden/README.md``): the model is built after
+``torch.manual_seed(seed)``, then ``chatglm_bench.presets.randomize_`` draws every parameter, in
+``named_parameters()`` order, from ``torch.Generator().manual_seed(seed)`` as ``randn * 0.02``
+(plus 1 for the RMSNorm weights, so the norms do not squash activations to zero). The presets
+are the benchmark's table (``chatglm_bench/presets.py``). Draws are made in float32 and then
 cast, so a bfloat16 checkpoint is exactly the rounded float32 one. The ``tiny`` preset with
 seed 0 reproduces ``golden/tiny-chatglm3`` bit for bit.
 """
