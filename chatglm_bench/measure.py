@@ -109,6 +109,7 @@ def decode(
     steps: int,
     *,
     feed: Optional[torch.Tensor] = None,
+    first_position: Optional[torch.Tensor] = None,
     keep_logits: bool = False,
     sync: Callable[[], None] = lambda: None,
     on_prefill: Optional[Callable[[Any], None]] = None,
@@ -119,7 +120,7 @@ def decode(
 
     Each step feeds the previous forward's greedy token, or ``feed[step]`` (``[steps, b]``) when
     given; positions continue from the prompt's last one (``position_ids=None``: the model's
-    own ``0..length-1``). ``keep_logits``: the prefill returns every position's logits and the
+    own ``0..length-1``), or from ``first_position`` (``[b, 1]``) when given. ``keep_logits``: the prefill returns every position's logits and the
     run keeps them all (else only the last position is computed, as in generation).
     ``on_prefill(cache)`` sees the cache right after the prefill (before decode changes it)."""
     batch, length = input_ids.shape
@@ -142,9 +143,12 @@ def decode(
     if on_prefill is not None:
         on_prefill(cache)
     mask = attention_mask if attention_mask is not None else input_ids.new_ones((batch, length))
-    position = (
-        position_ids[:, -1:] if position_ids is not None else input_ids.new_full((batch, 1), length - 1)
-    )
+    if first_position is not None:
+        position = first_position - 1
+    elif position_ids is not None:
+        position = position_ids[:, -1:]
+    else:
+        position = input_ids.new_full((batch, 1), length - 1)
     ones = mask.new_ones((batch, 1))
     for step in range(steps):
         mask = torch.cat([mask, ones], dim=-1)

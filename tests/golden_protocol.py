@@ -71,14 +71,17 @@ def variant_inputs(expected, variant: str):
 
 def run_protocol(model, input_ids, attention_mask, position_ids, n_decode: int = N_DECODE) -> ProtocolResult:
     """Prefill, then ``n_decode`` greedy steps (the shared decode protocol), as the fixtures were
-    produced; the prefill cache is copied before decoding changes it."""
+    produced: step i at position ``length + i`` for every row; the prefill cache is copied before
+    decoding changes it."""
     snapshot = []
+    batch, length = input_ids.shape
     run = decode(
         model,
         input_ids,
         attention_mask,
         position_ids,
         n_decode,
+        first_position=torch.full((batch, 1), length),
         keep_logits=True,
         on_prefill=lambda cache: snapshot.append(stack_cache(cache).float().clone()),
     )
