@@ -186,7 +186,7 @@ def run(args) -> int:
     directory = checkpoint.check_checkpoint(args.model_path) if args.model_path else None
     if directory is not None and args.baseline:
         checkpoint.check_baseline_source(directory)
-    prompts = inputs.read_prompts(args) if directory else None
+    prompts = inputs.read_prompts(args.prompt, args.prompts_file, args.repeat_prompts) if directory else None
 
     import torch
 
@@ -203,9 +203,10 @@ def run(args) -> int:
     device = plan.resolve_device(args.device)
     n_params = checkpoint.checkpoint_params(directory) if directory else preset_params(args.preset)
     dtype, dtype_reason = plan.resolve_dtype(args.dtype, device, n_params)
-    entries = plan.build_plan(args, choices, device, dtype, env.world_size)
-    plan.context_check(args, shape["seq_length"])
-    models.check_memory(args, shape, n_params, dtype, device, env)
+    entries = plan.build_plan(choices, device, dtype, env.world_size, args.ablation, args.baseline)
+    tokens = args.input_max_len + args.max_new_tokens
+    plan.context_check(args.input_max_len, args.max_new_tokens, shape["seq_length"])
+    models.check_memory(args.batch_size, tokens, shape, n_params, dtype, device, env)
     env = distributed.init_distributed(env, device.type)
     device = torch.device(env.device)
 
@@ -213,7 +214,10 @@ def run(args) -> int:
         if env.is_rank0:
             say(*parts)
 
-    model = models.build_model(args, directory, dtype, device)
+    def build():
+        return models.build_model(directory, args.preset, args.seed, dtype, device, tokens)
+
+    model = build()
     if directory is not None:
         from tokenization_chatglm import ChatGLMTokenizer
 
@@ -247,7 +251,7 @@ def run(args) -> int:
     }
     source_of = models.ModelSource(
         model,
-        rebuild=lambda: models.build_model(args, directory, dtype, device),
+        rebuild=build,
         load_original=lambda: models.load_original_model(directory, dtype).to(device),
     )
     progress = report.make_progress(
@@ -275,7 +279,7 @@ def run(args) -> int:
         report.write_json(output, {**payload, "results": [r.as_dict() for r in records]})
     if plot:
         report.write_plot(plot, records, f"{source} · {hardware.device_name} · {dtype_name(dtype)}")
-    say("\n" + report.header(args, device, dtype, dtype_reason, env.world_size, hardware))
+    say("\n" + report.header(records, device, dtype, dtype_reason, env.world_size, hardware))
     say(report.latency_table(records, hardware))
     if args.ablation:
         say("\nablation (speed-up vs baseline):")

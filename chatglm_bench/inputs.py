@@ -21,8 +21,9 @@ class Prompts:
     repeat: bool
 
 
-def read_prompts(args) -> Prompts:
-    texts: List[str] = list(args.prompt or [])
+def read_prompts(prompts: Optional[List[str]], prompts_file: Optional[str], repeat: bool) -> Prompts:
+    """--prompt texts, then --prompts-file lines; none given: the built-in prompts, cycled."""
+    texts: List[str] = list(prompts or [])
     for text in texts:
         try:
             text.encode("utf-8")
@@ -34,22 +35,22 @@ def read_prompts(args) -> Prompts:
             raise UsageError(
                 f"--prompt {shown!r} is not valid UTF-8 text; pass it in UTF-8 (check the terminal's locale)"
             ) from None
-    if args.prompts_file:
+    if prompts_file:
         try:
-            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+            lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
         except OSError as error:
-            raise UsageError(f"cannot read --prompts-file {args.prompts_file}: {error.strerror}") from None
+            raise UsageError(f"cannot read --prompts-file {prompts_file}: {error.strerror}") from None
         except UnicodeDecodeError as error:
             raise UsageError(
-                f"--prompts-file {args.prompts_file} is not UTF-8 text (bad byte at offset {error.start}); "
+                f"--prompts-file {prompts_file} is not UTF-8 text (bad byte at offset {error.start}); "
                 "save it as UTF-8 (e.g. iconv -t UTF-8)"
             ) from None
         texts += [line for line in lines if line.strip()]
         if not texts:
-            raise UsageError(f"--prompts-file {args.prompts_file} has no prompts (one per line)")
+            raise UsageError(f"--prompts-file {prompts_file} has no prompts (one per line)")
     if not texts:
         return Prompts(list(DEFAULT_PROMPTS), repeat=True)  # built-in prompts always cycle
-    return Prompts(texts, repeat=args.repeat_prompts)
+    return Prompts(texts, repeat=repeat)
 
 
 def tokenize_batch(tokenizer, prompts: Prompts, batch_size: int, input_max_len: int):

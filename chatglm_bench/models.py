@@ -110,15 +110,14 @@ def available_memory(device) -> Optional[int]:
         return None
 
 
-def check_memory(args, shape: Dict, n_params: int, dtype, device, env) -> None:
+def check_memory(batch_sizes, tokens: int, shape: Dict, n_params: int, dtype, device, env) -> None:
     """Refuse a batch that clearly cannot fit, with the numbers, before loading anything."""
     free = available_memory(device)
     if free is None:
         return
     # Ranks on one CPU node share its RAM.
     sharing = env.local_world_size if device.type == "cpu" else 1
-    tokens = args.input_max_len + args.max_new_tokens
-    for batch in sorted(set(args.batch_size), reverse=True):
+    for batch in sorted(set(batch_sizes), reverse=True):
         need = sharing * memory_estimate(shape, n_params, dtype, batch, tokens, env.world_size)
         if need > free:
             raise UsageError(
@@ -163,13 +162,13 @@ class ModelSource:
         return self.original
 
 
-def build_model(args, directory: Optional[Path], dtype, device):
+def build_model(directory: Optional[Path], preset: str, seed: int, dtype, device, tokens: int):
     """Ours, on the checkpoint's weights or with the preset's random weights, on ``device`` with
-    a static cache long enough for the run."""
+    a static cache of ``tokens`` positions (prompt + new tokens)."""
     if directory is not None:
         model = load_checkpoint_model(directory, dtype)
     else:
-        model = build_preset_model(args.preset, dtype, args.seed)
+        model = build_preset_model(preset, dtype, seed)
     model = model.to(device)
-    model.transformer.static_cache_len = args.input_max_len + args.max_new_tokens
+    model.transformer.static_cache_len = tokens
     return model

@@ -189,10 +189,10 @@ def ablation_plan(device_kind: str, graph_backend: str, with_graph: bool = True)
     return [(label, {**base, **change}) for label, change in steps]
 
 
-def option_sets(args, choices: Choices, device) -> List[Tuple[str, Dict]]:
+def option_sets(ablation: bool, choices: Choices, device) -> List[Tuple[str, Dict]]:
     """(label, fast-path options) of every configuration of our model, in order."""
     switches = choices.switches
-    if args.ablation:
+    if ablation:
         # Graph rows unless the user asked for eager only (flag or EXE_MODE).
         eager_only = choices.modes_asked and choices.modes == ["eager"]
         return ablation_plan(device.type, switches["graph_backend"], with_graph=not eager_only)
@@ -249,23 +249,25 @@ def check_quantize(levels: List[int], world_size: int, device, dtype) -> None:
             raise UsageError(str(error)) from None
 
 
-def build_plan(args, choices: Choices, device, dtype, world_size: int) -> List[Entry]:
+def build_plan(
+    choices: Choices, device, dtype, world_size: int, ablation: bool, baseline: bool
+) -> List[Entry]:
     """Every entry to time, in order: each option set per quantization level (with --ablation a
     quantized level adds only its 'all' row), then the original model per mode (--baseline)."""
     import torch
 
     compilers = {"auto", "torchair", *torch._dynamo.list_backends(exclude_tags=())}
-    sets = option_sets(args, choices, device)
+    sets = option_sets(ablation, choices, device)
     resolved = [resolve_options(label, options, device, dtype, compilers) for label, options in sets]
     check_quantize(choices.levels, world_size, device, dtype)
     entries: List[Entry] = []
     for bits in choices.levels:
         pairs = list(zip(sets, resolved))
-        for (label, options), ran in pairs[-1:] if args.ablation and bits else pairs:
+        for (label, options), ran in pairs[-1:] if ablation and bits else pairs:
             if bits:
                 label = f"int{bits}" if label == "run" else f"{label} + int{bits}"
             entries.append(Entry(label, options, ran, bits))
-    if args.baseline:
+    if baseline:
         for mode in choices.modes:
             options = dict(ORIGINAL_OPTIONS, exe_mode=mode)
             entries.append(Entry("original", options, options, original=True))
@@ -277,9 +279,9 @@ def graph_options(entries: List[Entry]) -> List[Dict[str, str]]:
     return [entry.options for entry in entries if not entry.original]
 
 
-def context_check(args, seq_length: Optional[int]) -> None:
-    if seq_length is not None and args.input_max_len + args.max_new_tokens > seq_length:
+def context_check(input_max_len: int, max_new_tokens: int, seq_length: Optional[int]) -> None:
+    if seq_length is not None and input_max_len + max_new_tokens > seq_length:
         raise UsageError(
-            f"--input_max_len {args.input_max_len} + --max_new_tokens {args.max_new_tokens} exceeds the "
+            f"--input_max_len {input_max_len} + --max_new_tokens {max_new_tokens} exceeds the "
             f"model's context (seq_length={seq_length}); lower them or use a longer-context checkpoint"
         )

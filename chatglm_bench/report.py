@@ -243,13 +243,14 @@ def environment(args, device, dtype, dtype_reason: str, world_size: int, source:
     }
 
 
-def header(args, device, dtype, dtype_reason: str, world_size: int, hardware: HardwareRef) -> str:
+def header(records: List[Measurement], device, dtype, dtype_reason: str, world_size: int, hardware) -> str:
     """The lines above the tables: what ran where, and the hardware yardstick."""
     units = " ".join(cpu_bf16_units()) or "none"
+    first = records[0]
     return (
         f"device: {hardware.device_name} ({device}), dtype {dtype_name(dtype)} ({dtype_reason}), world size "
-        f"{world_size}, input {args.input_max_len} tokens, {args.max_new_tokens} new tokens, "
-        f"{args.iters} timed runs\n"
+        f"{world_size}, input {first.input_len} tokens, {first.new_tokens} new tokens, "
+        f"{first.iters} timed runs\n"
         f"cpu: {cpu_model()}; bf16 units (AVX512-BF16/AMX): {units}\n"
         f"hardware reference ({hardware.source}): "
         f"{_fmt(hardware.bandwidth_gbs)} GB/s, {_fmt(hardware.tflops, 2)} TFLOP/s\n"
