@@ -241,7 +241,7 @@ def run(args) -> int:
         )
 
     hardware = hardware_reference(device, dtype)
-    batches = {
+    by_size = {
         size: (
             inputs.tokenize_batch(tokenizer, prompts, size, args.input_max_len)
             if tokenizer is not None
@@ -249,6 +249,7 @@ def run(args) -> int:
         ).to(device)
         for size in args.batch_size
     }
+    batches = [by_size[size] for size in args.batch_size]
     source_of = models.ModelSource(
         model,
         rebuild=build,

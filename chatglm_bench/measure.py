@@ -359,7 +359,7 @@ def measure(
 def run_plan(
     entries,
     model_for,
-    batches: Dict[int, Batch],
+    batches: List[Batch],
     new_tokens: int,
     *,
     warmup: int,
@@ -374,7 +374,7 @@ def run_plan(
     answers = None
     for entry in entries:
         model = model_for(entry)
-        for batch in batches.values():
+        for batch in batches:
             record, steady = measure(
                 model,
                 batch,
