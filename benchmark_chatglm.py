@@ -203,12 +203,14 @@ def run(args) -> int:
     device = plan.resolve_device(args.device)
     n_params = checkpoint.checkpoint_params(directory) if directory else preset_params(args.preset)
     dtype, dtype_reason = plan.resolve_dtype(args.dtype, device, n_params)
-    entries = plan.build_plan(choices, device, dtype, env.world_size, args.ablation, args.baseline)
     tokens = args.input_max_len + args.max_new_tokens
-    plan.context_check(args.input_max_len, args.max_new_tokens, shape["seq_length"])
     models.check_memory(args.batch_size, tokens, shape, n_params, dtype, device, env)
+    # The ranks meet before anything loads the model file, so a failed rendezvous is reported
+    # at once; every later error is the same on every rank.
     env = distributed.init_distributed(env, device.type)
     device = torch.device(env.device)
+    entries = plan.build_plan(choices, device, dtype, env.world_size, args.ablation, args.baseline)
+    plan.context_check(args.input_max_len, args.max_new_tokens, shape["seq_length"])
 
     def say0(*parts):
         if env.is_rank0:

@@ -95,8 +95,12 @@ def resolve_choices(args) -> Choices:
 
 
 def npu_available() -> bool:
+    import importlib.util
+
     import torch
 
+    if importlib.util.find_spec("torch_npu") is None:
+        return False  # not installed: no need to load the model file (and transformers) to ask
     from modeling_chatglm import torch_npu_present
 
     return torch_npu_present() and hasattr(torch, "npu") and torch.npu.is_available()

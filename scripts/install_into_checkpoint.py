@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import os
 import shutil
 import sys
@@ -73,18 +74,22 @@ def backup_name(name: str) -> str:
 
 
 def _check_dir(checkpoint_dir: Union[str, Path], *, writable: bool) -> Path:
-    """The model file's own check of a checkpoint directory (one check for the model, the
-    benchmark and this script), then write permission when we are to write."""
-    from modeling_chatglm import check_checkpoint_dir
-
+    # Standard library only: loading modeling_chatglm.check_checkpoint_dir would import torch and
+    # transformers (seconds, and their import-time warnings) into a file-copying script.
     directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        raise UsageError(
+            f"checkpoint directory {directory} does not exist; pass the downloaded chatglm3 folder"
+        )
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise UsageError(f"{directory} has no config.json; pass the chatglm3 checkpoint folder that holds it")
     try:
-        # Absolute: a relative name that does not exist is a missing folder here, not a hub id.
-        check_checkpoint_dir(str(directory.absolute()))
-    except (OSError, ValueError) as error:
-        raise UsageError(str(error)) from None
-    except AttributeError:  # config.json holds JSON that is not an object
-        raise UsageError(f"{directory / 'config.json'} is not a valid config (not a JSON object)") from None
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, OSError, AttributeError) as error:
+        raise UsageError(f"{config_file} is not a valid config ({error})") from None
+    if model_type != "chatglm":
+        raise UsageError(f"{config_file} has model_type={model_type!r}, not 'chatglm'; refusing to touch it")
     if writable and not os.access(directory, os.W_OK):
         raise UsageError(f"{directory} is not writable; fix its permissions or copy the checkpoint first")
     return directory
