@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 from golden_protocol import build_golden_model
 from npu_reference import install_fake_torch_npu
+from test_fast_paths import import_model_module
 
 import modeling_chatglm as M
 
@@ -155,7 +156,7 @@ def test_prefill_path_dequantizes_in_chunks_through_one_buffer(monkeypatch, bits
 @pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 32)])
 def test_npu_kernel_follows_the_documented_op_and_matches_math(monkeypatch, bits, group, dtype, rows):
     fake = install_fake_torch_npu(monkeypatch)
-    module = _fresh_model_module()
+    module = import_model_module()
     linear = torch.nn.Linear(160, 96, bias=True).to(dtype)
     layer = module.QuantizedLinear.from_linear(linear, bits, group)
     layer.kernel_option = "npu"
@@ -168,17 +169,6 @@ def test_npu_kernel_follows_the_documented_op_and_matches_math(monkeypatch, bits
     assert len(calls) == 1 and calls[0].detail["group"] == group
     assert calls[0].detail["dtype"] == ("torch.int32" if bits == 4 else "torch.int8")
     assert rel_error(out, expected) <= 1e-2
-
-
-def _fresh_model_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        f"modeling_chatglm_q{uuid.uuid4().hex[:6]}", REPO / "modeling_chatglm.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
