@@ -136,6 +136,13 @@ def _optional_import(name: str):
 
 
 _TORCH_NPU = _optional_import("torch_npu")
+
+
+def torch_npu_present() -> bool:
+    """Whether torch_npu imported when this file loaded: the one probe, the benchmark asks it too."""
+    return _TORCH_NPU is not None
+
+
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 _HAS_F_RMS_NORM = hasattr(F, "rms_norm")
 
@@ -1448,7 +1455,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        _check_checkpoint_dir(pretrained_model_name_or_path)
+        check_checkpoint_dir(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_masks(self, input_ids, past_key_values, padding_mask=None):
@@ -1470,7 +1477,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         return torch.arange(seq_length, dtype=torch.long, device=device).unsqueeze(0).repeat(batch_size, 1)
 
 
-def _check_checkpoint_dir(path) -> None:
+def check_checkpoint_dir(path) -> None:
     """Clear errors for the local directories users point us at (hub ids pass through)."""
     if path is None or not isinstance(path, (str, os.PathLike)):
         return
@@ -1897,7 +1904,7 @@ def _raise_recompile_limit() -> None:
         setattr(config, _RECOMPILE_LIMIT_NAME, GRAPH_RECOMPILE_LIMIT)
 
 
-def _compile_kwargs(
+def compile_kwargs(
     options: RuntimeOptions, device: torch.device, static_decode: bool = False
 ) -> Dict[str, Any]:
     """``torch.compile`` settings per device, from one place. ``static_decode``: the decode graph
@@ -1919,6 +1926,9 @@ def _compile_kwargs(
         # the parameters and the static cache, marked with mark_static_address).
         return {"backend": "inductor", "mode": "reduce-overhead", **shapes}
     return {"backend": backend, **shapes}
+
+
+_compile_kwargs = compile_kwargs  # the name the model's own graph builder uses
 
 
 def _torchair_backend(static_decode: bool):

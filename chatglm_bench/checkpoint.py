@@ -11,9 +11,9 @@ offsets (an interrupted download), and a ``tokenizer.model`` SentencePiece canno
 import json
 import struct
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from . import UsageError
+from .cli import UsageError
 
 REDOWNLOAD = "re-download it (huggingface-cli download THUDM/chatglm3-6b)"
 # Bytes per element of each safetensors dtype.
@@ -164,3 +164,67 @@ def load_error_message(directory: Path, error: BaseException) -> str:
     else:
         lines.append(f"the checkpoint looks damaged; {REDOWNLOAD}")
     return f"cannot load {directory} ({type(error).__name__}: {lines[0]}); {lines[1]}"
+
+
+def check_checkpoint(path: str) -> Path:
+    """--model_path: the model's own directory check, weights and tokenizer present, then every
+    cheap check of :func:`check_directory` against the shapes config.json implies."""
+    from modeling_chatglm import check_checkpoint_dir
+
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise UsageError(f"--model_path {path} does not exist; pass the downloaded chatglm3-6b directory")
+    try:
+        check_checkpoint_dir(str(directory))
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
+        raise UsageError(f"{path} has no *.safetensors or *.bin weights; the download looks incomplete")
+    if not (directory / "tokenizer.model").is_file():
+        raise UsageError(f"{path} has no tokenizer.model; copy it from the chatglm3-6b release")
+    check_directory(directory, expected_shapes(directory))
+    return directory
+
+
+def expected_shapes(directory: Path) -> Optional[Dict[str, tuple]]:
+    """Parameter name -> shape, as the directory's config.json builds the model (on the meta
+    device: no memory, no time). None when that cannot be known cheaply: a pre-quantized
+    checkpoint stores packed weights of other shapes, and a config the model cannot be built
+    from is left for the loader to report (in one line, see load_checkpoint_model)."""
+    import torch
+
+    from configuration_chatglm import ChatGLMConfig
+    from modeling_chatglm import ChatGLMForConditionalGeneration
+
+    try:
+        config = ChatGLMConfig.from_pretrained(str(directory))
+        if getattr(config, "quantization_bit", 0):
+            return None
+        with torch.device("meta"):
+            model = ChatGLMForConditionalGeneration(config, empty_init=True)
+    except Exception:
+        return None
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_baseline_source(directory: Path) -> None:
+    if not (directory / "modeling_chatglm_orig.py").is_file():
+        raise UsageError(
+            f"--baseline: {directory} has no modeling_chatglm_orig.py; run "
+            "scripts/install_into_checkpoint.py on it (it keeps the original there)"
+        )
+
+
+def checkpoint_params(directory: Path) -> int:
+    """Parameter count from the weight files' sizes (fp16/bf16 checkpoints: 2 bytes each)."""
+    files = list(directory.glob("*.safetensors")) or list(directory.glob("*.bin"))
+    return sum(f.stat().st_size for f in files) // 2
+
+
+def model_shape(directory: Path) -> Dict[str, Any]:
+    """The architecture numbers the up-front checks need, without building the model."""
+    from configuration_chatglm import ChatGLMConfig
+
+    defaults = vars(ChatGLMConfig())
+    config = read_config(directory)
+    return {key: config.get(key, defaults.get(key)) for key in defaults}

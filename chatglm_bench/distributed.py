@@ -105,12 +105,13 @@ def visible_devices(device_kind: str) -> Optional[int]:
     if device_kind == "cpu":
         return None
     if device_kind == "npu":
-        try:
-            import torch_npu  # noqa: F401  (registers torch.npu and the hccl backend)
-        except ImportError:
+        # The model file's import of torch_npu (when present) registers torch.npu and hccl.
+        from modeling_chatglm import torch_npu_present
+
+        if not torch_npu_present():
             raise UsageError(
                 "--device npu needs torch_npu (pip install -r requirements-npu.txt, with the CANN toolkit)"
-            ) from None
+            )
     return getattr(torch, device_kind).device_count()
 
 

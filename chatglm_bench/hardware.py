@@ -2,9 +2,11 @@
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
+
+from .cli import dtype_name
 
 
 @dataclass(frozen=True)
@@ -28,21 +30,39 @@ KNOWN_PEAKS = (
 )
 
 
+# CPU flags (as /proc/cpuinfo spells them) of the units that run bfloat16 matmuls natively.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def _cpuinfo_field(name: str) -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    import platform
+
+    return _cpuinfo_field("model name") or platform.processor() or "cpu"
+
+
+def cpu_bf16_units() -> List[str]:
+    """Which of :data:`BF16_FLAGS` this CPU reports (empty off Linux or on CPUs without them)."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return [flag for flag in BF16_FLAGS if flag in flags]
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "npu":
         return torch.npu.get_device_name(device)
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return cpu_model()
 
 
 def known_peak(name: str) -> Optional[Peak]:
@@ -78,6 +98,20 @@ def measure_cpu_matmul_tflops(dtype: torch.dtype, n: int = 1024, repeats: int = 
     return 2 * n**3 / best / 1e12
 
 
+def measure_cpu_gemv_s(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+    """Seconds of one n x n matrix-vector product in ``dtype`` on this CPU, best of ``repeats``:
+    a decode step is such products over the weights."""
+    weight = torch.randn(n, n).to(dtype)
+    vector = torch.randn(1, n).to(dtype)
+    torch.nn.functional.linear(vector, weight)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(vector, weight)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @dataclass
 class HardwareRef:
     """The references a run's bandwidth and FLOP/s are compared with."""
@@ -99,8 +133,7 @@ def hardware_reference(device: torch.device, dtype: torch.dtype) -> HardwareRef:
             name,
             measure_cpu_bandwidth(),
             rates[best],
-            f"measured here: read bandwidth of a 256 MiB tensor, best 1024^3 matmul "
-            f"({str(best).replace('torch.', '')})",
+            f"measured here: read bandwidth of a 256 MiB tensor, best 1024^3 matmul ({dtype_name(best)})",
         )
     peak = known_peak(name)
     if peak is None:

@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,11 +37,17 @@ class Batch:
 
 @dataclass
 class Run:
-    """One generation: prefill seconds, per-decode-step seconds, generated token ids."""
+    """One generation: prefill seconds, per-decode-step seconds, the token each forward chose
+    (greedy, ``[b, steps + 1]``: the prefill's, then each step's) and, when kept, the logits
+    (``prefill_logits``; ``step_logits``, one ``[b, 1, vocab]`` per step) and the final cache."""
 
     prefill_s: float
     step_s: List[float]
-    tokens: torch.Tensor  # [b, new]
+    tokens: torch.Tensor  # [b, steps + 1]
+    prefill_logits: Optional[torch.Tensor] = None
+    step_logits: List[torch.Tensor] = field(default_factory=list)
+    cache: Any = None
+    mask: Optional[torch.Tensor] = None  # the attention mask after the last step
 
 
 @dataclass
@@ -94,38 +100,63 @@ def cache_of(outputs):
     return outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
 
 
-@torch.inference_mode()
-def timed_generation(model, batch: Batch, new_tokens: int, sync: Callable[[], None], on_step=None) -> Run:
-    """Greedy generation of exactly ``new_tokens`` tokens (no stopping), each forward timed.
+@torch.no_grad()
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    position_ids: Optional[torch.Tensor],
+    steps: int,
+    *,
+    feed: Optional[torch.Tensor] = None,
+    first_position: Optional[torch.Tensor] = None,
+    keep_logits: bool = False,
+    sync: Callable[[], None] = lambda: None,
+    on_prefill: Optional[Callable[[Any], None]] = None,
+    on_step: Optional[Callable[[], None]] = None,
+) -> Run:
+    """The decode protocol every caller shares: a prefill over the (left-padded) prompts, then
+    ``steps`` one-token forwards on the KV cache, each timed (``sync`` waits for the device).
 
-    The first token comes from the prefill; ``new_tokens - 1`` decode steps follow, each a
-    one-token forward on the KV cache (what HF ``generate`` does, without its Python overhead).
-    """
+    Each step feeds the previous forward's greedy token, or ``feed[step]`` (``[steps, b]``) when
+    given; positions continue from the prompt's last one (``position_ids=None``: the model's
+    own ``0..length-1``), or from ``first_position`` (``[b, 1]``) when given. ``keep_logits``: the prefill returns every position's logits and the
+    run keeps them all (else only the last position is computed, as in generation).
+    ``on_prefill(cache)`` sees the cache right after the prefill (before decode changes it)."""
+    batch, length = input_ids.shape
     sync()
     start = time.perf_counter()
     out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
         use_cache=True,
         return_dict=True,
-        return_last_logit=True,
+        return_last_logit=not keep_logits,
     )
     token = out.logits[:, -1].argmax(-1)
     sync()
     prefill_s = time.perf_counter() - start
-    tokens = [token]
+    prefill_logits = out.logits if keep_logits else None
+    tokens, step_logits, times = [token], [], []
     cache = cache_of(out)
-    mask = batch.attention_mask
-    position = batch.position_ids[:, -1:]
-    ones = mask.new_ones((batch.size, 1))
-    steps: List[float] = []
-    for _ in range(new_tokens - 1):
+    if on_prefill is not None:
+        on_prefill(cache)
+    mask = attention_mask if attention_mask is not None else input_ids.new_ones((batch, length))
+    if first_position is not None:
+        position = first_position - 1
+    elif position_ids is not None:
+        position = position_ids[:, -1:]
+    else:
+        position = input_ids.new_full((batch, 1), length - 1)
+    ones = mask.new_ones((batch, 1))
+    for step in range(steps):
         mask = torch.cat([mask, ones], dim=-1)
         position = position + 1
+        fed = token if feed is None else feed[step]
         start = time.perf_counter()
         out = model(
-            input_ids=token[:, None],
+            input_ids=fed[:, None],
             attention_mask=mask,
             position_ids=position,
             past_key_values=cache,
@@ -135,12 +166,38 @@ def timed_generation(model, batch: Batch, new_tokens: int, sync: Callable[[], No
         )
         token = out.logits[:, -1].argmax(-1)
         sync()
-        steps.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
         cache = cache_of(out)
         tokens.append(token)
+        if keep_logits:
+            step_logits.append(out.logits)
         if on_step is not None:
             on_step()
-    return Run(prefill_s=prefill_s, step_s=steps, tokens=torch.stack(tokens, dim=1))
+    return Run(
+        prefill_s=prefill_s,
+        step_s=times,
+        tokens=torch.stack(tokens, dim=1),
+        prefill_logits=prefill_logits,
+        step_logits=step_logits,
+        cache=cache,
+        mask=mask,
+    )
+
+
+def timed_generation(model, batch: Batch, new_tokens: int, sync: Callable[[], None], on_step=None) -> Run:
+    """Greedy generation of exactly ``new_tokens`` tokens (no stopping), each forward timed: the
+    first token from the prefill, ``new_tokens - 1`` decode steps after it (what HF ``generate``
+    does, without its Python overhead)."""
+    with torch.inference_mode():
+        return decode(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.position_ids,
+            new_tokens - 1,
+            sync=sync,
+            on_step=on_step,
+        )
 
 
 def percentile(values: List[float], q: float) -> float:
@@ -297,3 +354,40 @@ def measure(
         graph_backend=str(options.get("graph_backend", "-")) if options["exe_mode"] == "dynamo" else "-",
     )
     return record, steady
+
+
+def run_plan(
+    entries,
+    model_for,
+    batches: List[Batch],
+    new_tokens: int,
+    *,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    progress=None,
+) -> Tuple[List[Measurement], Optional[torch.Tensor]]:
+    """Every plan entry at every batch size, by the same :func:`measure`. ``model_for(entry)``
+    gives the model an entry runs. Returns the records and the tokens of the first steady run
+    (the answers a real checkpoint gives)."""
+    records: List[Measurement] = []
+    answers = None
+    for entry in entries:
+        model = model_for(entry)
+        for batch in batches:
+            record, steady = measure(
+                model,
+                batch,
+                new_tokens,
+                label=entry.label,
+                options=entry.ran,
+                warmup=warmup,
+                iters=iters,
+                device=device,
+                progress=progress,
+            )
+            record.quantization = entry.quantization
+            records.append(record)
+            if answers is None:
+                answers = steady.tokens
+    return records, answers

@@ -4,11 +4,12 @@ import contextlib
 import json
 import math
 import os
+import platform
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import UsageError, replacing_file
-from .hardware import HardwareRef
+from .cli import UsageError, dtype_name, replacing_file
+from .hardware import HardwareRef, cpu_bf16_units, cpu_model
 from .measure import Measurement
 
 
@@ -213,6 +214,49 @@ def write_plot(path: Path, records: List[Measurement], title: str) -> None:
         plt.close(fig)
 
 
+def environment(args, device, dtype, dtype_reason: str, world_size: int, source: str, hardware) -> Dict:
+    """What a result file says about the run: versions, device, CPU, dtype and the arguments."""
+    import torch
+    import transformers
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    for name in ("deepspeed", "torch_npu"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:
+            versions[name] = None
+    return {
+        "versions": versions,
+        "device": str(device),
+        "device_name": hardware.device_name,
+        "cpu": {"model": cpu_model(), "bf16_units": cpu_bf16_units()},
+        "hardware_reference": vars(hardware),
+        "dtype": dtype_name(dtype),
+        "dtype_choice": dtype_reason,
+        "world_size": world_size,
+        "model": source,
+        "args": {k: v for k, v in vars(args).items() if k != "local_rank"},
+    }
+
+
+def header(records: List[Measurement], device, dtype, dtype_reason: str, world_size: int, hardware) -> str:
+    """The lines above the tables: what ran where, and the hardware yardstick."""
+    units = " ".join(cpu_bf16_units()) or "none"
+    first = records[0]
+    return (
+        f"device: {hardware.device_name} ({device}), dtype {dtype_name(dtype)} ({dtype_reason}), world size "
+        f"{world_size}, input {first.input_len} tokens, {first.new_tokens} new tokens, "
+        f"{first.iters} timed runs\n"
+        f"cpu: {cpu_model()}; bf16 units (AVX512-BF16/AMX): {units}\n"
+        f"hardware reference ({hardware.source}): "
+        f"{_fmt(hardware.bandwidth_gbs)} GB/s, {_fmt(hardware.tflops, 2)} TFLOP/s\n"
+    )
+
+
 def check_writable(path: Optional[str], option: str) -> Optional[Path]:
     """Fail before a long benchmark, not after, if an output file cannot be written: open it for
     appending (never truncating what is there) and remove it again if we created it."""
@@ -237,3 +281,24 @@ def check_writable(path: Optional[str], option: str) -> Optional[Path]:
     if not existed:
         target.unlink()
     return target
+
+
+def check_outputs(output: Optional[str], plot: Optional[str]):
+    """--output and --plot: writable, distinct, and a plot matplotlib can make, before any work."""
+    output_path = check_writable(output, "--output")
+    plot_path = check_writable(plot, "--plot")
+    if output_path and plot_path and output_path.resolve() == plot_path.resolve():
+        raise UsageError(f"--output and --plot both name {output}; give them different files")
+    check_plot(plot_path)
+    return output_path, plot_path
+
+
+def make_progress(is_rank0: bool, total_steps: int):
+    """A progress bar over decode steps, on rank 0, for runs long enough to need one."""
+    if not is_rank0 or total_steps < 256:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total_steps, desc="decode steps", unit="step", mininterval=1.0, leave=False)

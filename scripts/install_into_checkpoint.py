@@ -19,10 +19,11 @@ regular files, never written through into the shared ``blobs/``.
 The baseline. ``benchmark_chatglm.py --baseline`` times the ORIGINAL model from the same
 directory: it loads ``modeling_chatglm_orig.py``, not the installed file. That file does
 ``from .configuration_chatglm import ChatGLMConfig`` (and ``from .quantization import ...``), so
-the benchmark copies it into a temporary package together with ``configuration_chatglm_orig.py``
-(or ``configuration_chatglm.py`` when there is no backup, i.e. the original was identical to
-ours) and the checkpoint's untouched ``quantization.py``, rewriting that one relative import to
-``.configuration_chatglm_orig``. That is why the original configuration is backed up like the
+the benchmark copies it into a temporary package as ``modeling_chatglm.py``, beside
+``configuration_chatglm_orig.py`` saved as ``configuration_chatglm.py`` (or our
+``configuration_chatglm.py`` when there is no backup, i.e. the original was identical to ours)
+and the checkpoint's untouched ``quantization.py``; the relative imports then resolve as they
+do in the checkpoint, unchanged. That is why the original configuration is backed up like the
 other files even though our ``configuration_chatglm.py`` reads the same ``config.json``.
 """
 
@@ -44,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from chatglm_bench import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
+from chatglm_bench.cli import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
 
 OUR_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
 
@@ -73,6 +74,8 @@ def backup_name(name: str) -> str:
 
 
 def _check_dir(checkpoint_dir: Union[str, Path], *, writable: bool) -> Path:
+    # Standard library only: loading modeling_chatglm.check_checkpoint_dir would import torch and
+    # transformers (seconds, and their import-time warnings) into a file-copying script.
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
         raise UsageError(

@@ -1,6 +1,6 @@
 """Write a small chatglm3 checkpoint with RANDOM weights, loadable like the real one.
 
-    python scripts/make_tiny_checkpoint.py OUT_DIR [--preset tiny|small] [--seed N]
+    python scripts/make_tiny_checkpoint.py OUT_DIR [--preset tiny|small-real-vocab|...] [--seed N]
         [--dtype float32|bfloat16|float16] [--set key=value ...] [--tokenizer-model PATH] [--force]
 
 The directory gets ``config.json`` (the real checkpoint's ``auto_map``), ``model.safetensors``
@@ -11,10 +11,11 @@ The directory gets ``config.json`` (the real checkpoint's ``auto_map``), ``model
 ``tokenizer_config.json`` for ``AutoTokenizer``.
 
 The weights are random: good for tests, demos, timing and bug reports, useless for answers.
-The recipe is the golden fixtures' (``shared/golden/README.md``): the model is built after
-``torch.manual_seed(seed)``, then every parameter, in ``named_parameters()`` order, is drawn
-from ``torch.Generator().manual_seed(seed)`` as ``randn * 0.02`` (plus 1 for the RMSNorm
-weights, so the norms do not squash activations to zero). Draws are made in float32 and then
+The recipe is the golden fixtures' (``tests/golden/README.md``): the model is built after
+``torch.manual_seed(seed)``, then ``chatglm_bench.presets.randomize_`` draws every parameter, in
+``named_parameters()`` order, from ``torch.Generator().manual_seed(seed)`` as ``randn * 0.02``
+(plus 1 for the RMSNorm weights, so the norms do not squash activations to zero). The presets
+are the benchmark's table (``chatglm_bench/presets.py``). Draws are made in float32 and then
 cast, so a bfloat16 checkpoint is exactly the rounded float32 one. The ``tiny`` preset with
 seed 0 reproduces ``golden/tiny-chatglm3`` bit for bit.
 """
@@ -34,7 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from chatglm_bench import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
+from chatglm_bench.cli import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
+from chatglm_bench.presets import CHATGLM3_FLAGS, PRESETS, randomize_  # noqa: E402
 
 CODE_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,49 +54,6 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
     "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
     "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
-}
-
-# The chatglm3-6b architecture flags (grouped KV heads, biased QKV, RMSNorm, half-dim rotary),
-# shared by every preset; the presets only shrink the sizes.
-_CHATGLM3_FLAGS: Dict[str, Any] = {
-    "add_bias_linear": False,
-    "add_qkv_bias": True,
-    "multi_query_attention": True,
-    "rmsnorm": True,
-    "post_layer_norm": True,
-    "apply_residual_connection_post_layernorm": False,
-    "original_rope": True,
-    "rope_ratio": 1,
-    "layernorm_epsilon": 1e-5,
-    "pad_token_id": 0,
-    "eos_token_id": 2,
-}
-
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # The golden fixture's shape: a model that runs in milliseconds.
-    "tiny": {
-        **_CHATGLM3_FLAGS,
-        "num_layers": 2,
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "kv_channels": 16,
-        "multi_query_group_num": 2,
-        "ffn_hidden_size": 160,
-        "padded_vocab_size": 128,
-        "seq_length": 256,
-    },
-    # The real vocabulary and head_dim at laptop size (~78M parameters).
-    "small": {
-        **_CHATGLM3_FLAGS,
-        "num_layers": 4,
-        "hidden_size": 512,
-        "num_attention_heads": 8,
-        "kv_channels": 64,
-        "multi_query_group_num": 2,
-        "ffn_hidden_size": 1376,
-        "padded_vocab_size": 65024,
-        "seq_length": 2048,
-    },
 }
 
 
@@ -211,7 +170,7 @@ def _config_json(config, fields: list, dtype: str, note: str) -> Dict[str, Any]:
 
 
 def _readme(preset: str, seed: int, dtype: str, values: Dict[str, Any], n_params: int) -> str:
-    sizes = ", ".join(f"{k}={values[k]}" for k in sorted(values) if k not in _CHATGLM3_FLAGS)
+    sizes = ", ".join(f"{k}={values[k]}" for k in sorted(values) if k not in CHATGLM3_FLAGS)
     return (
         "# RANDOM-weight ChatGLM3 checkpoint\n\n"
         "**The weights are RANDOM.** This is not a trained model: its answers are noise. Use it for\n"
@@ -221,21 +180,6 @@ def _readme(preset: str, seed: int, dtype: str, values: Dict[str, Any], n_params
         "Made by `scripts/make_tiny_checkpoint.py`; load it with\n"
         "`AutoModelForCausalLM.from_pretrained(this_dir, trust_remote_code=True)`.\n"
     )
-
-
-def randomize_(model, seed: int, scale: float = 0.02):
-    """Overwrite every parameter, in ``named_parameters()`` order, with ``randn * scale`` from a
-    generator seeded with ``seed`` (RMSNorm weights: 1 + that), as the golden fixtures were made."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * scale
-            if name.endswith("layernorm.weight"):
-                values += 1.0
-            param.copy_(values)
-    return model
 
 
 def make_tiny_checkpoint(
@@ -355,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(PRESETS),
         default="tiny",
         help="tiny: 2 layers, hidden 64, vocab 128 (the golden fixture's shape); "
-        "small: 4 layers, hidden 512, head_dim 64, the real 65024 vocab",
+        "small-real-vocab: 4 layers, hidden 512, head_dim 64, the real 65024 vocab "
+        "(the table in chatglm_bench/presets.py, shared with the benchmark)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")

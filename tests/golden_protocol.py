@@ -3,10 +3,12 @@
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from safetensors.torch import load_file
+
+from chatglm_bench.measure import decode
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 FIXTURES = ("tiny-chatglm3", "tiny-chatglm3-32k")
@@ -42,10 +44,6 @@ def build_golden_model(name: str, dtype: torch.dtype = torch.float32, module=Non
     return model.to(dtype).eval()
 
 
-def cache_of(out):
-    return out["cache"] if "cache" in out else out["past_key_values"]
-
-
 def stack_cache(cache) -> torch.Tensor:
     """[layers, 2, seq, batch, groups, d] from a legacy tuple cache or a StaticKVCache."""
     return torch.stack([torch.stack([k, v]) for k, v in cache])
@@ -71,49 +69,30 @@ def variant_inputs(expected, variant: str):
     return ids, torch.ones_like(ids), torch.arange(length).repeat(batch, 1)
 
 
-@torch.no_grad()
 def run_protocol(model, input_ids, attention_mask, position_ids, n_decode: int = N_DECODE) -> ProtocolResult:
-    """Prefill, then ``n_decode`` greedy steps, exactly as the fixtures were produced."""
+    """Prefill, then ``n_decode`` greedy steps (the shared decode protocol), as the fixtures were
+    produced: step i at position ``length + i`` for every row; the prefill cache is copied before
+    decoding changes it."""
+    snapshot = []
     batch, length = input_ids.shape
-    out = model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        use_cache=True,
-        return_dict=True,
-        return_last_logit=False,
+    run = decode(
+        model,
+        input_ids,
+        attention_mask,
+        position_ids,
+        n_decode,
+        first_position=torch.full((batch, 1), length),
+        keep_logits=True,
+        on_prefill=lambda cache: snapshot.append(stack_cache(cache).float().clone()),
     )
-    prefill_logits = out.logits.float()
-    cache = cache_of(out)
-    prefill_cache = stack_cache(cache).float().clone()
-    token = out.logits[:, -1].argmax(-1)
-    mask = attention_mask
-    tokens: List[torch.Tensor] = []
-    logits: List[torch.Tensor] = []
-    for step in range(n_decode):
-        tokens.append(token)
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=-1)
-        out = model(
-            input_ids=token[:, None],
-            position_ids=torch.full((batch, 1), length + step),
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-            return_dict=True,
-            return_last_logit=True,
-        )
-        logits.append(out.logits[:, -1].float())
-        cache = cache_of(out)
-        token = out.logits[:, -1].argmax(-1)
     return ProtocolResult(
-        prefill_logits=prefill_logits,
-        prefill_cache=prefill_cache,
-        greedy_tokens=torch.stack(tokens, dim=1),
-        decode_logits=torch.stack(logits),
-        next_token=token,
-        final_cache=stack_cache(cache).float(),
-        final_mask=mask,
+        prefill_logits=run.prefill_logits.float(),
+        prefill_cache=snapshot[0],
+        greedy_tokens=run.tokens[:, :-1],
+        decode_logits=torch.stack([logits[:, -1].float() for logits in run.step_logits]),
+        next_token=run.tokens[:, -1],
+        final_cache=stack_cache(run.cache).float(),
+        final_mask=run.mask,
     )
 
 

@@ -16,18 +16,14 @@ except where noted):
   ``apiref/apilist/ptaoplist_000171.html``, 6.0.RC1 ``ptaoplist_000453.html``.
 - IFA ``npu_incre_flash_attention``: Ascend/op-plugin ``docs/context/torch_npu-npu_incre_flash_
   attention.md`` (commit 312f5ee).
-- FIA ``npu_fused_infer_attention_score``: Ascend/op-plugin ``docs/context/torch_npu-npu_fused_
-  infer_attention_score.md`` (commit 0adf450; keyword ``scale``, older 6.0 pages say
-  ``scale_value``), and the CANN "sparseMode介绍 / Introduction to Sparse Mode" page
-  (ops-transformer ``docs/*/context/sparse_mode*``).
+- the CANN "sparseMode介绍 / Introduction to Sparse Mode" page (ops-transformer
+  ``docs/*/context/sparse_mode*``).
 - ``npu_rms_norm``: hiascend.com Pytorch 7.0.0 ``ptaoplist_000860.html`` (rstd = 1/Rms(x)), the
   RmsNorm IR (rstd is float32 whatever x is) in the 6.0.RC3 tuning guide
   ``performance_tuning_0024.html``.
 - ``scatter_update_``: Ascend/op-plugin ``docs/context/torch_npu-scatter_update_.md`` (commit
   5038c8c) and CANN ops-nn ``index/scatter/docs/aclnnInplaceScatterUpdate.md`` (the kernel behind
   it: scenarios 1 and 2, and the shape constraints).
-- ``npu_rotary_mul``: Ascend/op-plugin ``docs/context/torch_npu-npu_rotary_mul.md`` (commit
-  0576042; ``interleave`` mode exists only in the 7.x docs, 6.0 docs know ``half`` only).
 
 Ambiguities and the reading chosen here:
 
@@ -46,10 +42,10 @@ Ambiguities and the reading chosen here:
    the default ``next_tokens=0`` is *not* causal on its own. Causality needs a mask.
 3. With a mask under sparse_mode 0 both apply: a position is attended iff the mask says 0/False
    AND it lies inside the pre/next band AND inside the actual lengths.
-4. atten_mask True/1 = masked (not attended), documented for IFA/FIA and implied for PFA by its
+4. atten_mask True/1 = masked (not attended), documented for IFA and implied for PFA by its
    formula (mask is added, upper triangle = -inf). int8/uint8 masks must hold only 0 and 1 here.
-5. Mask shapes. PFA and FIA with S_q > 1: (S_q, S_kv), (B, S_q, S_kv), (1, S_q, S_kv),
-   (B, 1, S_q, S_kv), (1, 1, S_q, S_kv). IFA and FIA with S_q == 1: (B, S_kv), (B, 1, S_kv),
+5. Mask shapes. PFA: (S_q, S_kv), (B, S_q, S_kv), (1, S_q, S_kv),
+   (B, 1, S_q, S_kv), (1, 1, S_q, S_kv). IFA: (B, S_kv), (B, 1, S_kv),
    (B, 1, 1, S_kv). The docs allow the trailing dims to be padded up (for alignment), so a mask
    dim may exceed S_q / S_kv; only its leading [:S_q, :S_kv] part is read. Other shapes (e.g. a
    per-head mask) are rejected. sparse_mode 2/3/4 need the 2048x2048 "compressed" triangle
@@ -57,32 +53,30 @@ Ambiguities and the reading chosen here:
    content is checked and the real band is generated.
 6. A row with nothing to attend to (fully masked, or a query row beyond actual_seq_lengths, or an
    empty left-padding window) outputs zeros. The docs leave this to "row-invalid correction"
-   (FIA inner_precise 2/3) and say an empty key/value gives an all-zero output; zeros is that
+   (inner_precise 2/3 of the fused attention kernels) and say an empty key/value gives an all-zero output; zeros is that
    reading. The model must not depend on such rows.
 7. GQA: KV head ``h // (num_heads // num_key_value_heads)`` serves query head h (consecutive
    query heads share a KV head), as ``repeat_interleave`` on the head axis.
 8. Softmax and both matmuls run in float32; the output is cast to the query's dtype. On the
    device fp16 "high performance" mode (IFA inner_precise=1) may be less precise; tests compare
    with tolerances.
-9. actual_seq_lengths (PFA: query, FIA: query) and actual_seq_lengths_kv (PFA/FIA) are host int
-   lists; length 1 broadcasts to every batch, length >= B uses the first B (PFA/FIA doc), other
+9. actual_seq_lengths (PFA: query) and actual_seq_lengths_kv (PFA) are host int
+   lists; length 1 broadcasts to every batch, length >= B uses the first B (PFA doc), other
    lengths are rejected. For IFA, actual_seq_lengths are the KV lengths and must have length 1
    or B. Valid positions are at the START (right padding) unless kv_padding_size is given
    together with the lengths: then the valid window is ``[S - pad - L_b, S - pad)`` (left
    padding); a negative pad counts as 0; a window starting or ending below 0 gives zeros.
    kv_padding_size is read as one int64 value for the whole batch.
-10. FIA with S_q == 1 follows IFA, except that its KV lengths come from actual_seq_lengths_kv
-    (FIA's actual_seq_lengths are query lengths); pre/next_tokens and sparse_mode are ignored.
-    FIA's pre/next_tokens default to INT_MAX, PFA's next_tokens to 0.
+10. PFA's next_tokens defaults to 0 (see 2).
 11. dtypes: the kernels take float16/bfloat16 (int8 only with quantisation, not modelled).
     ``ALLOW_FP32`` (a test convenience, see below) also lets float32 through so the CPU tests
-    can compare against float32 goldens; npu_rms_norm and npu_rotary_mul accept float32 anyway.
-12. Contiguity: PFA and FIA say "不支持非连续的Tensor" for query/key/value and atten_mask; that is
+    can compare against float32 goldens; npu_rms_norm accepts float32 anyway.
+12. Contiguity: PFA says "不支持非连续的Tensor" for query/key/value and atten_mask; that is
     enforced. The torch_npu IFA page says nothing, but the kernel behind it (CANN ops-transformer
     ``aclnnIncreFlashAttentionV4``, parameter table) marks attenMask "Non-contiguous Tensor: ×",
     so IFA rejects a non-contiguous mask.
-13. D alignment: PFA "暂不支持D不对齐场景", FIA "输入类型全为float16、bfloat16时，D轴需16对齐"; so
-    PFA/FIA need head_dim % 16 == 0 (tiny test models must use head_dim 16, 32, ...).
+13. D alignment: PFA "暂不支持D不对齐场景"; so
+    PFA needs head_dim % 16 == 0 (tiny test models must use head_dim 16, 32, ...).
 14. npu_rms_norm normalises over the trailing ``gamma.dim()`` axes (gamma has the shape of x's
     last dims); rstd has x's leading dims and 1 for each normalised dim, float32. y is
     ``x * rstd * gamma`` computed in float32, cast to x's dtype once at the end. gamma must have
@@ -93,10 +87,6 @@ Ambiguities and the reading chosen here:
     indices act like shape (1,). The semantics of 2-D indices (shape (n, 2)) are not written
     down anywhere (CANN ops-nn issue #5483 says so), so they raise NotImplementedError. The
     device does not check bounds; the reference does, and raises.
-16. npu_rotary_mul: ``out = r1 * x + r2 * rotate(x)`` with rotate = ``cat(-x2, x1)`` of the two
-    halves (half) or ``(-x[1], x[0], -x[3], x[2], ...)`` (interleave). r1/r2 must have x's
-    dtype (assumption; the doc only lists the dtypes). Shapes per the doc's layout table;
-    values of r1/r2 must lie in [-1, 1].
 
 Not modelled (raise NotImplementedError when passed): pse_shift, quantisation and antiquant
 arguments, page attention (block_table), shared prefixes, rope inputs, TND layouts.
@@ -128,7 +118,6 @@ MAX_GQA_RATIO = 64
 ATTENTION_LAYOUTS = {
     "npu_prompt_flash_attention": ("BSH", "BSND", "BNSD", "BNSD_BSND"),
     "npu_incre_flash_attention": ("BSH", "BSND", "BNSD"),
-    "npu_fused_infer_attention_score": ("BSH", "BSND", "BNSD", "BNSD_BSND"),
 }
 MASK_DTYPES = (torch.bool, torch.int8, torch.uint8)
 
@@ -303,7 +292,7 @@ def _output_shape(g: _Geometry) -> tuple[int, ...]:
 def _check_lengths(
     op: str, name: str, lengths: Optional[list[int]], batch: int, limit: int, exact: bool
 ) -> None:
-    """exact: length 1 or B (IFA); otherwise length 1 or at least B, the first B used (PFA/FIA)."""
+    """exact: length 1 or B (IFA); otherwise length 1 or at least B, the first B used (PFA)."""
     if lengths is None:
         return
     fits = len(lengths) in (1, batch) if exact else (len(lengths) == 1 or len(lengths) >= batch)
@@ -762,148 +751,6 @@ def _ifa_fake(
     return query.new_empty(_output_shape(g))
 
 
-@torch.library.custom_op(f"{_NS}::fused_infer_attention_score", mutates_args=())
-def _fia_op(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    atten_mask: Optional[torch.Tensor],
-    actual_seq_lengths: Optional[list[int]],
-    actual_seq_lengths_kv: Optional[list[int]],
-    kv_padding_size: Optional[torch.Tensor],
-    num_heads: int,
-    scale: float,
-    pre_tokens: int,
-    next_tokens: int,
-    input_layout: str,
-    num_key_value_heads: int,
-    sparse_mode: int,
-    inner_precise: int,
-    softmax_lse_flag: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    op = "npu_fused_infer_attention_score"
-    g = _fia_static(
-        query,
-        key,
-        value,
-        atten_mask,
-        actual_seq_lengths,
-        actual_seq_lengths_kv,
-        kv_padding_size,
-        num_heads,
-        pre_tokens,
-        next_tokens,
-        input_layout,
-        num_key_value_heads,
-        sparse_mode,
-        inner_precise,
-    )
-    _record(
-        op,
-        input_layout=input_layout,
-        query_shape=tuple(query.shape),
-        key_shape=tuple(key.shape),
-        num_heads=num_heads,
-        num_key_value_heads=num_key_value_heads,
-        atten_mask_shape=None if atten_mask is None else tuple(atten_mask.shape),
-        sparse_mode=sparse_mode,
-        pre_tokens=pre_tokens,
-        next_tokens=next_tokens,
-        scale=scale,
-    )
-    if g.q_len == 1:
-        out, lse = _decode_attention(
-            op, query, key, value, g, atten_mask, actual_seq_lengths_kv, kv_padding_size, scale
-        )
-    else:
-        out, lse = _prompt_attention(
-            op,
-            query,
-            key,
-            value,
-            g,
-            atten_mask,
-            actual_seq_lengths,
-            actual_seq_lengths_kv,
-            scale,
-            pre_tokens,
-            next_tokens,
-            sparse_mode,
-        )
-    return out, lse if softmax_lse_flag else torch.zeros(1, dtype=torch.float32)
-
-
-def _fia_static(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    atten_mask: Optional[torch.Tensor],
-    q_lengths: Optional[list[int]],
-    kv_lengths: Optional[list[int]],
-    kv_padding_size: Optional[torch.Tensor],
-    num_heads: int,
-    pre_tokens: int,
-    next_tokens: int,
-    input_layout: str,
-    num_key_value_heads: int,
-    sparse_mode: int,
-    inner_precise: int,
-) -> _Geometry:
-    op = "npu_fused_infer_attention_score"
-    g = _geometry(op, query, key, value, num_heads, num_key_value_heads, input_layout)
-    _check_prompt_limits(op, g, (query, key, value, atten_mask))
-    _require(inner_precise in (0, 1, 2, 3), f"{op}: inner_precise must be 0, 1, 2 or 3")
-    if g.q_len == 1:
-        _require(g.out_layout == g.layout, f"{op}: {input_layout} needs a query S > 1")
-        _require(inner_precise in (0, 1), f"{op}: inner_precise must be 0 or 1 when the query S is 1")
-        _check_decode_arguments(op, g, atten_mask, kv_lengths, kv_padding_size, exact=False)
-    else:
-        _require(kv_padding_size is None, f"{op}: kv_padding_size with a query S > 1 is not modelled")
-        _check_prompt_arguments(
-            op, g, atten_mask, q_lengths, kv_lengths, pre_tokens, next_tokens, sparse_mode
-        )
-    return g
-
-
-@_fia_op.register_fake
-def _fia_fake(
-    query,
-    key,
-    value,
-    atten_mask,
-    actual_seq_lengths,
-    actual_seq_lengths_kv,
-    kv_padding_size,
-    num_heads,
-    scale,
-    pre_tokens,
-    next_tokens,
-    input_layout,
-    num_key_value_heads,
-    sparse_mode,
-    inner_precise,
-    softmax_lse_flag,
-):
-    g = _fia_static(
-        query,
-        key,
-        value,
-        atten_mask,
-        actual_seq_lengths,
-        actual_seq_lengths_kv,
-        kv_padding_size,
-        num_heads,
-        pre_tokens,
-        next_tokens,
-        input_layout,
-        num_key_value_heads,
-        sparse_mode,
-        inner_precise,
-    )
-    lse_shape = (g.batch, g.heads, g.q_len, 1) if softmax_lse_flag else (1,)
-    return query.new_empty(_output_shape(g)), query.new_empty(lse_shape, dtype=torch.float32)
-
-
 # ------------------------------------------------------------------------ attention: public API
 
 
@@ -1020,95 +867,6 @@ def npu_incre_flash_attention(
     )
 
 
-_FIA_UNMODELLED = frozenset(
-    {
-        "pse_shift",
-        "dequant_scale1",
-        "quant_scale1",
-        "dequant_scale2",
-        "quant_scale2",
-        "quant_offset2",
-        "antiquant_scale",
-        "antiquant_offset",
-        "block_table",
-        "query_padding_size",
-        "key_antiquant_scale",
-        "key_antiquant_offset",
-        "value_antiquant_scale",
-        "value_antiquant_offset",
-        "key_shared_prefix",
-        "value_shared_prefix",
-        "actual_shared_prefix_len",
-        "query_rope",
-        "key_rope",
-        "key_rope_antiquant_scale",
-    }
-)
-_FIA_MODE_DEFAULTS = {
-    "block_size": 0,
-    "antiquant_mode": 0,
-    "key_antiquant_mode": 0,
-    "value_antiquant_mode": 0,
-}
-
-
-def npu_fused_infer_attention_score(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    atten_mask: Optional[torch.Tensor] = None,
-    actual_seq_lengths: Optional[Sequence[int]] = None,
-    actual_seq_lengths_kv: Optional[Sequence[int]] = None,
-    kv_padding_size: Optional[torch.Tensor] = None,
-    num_heads: int = 1,
-    scale: float = 1.0,
-    pre_tokens: int = INT_MAX,
-    next_tokens: int = INT_MAX,
-    input_layout: str = "BSH",
-    num_key_value_heads: int = 0,
-    sparse_mode: int = 0,
-    inner_precise: int = 0,
-    softmax_lse_flag: bool = False,
-    **unmodelled: object,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill or decode attention in one op: query S == 1 behaves like IFA, otherwise like PFA.
-
-    Returns (attention_out, softmax_lse); softmax_lse is [B, N, S_q, 1] float32 when
-    softmax_lse_flag is set, otherwise a one-element zero tensor. The documented arguments that
-    are not modelled may be passed only as None (their mode switches only at their defaults).
-    """
-    op = "npu_fused_infer_attention_score"
-    for name, value_ in unmodelled.items():
-        if name in _FIA_MODE_DEFAULTS:
-            _require(
-                value_ == _FIA_MODE_DEFAULTS[name],
-                f"{op}: {name} != {_FIA_MODE_DEFAULTS[name]} is not modelled",
-            )
-        elif name in _FIA_UNMODELLED:
-            _unsupported(op, **{name: value_})
-        else:
-            raise TypeError(f"{op}() got an unexpected keyword argument {name!r}")
-    return _fia_op(
-        query,
-        key,
-        value,
-        atten_mask,
-        _host_lengths(op, "actual_seq_lengths", actual_seq_lengths),
-        _host_lengths(op, "actual_seq_lengths_kv", actual_seq_lengths_kv),
-        kv_padding_size,
-        num_heads,
-        float(scale),
-        pre_tokens,
-        next_tokens,
-        input_layout,
-        num_key_value_heads,
-        sparse_mode,
-        inner_precise,
-        softmax_lse_flag,
-    )
-
-
 # ------------------------------------------------------------------------------------- RMSNorm
 
 _NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -1148,79 +906,6 @@ def npu_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd): y = x / sqrt(mean(x^2) + eps) * gamma over gamma's dims; rstd float32."""
     return _rms_norm_op(x, gamma, float(epsilon))
-
-
-# ------------------------------------------------------------------------------- rotary (RoPE)
-
-_ROTARY_MODES = ("half", "interleave")
-
-
-def _rotary_static(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotary_mode: str) -> None:
-    op = "npu_rotary_mul"
-    _require(
-        rotary_mode in _ROTARY_MODES, f"{op}: rotary_mode must be 'half' or 'interleave', got {rotary_mode!r}"
-    )
-    for name, t in (("input", x), ("r1", r1), ("r2", r2)):
-        _require(t.dim() == 4, f"{op}: {name} must be 4-D, got {tuple(t.shape)}")
-    _require(
-        x.dtype in _NORM_DTYPES, f"{op}: input dtype must be float16, bfloat16 or float32, got {x.dtype}"
-    )
-    _require(r1.dtype == x.dtype and r2.dtype == x.dtype, f"{op}: r1 and r2 must have the input's dtype")
-    _require(r1.shape == r2.shape, f"{op}: r1 and r2 must have the same shape")
-    dim = x.shape[3]
-    _require(dim % 2 == 0 and dim < 896, f"{op}: D must be even and < 896, got {dim}")
-    _require(r1.shape[3] == dim, f"{op}: r1/r2 last dim must equal D ({dim})")
-    _require(
-        all(r1.shape[i] in (1, x.shape[i]) for i in range(3)),
-        f"{op}: r1/r2 {tuple(r1.shape)} must broadcast to the input {tuple(x.shape)}",
-    )
-    spread = [i for i in range(3) if r1.shape[i] != 1]
-    if rotary_mode == "interleave":
-        # r1/r2 vary along S only (11SD, 1S1D, S11D); all-ones is 11SD with S == 1.
-        _require(
-            len(spread) == 1 or (not spread and 1 in tuple(x.shape[:3])),
-            f"{op}: interleave needs r1/r2 shaped 11SD, 1S1D or S11D, got {tuple(r1.shape)}",
-        )
-        seq = x.shape[spread[0]] if spread else 1
-        _require(math.prod(x.shape[:3]) // seq < 1000, f"{op}: interleave needs B * N < 1000")
-    else:
-        _require(
-            spread != [1, 2], f"{op}: half-mode r1/r2 shape {tuple(r1.shape)} matches no documented layout"
-        )
-        _require(sum(d < 1000 for d in x.shape[:3]) >= 2, f"{op}: half mode needs B < 1000 and N < 1000")
-
-
-def _rotate(x: torch.Tensor, rotary_mode: str) -> torch.Tensor:
-    if rotary_mode == "half":
-        first, second = x.chunk(2, dim=-1)
-        return torch.cat((-second, first), dim=-1)
-    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-
-
-@torch.library.custom_op(f"{_NS}::rotary_mul", mutates_args=())
-def _rotary_mul_op(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotary_mode: str) -> torch.Tensor:
-    op = "npu_rotary_mul"
-    _rotary_static(x, r1, r2, rotary_mode)
-    _require(
-        bool(r1.abs().max() <= 1.001) and bool(r2.abs().max() <= 1.001),
-        f"{op}: r1/r2 values must lie in [-1, 1] (cos/sin, not angles)",
-    )
-    _record(op, rotary_mode=rotary_mode, input_shape=tuple(x.shape), r_shape=tuple(r1.shape))
-    xf = x.float()
-    return (r1.float() * xf + r2.float() * _rotate(xf, rotary_mode)).to(x.dtype)
-
-
-@_rotary_mul_op.register_fake
-def _rotary_mul_fake(x, r1, r2, rotary_mode):
-    _rotary_static(x, r1, r2, rotary_mode)
-    return torch.empty_like(x)
-
-
-def npu_rotary_mul(
-    x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rotary_mode: str = "half"
-) -> torch.Tensor:
-    """Rotary embedding: r1 * x + r2 * rotate(x), rotate per rotary_mode ('half' or 'interleave')."""
-    return _rotary_mul_op(x, r1, r2, rotary_mode)
 
 
 # ------------------------------------------------------------------------------ scatter_update_
@@ -1456,9 +1141,7 @@ class FakeNpu:
 TORCH_NPU_OPS = {
     "npu_prompt_flash_attention": npu_prompt_flash_attention,
     "npu_incre_flash_attention": npu_incre_flash_attention,
-    "npu_fused_infer_attention_score": npu_fused_infer_attention_score,
     "npu_rms_norm": npu_rms_norm,
-    "npu_rotary_mul": npu_rotary_mul,
     "scatter_update_": scatter_update_,
     "npu_weight_quant_batchmatmul": npu_weight_quant_batchmatmul,
     "npu_convert_weight_to_int4pack": npu_convert_weight_to_int4pack,

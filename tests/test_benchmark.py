@@ -560,3 +560,57 @@ def test_unusable_quant_kernel_is_one_line_with_exit_code_2(capsys, monkeypatch)
     monkeypatch.setenv("CHATGLM_QUANT_KERNEL", "npu")
     code, out, err = run_main(capsys, *FAST, "--quantize", "8")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "CHATGLM_QUANT_KERNEL=math" in err
+
+
+# --- --dtype auto on a CPU ------------------------------------------------------------------
+
+
+def test_header_and_json_name_the_cpu_its_bf16_units_and_the_dtype_choice(capsys, tmp_path):
+    from chatglm_bench.hardware import cpu_bf16_units, cpu_model
+
+    out_json = tmp_path / "r.json"
+    code, out, err = run_main(capsys, *FAST, "--output", str(out_json))
+    assert code == 0, err
+    environment = json.loads(out_json.read_text())["environment"]
+    assert environment["cpu"] == {"model": cpu_model(), "bf16_units": cpu_bf16_units()}
+    assert environment["dtype_choice"].startswith("auto: ")
+    units = " ".join(cpu_bf16_units()) or "none"
+    assert f"cpu: {cpu_model()}; bf16 units (AVX512-BF16/AMX): {units}" in out
+    assert f"({environment['dtype_choice']})" in out
+
+
+@pytest.mark.parametrize("faster", ["float32", "bfloat16"])
+def test_dtype_auto_on_a_bf16_capable_cpu_takes_the_faster_gemv(monkeypatch, faster):
+    import torch
+
+    from chatglm_bench import hardware, plan
+
+    # The CPU's flags and the two GEMV timings are this test's inputs; the choice is under test.
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: ["amx_bf16"])
+    times = {torch.float32: 2e-3, torch.bfloat16: 2e-3}
+    times[getattr(torch, faster)] = 1e-3
+    monkeypatch.setattr(hardware, "measure_cpu_gemv_s", lambda dtype: times[dtype])
+    dtype, why = plan.resolve_dtype("auto", torch.device("cpu"), n_params=1000)
+    assert dtype == getattr(torch, faster)
+    assert "amx_bf16" in why and f"{faster} 1.00 ms" in why
+
+
+def test_dtype_auto_without_bf16_units_is_float32_unmeasured(monkeypatch):
+    import torch
+
+    from chatglm_bench import hardware, plan
+
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: [])
+    monkeypatch.setattr(hardware, "measure_cpu_gemv_s", lambda dtype: pytest.fail("measured without units"))
+    assert plan.resolve_dtype("auto", torch.device("cpu"), n_params=1000) == (
+        torch.float32,
+        "auto: no AVX512-BF16/AMX on this CPU",
+    )
+
+
+def test_cpu_gemv_measurement_is_a_positive_time():
+    import torch
+
+    from chatglm_bench.hardware import measure_cpu_gemv_s
+
+    assert 0 < measure_cpu_gemv_s(torch.float32, n=256, repeats=2) < 1

@@ -298,7 +298,7 @@ def test_benchmark_under_the_deepspeed_launcher_prints_once_with_per_rank_bytes(
     per_rank = payload["parameter_bytes_per_rank"]
     assert payload["results"][0]["batch_size"] == 1 and len(per_rank) == 2
     # The tiny preset's float32 weights, one copy; each rank must hold clearly less.
-    from benchmark_chatglm import preset_params
+    from chatglm_bench.presets import preset_params
 
     assert max(per_rank) < 0.8 * 4 * preset_params("tiny"), per_rank
 

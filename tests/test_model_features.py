@@ -28,16 +28,11 @@ def _config(**changes):
 
 def _random_model(seed=0, cls_name="ChatGLMForConditionalGeneration", **changes):
     import modeling_chatglm
+    from chatglm_bench.presets import randomize_
 
     torch.manual_seed(seed)
     model = getattr(modeling_chatglm, cls_name)(_config(**changes), empty_init=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(
-                torch.randn(param.shape, generator=generator) * 0.02 + name.endswith("layernorm.weight")
-            )
-    return model.eval()
+    return randomize_(model, seed).eval()
 
 
 # --- real releases --------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import npu_reference as ref  # noqa: E402
 
 PFA = ref.npu_prompt_flash_attention
 IFA = ref.npu_incre_flash_attention
-FIA = ref.npu_fused_infer_attention_score
 OPEN = 65535  # pre/next_tokens wide enough to open the band fully
 
 
@@ -252,15 +251,11 @@ def test_pfa_actual_seq_lengths_zero_the_query_rows_beyond():
 
 
 def _call(op, q, k, v, heads, kv_heads, layout, **kw):
-    if op is FIA:
-        kw.setdefault("scale", SCALE)
-    else:
-        kw.setdefault("scale_value", SCALE)
-    out = op(q, k, v, num_heads=heads, num_key_value_heads=kv_heads, input_layout=layout, **kw)
-    return out[0] if op is FIA else out
+    kw.setdefault("scale_value", SCALE)
+    return op(q, k, v, num_heads=heads, num_key_value_heads=kv_heads, input_layout=layout, **kw)
 
 
-OPS_AND_LENGTHS = [(PFA, 5), (IFA, 1), (FIA, 5), (FIA, 1)]
+OPS_AND_LENGTHS = [(PFA, 5), (IFA, 1)]
 LAYOUTS = ["BSH", "BSND", "BNSD", "BNSD_BSND"]
 
 
@@ -378,7 +373,7 @@ def test_ifa_accepts_each_documented_mask_shape_and_dtype(shape, dtype):
     close(out, hand_attention(q, k, v, ~pattern.view(2, 1, 1, 7), SCALE))
 
 
-# ----------------------------------------------------------------------------------- IFA / FIA
+# ----------------------------------------------------------------------------------- IFA
 
 
 def test_ifa_rejects_a_query_longer_than_one_token():
@@ -434,27 +429,6 @@ def test_ifa_kv_padding_size_without_lengths_is_ignored():
         num_key_value_heads=2,
         scale_value=SCALE,
         input_layout="BNSD",
-    )
-    close(out, hand_attention(q, k, v, ALL_KEPT, SCALE))
-
-
-@pytest.mark.parametrize("q_len", [1, 4])
-def test_fia_returns_the_log_sum_exp_when_asked(q_len):
-    q, k, v = qkv(q_len=q_len)
-    out, lse = FIA(
-        q, k, v, num_heads=4, num_key_value_heads=2, scale=SCALE, input_layout="BNSD", softmax_lse_flag=True
-    )
-    scores = q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2) * SCALE
-    close(lse, torch.logsumexp(scores, -1, keepdim=True))
-    _, no_lse = FIA(q, k, v, num_heads=4, num_key_value_heads=2, scale=SCALE, input_layout="BNSD")
-    assert no_lse.shape == (1,) and no_lse.item() == 0
-
-
-def test_fia_defaults_open_the_band_unlike_pfa():
-    q, k, v = qkv()
-    mask = torch.zeros(5, 7, dtype=torch.bool)
-    out, _ = FIA(
-        q, k, v, atten_mask=mask, num_heads=4, num_key_value_heads=2, scale=SCALE, input_layout="BNSD"
     )
     close(out, hand_attention(q, k, v, ALL_KEPT, SCALE))
 
@@ -544,10 +518,6 @@ REJECTED = [
         lambda: IFA(*qkv(q_len=1), num_heads=4, num_key_value_heads=2, input_layout="BNSD_BSND"),
         "input_layout",
     ),
-    (
-        lambda: FIA(*qkv(), num_heads=4, num_key_value_heads=2, input_layout="BNSD", scale_value=1.0),
-        "unexpected",
-    ),
 ]
 
 
@@ -568,9 +538,6 @@ def test_documented_constraints_are_enforced(call, message):
             num_heads=4,
             num_key_value_heads=2,
             input_layout="BNSD",
-        ),
-        lambda: FIA(
-            *qkv(), query_rope=torch.zeros(1), num_heads=4, num_key_value_heads=2, input_layout="BNSD"
         ),
     ],
 )
@@ -687,80 +654,6 @@ def test_scatter_update_rejects_bad_indices_and_shapes(indices, updates, axis, e
     assert torch.equal(data, torch.zeros_like(data))
 
 
-# ----------------------------------------------------------------------------------- rotary
-
-
-def _angles(seq=3, dim=8):
-    theta = torch.arange(seq, dtype=torch.float32).unsqueeze(1) * torch.linspace(0.1, 1.0, dim)
-    return theta.cos().view(1, 1, seq, dim), theta.sin().view(1, 1, seq, dim)
-
-
-def test_rotary_half_matches_its_element_formula():
-    x = randn(2, 2, 3, 8, seed=8)
-    r1, r2 = _angles()
-    out = ref.npu_rotary_mul(x, r1, r2)
-    expected = torch.empty_like(x)
-    for d in range(8):
-        partner = -x[..., d + 4] if d < 4 else x[..., d - 4]
-        expected[..., d] = r1[..., d] * x[..., d] + r2[..., d] * partner
-    close(out, expected)
-
-
-def test_rotary_interleave_matches_its_element_formula():
-    x = randn(2, 2, 3, 8, seed=8)
-    r1, r2 = _angles()
-    out = ref.npu_rotary_mul(x, r1, r2, rotary_mode="interleave")
-    expected = torch.empty_like(x)
-    for d in range(0, 8, 2):
-        expected[..., d] = r1[..., d] * x[..., d] - r2[..., d] * x[..., d + 1]
-        expected[..., d + 1] = r1[..., d + 1] * x[..., d + 1] + r2[..., d + 1] * x[..., d]
-    close(out, expected)
-
-
-def test_rotary_interleave_is_half_mode_on_deinterleaved_dims():
-    x = randn(2, 3, 4, 8, seed=10)
-    r1, r2 = _angles(seq=3)
-    r1, r2 = r1.view(1, 3, 1, 8), r2.view(1, 3, 1, 8)  # BSND layout, r shaped 1S1D
-    perm = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
-    interleave = ref.npu_rotary_mul(x, r1, r2, rotary_mode="interleave")
-    half = ref.npu_rotary_mul(x[..., perm], r1[..., perm], r2[..., perm], rotary_mode="half")
-    close(interleave[..., perm], half)
-    assert not torch.allclose(interleave, ref.npu_rotary_mul(x, r1, r2, rotary_mode="half"), atol=1e-3)
-
-
-def test_rotary_interleave_with_doubled_cos_sin_is_chatglm_pair_rotation():
-    x = randn(2, 2, 3, 8, seed=11)
-    angle = torch.arange(3, dtype=torch.float32).view(3, 1) * torch.tensor([0.3, 0.5, 0.7, 0.9])
-    cos, sin = angle.cos(), angle.sin()  # [S, D/2]
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    pairs = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    r1 = cos.repeat_interleave(2, -1).view(1, 1, 3, 8)
-    r2 = sin.repeat_interleave(2, -1).view(1, 1, 3, 8)
-    close(ref.npu_rotary_mul(x, r1, r2, rotary_mode="interleave"), pairs)
-
-
-@pytest.mark.parametrize(
-    "x_shape,r_shape,mode,message",
-    [
-        ((2, 3, 8), (1, 3, 8), "half", "must be 4-D"),
-        ((1, 2, 3, 7), (1, 1, 3, 7), "half", "even"),
-        ((1, 2, 3, 8), (1, 2, 3, 8), "interleave", "11SD, 1S1D or S11D"),
-        ((1, 2, 3, 8), (1, 2, 3, 8), "rotate", "rotary_mode"),
-        ((1, 2, 3, 8), (1, 1, 4, 8), "half", "must broadcast"),
-        ((2, 2, 3, 8), (1, 2, 3, 8), "half", "no documented layout"),
-    ],
-)
-def test_rotary_rejects_undocumented_shapes(x_shape, r_shape, mode, message):
-    with pytest.raises(RuntimeError, match=message):
-        ref.npu_rotary_mul(torch.zeros(x_shape), torch.zeros(r_shape), torch.zeros(r_shape), rotary_mode=mode)
-
-
-def test_rotary_rejects_angles_passed_as_cos_sin():
-    x = torch.zeros(1, 1, 3, 8)
-    with pytest.raises(RuntimeError, match=r"\[-1, 1\]"):
-        ref.npu_rotary_mul(x, torch.full((1, 1, 3, 8), 2.0), torch.zeros(1, 1, 3, 8))
-
-
 # ----------------------------------------------------------------------------- the stand-ins
 
 
@@ -785,9 +678,8 @@ def test_compiler_config_defaults_and_rejects_misspelt_options():
 
 
 def _graph_body(torch_npu):
-    def body(x, gamma, q, k, cache, start, r1, r2):
+    def body(x, gamma, q, k, cache, start):
         h = torch_npu.npu_rms_norm(x, gamma)[0]
-        q = torch_npu.npu_rotary_mul(q, r1, r2, rotary_mode="interleave")
         torch_npu.scatter_update_(cache, start, k, -2)
         attn = torch_npu.npu_incre_flash_attention(
             q, cache, cache, num_heads=4, num_key_value_heads=2, scale_value=SCALE, input_layout="BNSD"
@@ -807,22 +699,18 @@ def test_ops_compile_fullgraph_with_the_torchair_stand_in(monkeypatch):
     body = _graph_body(fake.torch_npu)
     x, gamma, start = randn(2, 16, seed=12), torch.ones(16), torch.tensor([2, 4])
     q, k = randn(2, 4, 1, 16, seed=13), randn(2, 2, 1, 16, seed=14)
-    r1, r2 = _angles(seq=1, dim=16)
     eager_cache, compiled_cache = torch.zeros(2, 2, 6, 16), torch.zeros(2, 2, 6, 16)
-    eager = body(x, gamma, q, k, eager_cache, start, r1, r2)
+    eager = body(x, gamma, q, k, eager_cache, start)
     torch._dynamo.reset()
     compiled = torch.compile(body, backend=backend, fullgraph=True, dynamic=False)
-    close(compiled(x, gamma, q, k, compiled_cache, start, r1, r2), eager)
+    close(compiled(x, gamma, q, k, compiled_cache, start), eager)
     assert torch.equal(compiled_cache, eager_cache)  # the in-place cache write happens under compile too
     assert compiled_cache[1, :, 4].abs().sum() > 0
     assert fake.backends == [backend] and backend.compiler_config.experimental_config.frozen_parameter
     assert len(backend.graphs) == 1
     names = fake.op_names()
-    assert names[-4:] == ["npu_rms_norm", "npu_rotary_mul", "scatter_update_", "npu_incre_flash_attention"]
+    assert names[-3:] == ["npu_rms_norm", "scatter_update_", "npu_incre_flash_attention"]
     assert fake.calls[-1].detail["input_layout"] == "BNSD"
-
-
-INT = ref.INT_MAX
 
 
 def _opcheck_cases():
@@ -830,8 +718,6 @@ def _opcheck_cases():
     qd = q[:, :, :1].contiguous()
     bsh = [to_layout(t, "BSH") for t in (q, k, v)]
     mask = torch.zeros(2, 1, 5, 7, dtype=torch.bool)
-    r1, r2 = _angles(seq=5, dim=16)
-    pad = torch.tensor([1])
     cases = {
         "pfa-bsh-lengths": (ref._pfa_op, (*bsh, None, [3, 5], None, 4, SCALE, OPEN, 0, "BSH", 2, 0)),
         "pfa-bnsd_bsnd-mask": (
@@ -842,16 +728,7 @@ def _opcheck_cases():
             ref._ifa_op,
             (qd, k, v, mask[:, :, :1].contiguous(), [7, 4], None, 4, SCALE, "BNSD", 2),
         ),
-        "fia-prefill-lse": (
-            ref._fia_op,
-            (q, k, v, mask, None, None, None, 4, SCALE, INT, INT, "BNSD", 2, 0, 0, True),
-        ),
-        "fia-decode-leftpad": (
-            ref._fia_op,
-            (qd, k, v, None, None, [7, 3], pad, 4, SCALE, INT, INT, "BNSD", 2, 0, 0, False),
-        ),
         "rms_norm": (ref._rms_norm_op, (randn(2, 3, 16), torch.ones(3, 16), 1e-5)),
-        "rotary_mul": (ref._rotary_mul_op, (q, r1, r2, "interleave")),
         "scatter_update_": (
             ref._scatter_update_op,
             (torch.zeros(2, 2, 6, 16), torch.tensor([1, 3]), randn(2, 2, 2, 16), -2),

@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from npu_reference import install_fake_torch_npu
 from test_fast_paths import import_model_module
 
+from chatglm_bench.measure import decode
+from chatglm_bench.presets import randomize_
+
 sys.path.insert(0, str(REPO / "scripts"))
 
 COMBINATIONS = [
@@ -49,37 +52,14 @@ def cases(draw):
 def build(module, config, seed, **options):
     cfg = module.ChatGLMConfig(**config, **options)
     model = module.ChatGLMForConditionalGeneration(cfg, empty_init=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(
-                torch.randn(param.shape, generator=generator) * 0.1 + name.endswith("layernorm.weight")
-            )
-    return model.eval()
+    return randomize_(model, seed, scale=0.1).eval()
 
 
-@torch.no_grad()
 def trace(model, ids, mask, steps):
     """Prefill logits then `steps` decode logits, feeding a fixed token sequence."""
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-    logits = [out.logits]
-    cache = out["cache"] if "cache" in out else out["past_key_values"]
-    position = torch.full((ids.shape[0], 1), ids.shape[1] - 1)
-    for step in range(steps):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        position = position + 1
-        token = torch.full((ids.shape[0], 1), 3 + step)
-        out = model(
-            input_ids=token,
-            attention_mask=mask,
-            position_ids=position,
-            past_key_values=cache,
-            use_cache=True,
-            return_last_logit=True,
-        )
-        logits.append(out.logits)
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
-    return logits
+    feed = (3 + torch.arange(steps))[:, None].expand(steps, ids.shape[0])
+    run = decode(model, ids, mask, None, steps, feed=feed, keep_logits=True)
+    return [run.prefill_logits, *run.step_logits]
 
 
 @pytest.fixture(scope="module")

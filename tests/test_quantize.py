@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 from golden_protocol import build_golden_model
 from npu_reference import install_fake_torch_npu
+from test_fast_paths import import_model_module
 
 import modeling_chatglm as M
 
@@ -155,7 +156,7 @@ def test_prefill_path_dequantizes_in_chunks_through_one_buffer(monkeypatch, bits
 @pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 32)])
 def test_npu_kernel_follows_the_documented_op_and_matches_math(monkeypatch, bits, group, dtype, rows):
     fake = install_fake_torch_npu(monkeypatch)
-    module = _fresh_model_module()
+    module = import_model_module()
     linear = torch.nn.Linear(160, 96, bias=True).to(dtype)
     layer = module.QuantizedLinear.from_linear(linear, bits, group)
     layer.kernel_option = "npu"
@@ -168,17 +169,6 @@ def test_npu_kernel_follows_the_documented_op_and_matches_math(monkeypatch, bits
     assert len(calls) == 1 and calls[0].detail["group"] == group
     assert calls[0].detail["dtype"] == ("torch.int32" if bits == 4 else "torch.int8")
     assert rel_error(out, expected) <= 1e-2
-
-
-def _fresh_model_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        f"modeling_chatglm_q{uuid.uuid4().hex[:6]}", REPO / "modeling_chatglm.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -226,9 +216,9 @@ def test_quantize_replaces_the_block_linears_and_the_output_layer_for_int8_only(
 # set at the measured value plus a margin, and the miss is reported in the README.
 @pytest.mark.parametrize("bits, max_error", [(8, 0.03), (4, 0.28)])
 def test_quantized_logits_stay_close_to_the_unquantized_model(bits, max_error):
-    from benchmark_chatglm import build_preset_model
+    from chatglm_bench.presets import build_preset_model
 
-    model = build_preset_model("small", torch.float32, seed=0)
+    model = build_preset_model("small-32k-vocab", torch.float32, seed=0)
     ids = torch.randint(3, 32768, (1, 64), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         reference = model(ids).logits[0, -32:]

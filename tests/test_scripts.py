@@ -161,8 +161,8 @@ def test_overrides_and_dtype_are_honoured(unique_dir):
     assert len(model.transformer.encoder.layers) == 3
 
 
-def test_small_preset_has_the_real_vocabulary_and_head_dim():
-    values = mtc.resolve_config_values("small", None, {})
+def test_small_real_vocab_preset_has_the_real_vocabulary_and_head_dim():
+    values = mtc.resolve_config_values("small-real-vocab", None, {})
     assert values["padded_vocab_size"] == 65024
     assert values["kv_channels"] == 64 and values["num_layers"] == 4 and values["hidden_size"] == 512
 

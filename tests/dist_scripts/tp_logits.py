@@ -38,8 +38,7 @@ DECODE_STEPS = 3
 
 def build_tiny_model(seed: int = 0, **changes):
     """A tiny chatglm3-shaped model (8 query heads, 2 KV groups) with seeded random weights."""
-    from make_tiny_checkpoint import randomize_
-
+    from chatglm_bench.presets import randomize_
     from configuration_chatglm import ChatGLMConfig
     from modeling_chatglm import ChatGLMForConditionalGeneration
 
@@ -60,29 +59,14 @@ def tiny_inputs(batch: int = 2, length: int = 8, pad: int = 3, seed: int = 1):
     return input_ids, attention_mask, position_ids, decode_ids
 
 
-def _cache(out):
-    return out["cache"] if "cache" in out else out["past_key_values"]
-
-
-@torch.no_grad()
 def run_logits(model, kv_cache: str) -> torch.Tensor:
     """Prefill logits [b, s, V] and the decode steps' [b, 1, V], concatenated on the sequence."""
+    from chatglm_bench.measure import decode
+
     model.transformer.set_runtime_options(kv_cache=kv_cache)
     input_ids, mask, positions, decode_ids = tiny_inputs()
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    logits = [out.logits]
-    for token in decode_ids:
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        positions = positions[:, -1:] + 1
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=_cache(out),
-            use_cache=True,
-        )
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1)
+    run = decode(model, input_ids, mask, positions, DECODE_STEPS, feed=decode_ids, keep_logits=True)
+    return torch.cat([run.prefill_logits, *run.step_logits], dim=1)
 
 
 def main() -> None:

@@ -1,0 +1,65 @@
+"""What every command line here shares: one error type for bad input, an argument parser whose
+errors are one line, atomic file replacement, and printing that survives a closed stdout."""
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Union
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as one line by the CLI's main(), exit code 2."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump) with exit code 2, like a UsageError."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+@contextlib.contextmanager
+def replacing_file(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s directory; when the block succeeds, rename it over
+    ``path``. Readers never see a half-written file, a failure (a full disk) leaves the previous
+    file as it was and no temporary behind, and a symlink at ``path`` (an HF-cache snapshot) is
+    replaced by the new file, never written through into the blob it points to."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how a dtype is shown to users and written to JSON."""
+    return str(dtype).replace("torch.", "")
+
+
+def stdout_gone() -> None:
+    """The reader of our stdout left (``| head -1``): send the rest to /dev/null and carry on, so
+    the run still finishes and writes its files (the recipe in Python's signal docs)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def say(*parts, **kwargs) -> None:
+    """print() that survives a closed pipe on stdout."""
+    try:
+        print(*parts, **kwargs, flush=True)
+    except BrokenPipeError:
+        stdout_gone()
+
+
+def launch_rank() -> int:
+    """The rank as the launcher set it, for deciding who reports an error (never raises)."""
+    try:
+        return int(os.environ.get("RANK", "0").strip() or 0)
+    except ValueError:
+        return 0

@@ -1,0 +1,291 @@
+"""Plan: what the benchmark times, resolved from the user's choices before anything is loaded.
+
+Every entry of a plan is one configuration of one model (ours with its fast-path options and
+quantization, or the original implementation for ``--baseline``); the measure loop times each
+entry at every batch size. Each bad value raises a :class:`UsageError` here, where it is found.
+"""
+
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Tuple
+
+from .cli import UsageError, dtype_name
+
+MODES = ("eager", "dynamo")
+ATTENTION = ("auto", "npu", "sdpa", "math")
+RMSNORM = ("auto", "npu", "fused", "math")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEVICES = ("auto", "npu", "cuda", "cpu")
+KV_CACHES = ("auto", "tuple", "static")
+QUANTIZE = ("none", "8", "4")
+# The variables the model also reads, each read once here: (argparse dest, variable, allowed
+# values or None for any, default). Resolved as the model resolves them: flag > variable > default.
+VARIABLES = (
+    ("execute_mode", "EXE_MODE", MODES, ""),
+    ("attention", "CHATGLM_ATTENTION", ATTENTION, "auto"),
+    ("rmsnorm", "CHATGLM_RMSNORM", RMSNORM, "auto"),
+    ("kv_cache", "CHATGLM_KV_CACHE", KV_CACHES, "auto"),
+    ("graph_backend", "CHATGLM_GRAPH_BACKEND", None, "auto"),
+)
+# What the original implementation runs as, for its rows of the tables.
+ORIGINAL_OPTIONS = dict(
+    attention_backend="original", rmsnorm_backend="original", kv_cache="tuple", graph_backend="inductor"
+)
+
+
+@dataclass
+class Entry:
+    """One configuration to time: ``options`` are set on the model, ``ran`` is what they resolve
+    to on this device (the record's columns)."""
+
+    label: str
+    options: Dict[str, str]
+    ran: Dict[str, str]
+    bits: int = 0  # weight-only quantization: 0 (none), 8 or 4
+    original: bool = False  # the checkpoint's original modeling file (--baseline)
+
+    @property
+    def quantization(self) -> str:
+        return f"int{self.bits}" if self.bits else "none"
+
+
+@dataclass
+class Choices:
+    """The user's run-wide choices after flags and variables are merged."""
+
+    modes: List[str]
+    switches: Dict[str, str]
+    modes_asked: bool  # --execute_mode or EXE_MODE was given
+    levels: List[int] = field(default_factory=list)
+
+
+def check_numbers(args) -> None:
+    for name in ("input_max_len", "max_new_tokens", "iters"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more (got {args.warmup})")
+    if any(b < 1 for b in args.batch_size):
+        raise UsageError(f"--batch_size values must be at least 1 (got {args.batch_size})")
+    if args.model_path is None and (args.prompt or args.prompts_file):
+        raise UsageError("--prompt/--prompts-file need --model_path (random presets have no tokenizer)")
+    if args.baseline and args.model_path is None:
+        raise UsageError(
+            "--baseline needs --model_path: a checkpoint holding the original modeling_chatglm_orig.py "
+            "(scripts/install_into_checkpoint.py keeps it there)"
+        )
+
+
+def resolve_choices(args) -> Choices:
+    """Modes and fast-path switches: the flag, else the variable, else the default. A bad variable
+    is an error even when a flag overrides it (the model reads the variable as well)."""
+    chosen = {}
+    for dest, name, allowed, default in VARIABLES:
+        raw = os.environ.get(name, "").strip()
+        value = raw.lower() if allowed else raw
+        if raw and allowed and value not in allowed:
+            raise UsageError(f"{name}={raw!r} is not valid; use one of: {', '.join(allowed)} (or unset it)")
+        flag = getattr(args, dest)
+        chosen[dest] = flag if flag is not None else (value or default)
+    mode_flag = chosen.pop("execute_mode")
+    modes = list(dict.fromkeys(mode_flag)) if isinstance(mode_flag, list) else [mode_flag or "eager"]
+    levels = [0 if q == "none" else int(q) for q in dict.fromkeys(args.quantize)]
+    return Choices(modes, chosen, modes_asked=bool(mode_flag), levels=levels)
+
+
+def npu_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("torch_npu") is None:
+        return False  # not installed: no need to load the model file (and transformers) to ask
+    from modeling_chatglm import torch_npu_present
+
+    return torch_npu_present() and hasattr(torch, "npu") and torch.npu.is_available()
+
+
+def resolve_device(choice: str):
+    import torch
+
+    if choice == "npu" and not npu_available():
+        raise UsageError(
+            "--device npu needs torch_npu with CANN and a visible NPU; install torch_npu "
+            "(requirements-npu.txt) or use --device cuda/cpu"
+        )
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda but no CUDA device is visible; use --device cpu or check CUDA_VISIBLE_DEVICES"
+        )
+    if choice == "auto":
+        choice = "npu" if npu_available() else ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device, n_params: int) -> Tuple[object, str]:
+    """(dtype, why): ``auto`` is float16 on npu, bfloat16 on cuda (float16 without bf16), and on
+    a CPU bfloat16 when float32 weights would not fit in half the RAM, else the faster of float32
+    and bfloat16 in a measured GEMV on CPUs with AVX512-BF16 or AMX (float32 on the others:
+    without those units 16-bit GEMMs are far slower)."""
+    import torch
+
+    if choice != "auto":
+        return getattr(torch, choice), "--dtype"
+    if device.type == "npu":
+        return torch.float16, "auto: npu"
+    if device.type == "cuda":
+        return (
+            (torch.bfloat16, "auto: cuda")
+            if torch.cuda.is_bf16_supported()
+            else (torch.float16, "auto: cuda")
+        )
+    from .hardware import cpu_bf16_units, measure_cpu_gemv_s
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * n_params >= ram / 2:
+        return torch.bfloat16, "auto: float32 weights would not fit in half the RAM"
+    units = cpu_bf16_units()
+    if not units:
+        return torch.float32, "auto: no AVX512-BF16/AMX on this CPU"
+    times = {d: measure_cpu_gemv_s(d) for d in (torch.float32, torch.bfloat16)}
+    best = min(times, key=times.get)
+    shown = ", ".join(f"{dtype_name(d)} {t * 1e3:.2f} ms" for d, t in times.items())
+    return best, f"auto: faster GEMV here ({shown}; {' '.join(units)})"
+
+
+def ablation_plan(device_kind: str, graph_backend: str, with_graph: bool = True) -> List[Tuple[str, Dict]]:
+    """(label, options): the baseline, each optimization added alone, then all of them.
+
+    ``with_graph=False`` (``--ablation --execute_mode eager``) leaves graph mode out: for machines
+    where compiling the model is not worth it (e.g. the 6B model on a small CPU)."""
+    fast_attention = "npu" if device_kind == "npu" else "sdpa"
+    fast_rmsnorm = "npu" if device_kind == "npu" else "fused"
+    base = dict(
+        attention_backend="math",
+        rmsnorm_backend="math",
+        kv_cache="tuple",
+        exe_mode="eager",
+        graph_backend=graph_backend,
+    )
+    steps = [
+        ("baseline", {}),
+        (f"+attention {fast_attention}", {"attention_backend": fast_attention}),
+        (f"+rmsnorm {fast_rmsnorm}", {"rmsnorm_backend": fast_rmsnorm}),
+        ("+static cache", {"kv_cache": "static"}),
+        ("+graph mode", {"exe_mode": "dynamo"}),
+        (
+            "all",
+            {
+                "attention_backend": fast_attention,
+                "rmsnorm_backend": fast_rmsnorm,
+                "kv_cache": "static",
+                "exe_mode": "dynamo",
+            },
+        ),
+    ]
+    if not with_graph:
+        steps = [
+            (label, {k: v for k, v in change.items() if k != "exe_mode"})
+            for label, change in steps
+            if label != "+graph mode"
+        ]
+    return [(label, {**base, **change}) for label, change in steps]
+
+
+def option_sets(ablation: bool, choices: Choices, device) -> List[Tuple[str, Dict]]:
+    """(label, fast-path options) of every configuration of our model, in order."""
+    switches = choices.switches
+    if ablation:
+        # Graph rows unless the user asked for eager only (flag or EXE_MODE).
+        eager_only = choices.modes_asked and choices.modes == ["eager"]
+        return ablation_plan(device.type, switches["graph_backend"], with_graph=not eager_only)
+    options = dict(
+        attention_backend=switches["attention"],
+        rmsnorm_backend=switches["rmsnorm"],
+        kv_cache=switches["kv_cache"],
+        graph_backend=switches["graph_backend"],
+    )
+    return [("run", {**options, "exe_mode": mode}) for mode in choices.modes]
+
+
+def resolve_options(label: str, options: Dict[str, str], device, dtype, compilers) -> Dict[str, str]:
+    """What ``options`` run as here (``auto`` resolved); a kernel or compiler missing here is a
+    UsageError now, not a traceback later."""
+    import modeling_chatglm as modeling
+
+    try:
+        runtime = modeling.RuntimeOptions.from_config(SimpleNamespace(**options))
+        attention, rmsnorm, _ = modeling.resolve_backends(runtime, device, dtype)
+        compiler = "-"
+        if runtime.exe_mode == "dynamo":
+            if runtime.graph_backend not in compilers:
+                raise ValueError(
+                    f"--graph_backend {runtime.graph_backend!r} is not a torch.compile backend "
+                    f"here; use one of: {', '.join(sorted(compilers))}"
+                )
+            backend = modeling.compile_kwargs(runtime, device)["backend"]
+            compiler = backend if isinstance(backend, str) else "torchair"
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise UsageError(f"{label}: {error}" if label != "run" else str(error)) from None
+    return dict(
+        options,
+        attention_backend=attention,
+        rmsnorm_backend=rmsnorm,
+        kv_cache=runtime.cache_kind,
+        graph_backend=compiler,
+    )
+
+
+def check_quantize(levels: List[int], world_size: int, device, dtype) -> None:
+    """--quantize needs one rank (AutoTP shards nn.Linear only) and a usable kernel here."""
+    from modeling_chatglm import resolve_quant_kernel
+
+    if any(levels) and world_size > 1:
+        raise UsageError(
+            "--quantize 8/4 runs on one rank only (DeepSpeed AutoTP shards nn.Linear layers, not "
+            "quantized ones); drop --quantize or run without the launcher"
+        )
+    for bits in filter(None, levels):
+        try:
+            resolve_quant_kernel(None, device, dtype, bits)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise UsageError(str(error)) from None
+
+
+def build_plan(
+    choices: Choices, device, dtype, world_size: int, ablation: bool, baseline: bool
+) -> List[Entry]:
+    """Every entry to time, in order: each option set per quantization level (with --ablation a
+    quantized level adds only its 'all' row), then the original model per mode (--baseline)."""
+    import torch
+
+    compilers = {"auto", "torchair", *torch._dynamo.list_backends(exclude_tags=())}
+    sets = option_sets(ablation, choices, device)
+    resolved = [resolve_options(label, options, device, dtype, compilers) for label, options in sets]
+    check_quantize(choices.levels, world_size, device, dtype)
+    entries: List[Entry] = []
+    for bits in choices.levels:
+        pairs = list(zip(sets, resolved))
+        for (label, options), ran in pairs[-1:] if ablation and bits else pairs:
+            if bits:
+                label = f"int{bits}" if label == "run" else f"{label} + int{bits}"
+            entries.append(Entry(label, options, ran, bits))
+    if baseline:
+        for mode in choices.modes:
+            options = dict(ORIGINAL_OPTIONS, exe_mode=mode)
+            entries.append(Entry("original", options, options, original=True))
+    return entries
+
+
+def graph_options(entries: List[Entry]) -> List[Dict[str, str]]:
+    """The option sets of our model, for the launcher's torchair check."""
+    return [entry.options for entry in entries if not entry.original]
+
+
+def context_check(input_max_len: int, max_new_tokens: int, seq_length: Optional[int]) -> None:
+    if seq_length is not None and input_max_len + max_new_tokens > seq_length:
+        raise UsageError(
+            f"--input_max_len {input_max_len} + --max_new_tokens {max_new_tokens} exceeds the "
+            f"model's context (seq_length={seq_length}); lower them or use a longer-context checkpoint"
+        )
