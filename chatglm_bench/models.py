@@ -168,7 +168,7 @@ def build_model(directory: Optional[Path], preset: str, seed: int, dtype, device
     if directory is not None:
         model = load_checkpoint_model(directory, dtype)
     else:
-        model = build_preset_model(preset, dtype, seed)
+        model = build_preset_model(preset, dtype, seed, context=tokens)
     model = model.to(device)
     model.transformer.static_cache_len = tokens
     return model

@@ -81,14 +81,18 @@ def randomize_(model, seed: int, scale: float = 0.02):
     return model
 
 
-def build_preset_model(name: str, dtype, seed: int):
-    """A preset with random weights (timing only), in ``dtype``, in eval mode."""
+def build_preset_model(name: str, dtype, seed: int, context: int = 0):
+    """A preset with random weights (timing only), in ``dtype``, in eval mode; its context
+    (``seq_length``) widened to ``context`` positions when a run needs more (no weight depends
+    on it: only the rotary table grows)."""
     import torch
 
     from configuration_chatglm import ChatGLMConfig
     from modeling_chatglm import ChatGLMForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = ChatGLMConfig(**PRESETS[name], torch_dtype=dtype)
+    values = dict(PRESETS[name])
+    values["seq_length"] = max(values["seq_length"], context)
+    config = ChatGLMConfig(**values, torch_dtype=dtype)
     model = ChatGLMForConditionalGeneration(config, empty_init=True)
     return randomize_(model, seed).to(dtype).eval()

@@ -115,10 +115,6 @@ def test_baseline_adds_the_original_implementation_row(capsys, checkpoint, tmp_p
     "argv, message",
     [
         (["--model_path", "/nonexistent/chatglm3-6b"], "does not exist"),
-        (
-            ["--preset", "tiny", "--input_max_len", "4000", "--max_new_tokens", "200"],
-            "exceeds the model's context",
-        ),
         (["--preset", "tiny", "--output", "/nonexistent/dir/r.json"], "does not exist; create it"),
         (["--preset", "tiny", "--plot", "/proc/r.png"], "not writable"),
         (["--preset", "tiny", "--baseline"], "--baseline needs --model_path"),
@@ -614,3 +610,22 @@ def test_cpu_gemv_measurement_is_a_positive_time():
     from chatglm_bench.hardware import measure_cpu_gemv_s
 
     assert 0 < measure_cpu_gemv_s(torch.float32, n=256, repeats=2) < 1
+
+
+def test_prompt_plus_new_tokens_beyond_a_checkpoints_context_is_one_line(capsys, checkpoint):
+    code, out, err = run_main(
+        capsys, "--model_path", str(checkpoint), "--input_max_len", "200", "--max_new_tokens", "100"
+    )
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "exceeds the model's context" in err
+
+
+def test_random_preset_is_built_with_the_context_the_run_needs():
+    import torch
+
+    from chatglm_bench.presets import PRESETS, build_preset_model
+
+    assert PRESETS["tiny"]["seq_length"] == 256
+    model = build_preset_model("tiny", torch.float32, seed=0, context=2048)
+    assert model.config.seq_length == 2048 and model.transformer.seq_length == 2048
+    assert build_preset_model("tiny", torch.float32, seed=0).config.seq_length == 256
