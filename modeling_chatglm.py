@@ -1878,8 +1878,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 elif seq_length > 1:
                     key_keep = torch.ones(batch_size, total, dtype=torch.bool, device=device)
         if full_attention_mask is not None:
-            # The original's mask (True = masked) over exactly the positions attended to.
+            # The original's mask (True = masked) over the past + new positions; over a static
+            # buffer the unwritten slots beyond them stay hidden.
             key_keep, query_keep = ~full_attention_mask, None
+            if isinstance(cache, StaticKVCache) and past_len:
+                key_keep = F.pad(key_keep, (0, cache.max_len - key_keep.shape[-1]), value=False)
         decode = seq_length == 1 and past_len > 0
         return _Step(cache, cache_position, key_keep, query_keep, decode)
 

@@ -138,3 +138,20 @@ def test_decode_steps_make_no_device_to_host_sync(kv_cache):
                 )
                 cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
     assert counter.syncs == []
+
+
+@pytest.mark.parametrize("kv_cache", ["tuple", "static"])
+def test_an_explicit_original_mask_on_a_decode_step_gives_the_same_answer(kv_cache):
+    """``full_attention_mask`` (the original's form, True = masked, over past + new positions)
+    works with either cache; over the static buffer its unwritten slots stay hidden."""
+    model = build_golden_model("tiny-chatglm3", kv_cache=kv_cache).transformer
+    model.static_cache_len = 16
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    step = torch.tensor([[13], [14]])
+    with torch.no_grad():
+        past = model(input_ids=ids).past_key_values
+        want = model(input_ids=step, past_key_values=past).last_hidden_state
+        past = model(input_ids=ids).past_key_values
+        none_masked = torch.zeros(2, 1, 1, 5, dtype=torch.bool)
+        got = model(input_ids=step, past_key_values=past, full_attention_mask=none_masked).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
