@@ -1773,15 +1773,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         # 2. Cache, slots and the keep-mask's parts.
         step = self._prepare_step(
-            past_key_values,
-            batch_size,
-            seq_length,
-            past_len,
-            attention_mask,
-            full_attention_mask,
-            use_cache,
-            hidden_states.dtype,
-            device,
+            hidden_states, past_key_values, past_len, attention_mask, full_attention_mask, use_cache
         )
 
         # 3. The graph.
@@ -1828,20 +1820,17 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             )
 
     def _prepare_step(
-        self,
-        past,
-        batch_size,
-        seq_length,
-        past_len,
-        attention_mask,
-        full_attention_mask,
-        use_cache,
-        dtype,
-        device,
+        self, hidden_states, past, past_len, attention_mask, full_attention_mask, use_cache
     ) -> _Step:
         """Everything outside the graph for one forward. Padding is decided once per prompt (the
         only device-to-host sync, ``attention_mask.all()``, runs for prompts without past); a
-        decode step only launches a slot ``arange`` and, with a mask given, folds it in."""
+        decode step only launches a slot ``arange`` and, with a mask given, folds it in.
+        ``hidden_states`` [b, s, h] gives the sizes, dtype and device."""
+        (batch_size, seq_length, _), dtype, device = (
+            hidden_states.shape,
+            hidden_states.dtype,
+            hidden_states.device,
+        )
         total = past_len + seq_length
         cache_position = torch.arange(past_len, total, device=device)
         query_keep = None

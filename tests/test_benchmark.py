@@ -172,6 +172,21 @@ def test_invalid_exe_mode_environment_variable(capsys, monkeypatch):
     assert code == 2 and "EXE_MODE='graph' is not valid; use one of: eager, dynamo" in err
 
 
+def one_line_error_from_a_real_process(argv, env, timeout) -> str:
+    """Run the benchmark as users do; it must exit 2 with one line on stderr, returned."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmark_chatglm.py"), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 def test_cli_usage_errors_from_a_real_process_are_one_line():
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for argv, message in (
@@ -179,15 +194,8 @@ def test_cli_usage_errors_from_a_real_process_are_one_line():
         (["--dtype", "float8"], "invalid choice: 'float8'"),
         (["--preset", "tiny", "--output", "/nonexistent/x.json"], "does not exist"),
     ):
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "benchmark_chatglm.py"), *argv],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
-        assert proc.returncode == 2, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+        line = one_line_error_from_a_real_process(argv, env, timeout=300)
+        assert message in line, line
 
 
 def test_ablation_with_execute_mode_eager_leaves_graph_mode_out(capsys):
@@ -498,17 +506,9 @@ def test_rendezvous_without_the_other_ranks_times_out_in_one_line(tmp_path, rank
         MASTER_PORT=str(_free_port()),
         CHATGLM_DIST_TIMEOUT="2",
     )
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmark_chatglm.py"), *FAST],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=20,
-    )
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
-    assert "within 2 s" in lines[0] and "deepspeed --num_gpus 2" in lines[0]
+    line = one_line_error_from_a_real_process(FAST, env, timeout=20)
+    assert message in line, line
+    assert "within 2 s" in line and "deepspeed --num_gpus 2" in line
 
 
 @pytest.mark.parametrize("rank, printed", [(0, 1), (1, 0), (2, 0)])
