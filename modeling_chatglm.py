@@ -956,6 +956,21 @@ def _cpu_has_fast_half_gemm() -> bool:
         return False
 
 
+# Bytes of alignment torch's AVX-512 int8/int4 CPU kernels assume for their operands: they
+# segfault on a weight or an activation at any other address (a safetensors file aligns its tensors
+# to 8 bytes only, and a view can start anywhere). torch's CPU allocator aligns to this.
+_KERNEL_ALIGNMENT = 64
+
+
+def _kernel_aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when contiguous and 64-byte aligned, else a fresh (aligned) contiguous copy."""
+    if _is_compiling():  # inductor allocates its own (aligned) buffers
+        return t.contiguous()
+    if t.is_contiguous() and t.data_ptr() % _KERNEL_ALIGNMENT == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class _CpuKernel:
     """``torch._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` for few rows (decode).
 
@@ -973,6 +988,9 @@ class _CpuKernel:
     def prepare(layer, dtype):
         fast_half = _cpu_has_fast_half_gemm()
         if layer.bits == 8:
+            # The kernel reads the stored weight itself: realign it in place when it is not (a
+            # copy, once, replacing e.g. an mmap-ed checkpoint view; no second copy is kept).
+            layer.weight.data = _kernel_aligned(layer.weight.data)
             return (layer.weight_scale.to(torch.bfloat16), fast_half)
         group = _divisor_group(layer, _CpuKernel.GROUPS)
         if group is None:
@@ -993,7 +1011,7 @@ class _CpuKernel:
         fast_half = state[-1]
         if x.shape[0] >= _CPU_GEMV_MAX_ROWS and (layer.bits == 8 or fast_half):
             return _dequantized_gemm(layer, x, x.dtype if fast_half else torch.float32)
-        xb = x.to(torch.bfloat16)
+        xb = _kernel_aligned(x.to(torch.bfloat16))
         if layer.bits == 8:
             out = torch._weight_int8pack_mm(xb, layer.weight, state[0])
         else:
@@ -1246,13 +1264,17 @@ class QuantizedLinear(nn.Module):
         """Choose the kernel for activations of ``dtype`` on ``device`` and prepare its operands
         (repacking happens only when the choice, the device or the stored weight changed)."""
         name = resolve_quant_kernel(self.kernel_option, device, dtype, self.bits)
-        stored = (self.weight, self.weight_scale)
-        key = (name, device, dtype, *[(t.data_ptr(), t._version) for t in stored])
-        if key == self._kernel_key:
+
+        def key():
+            stored = (self.weight, self.weight_scale)
+            return (name, device, dtype, *[(t.data_ptr(), t._version) for t in stored])
+
+        if key() == self._kernel_key:
             return
         with torch.no_grad():
             self._kernel_state = QUANT_KERNELS[name].prepare(self, dtype)
-        self.kernel_name, self._kernel_matmul, self._kernel_key = name, QUANT_KERNELS[name].matmul, key
+        # Taken after prepare, which may have realigned the stored weight.
+        self.kernel_name, self._kernel_matmul, self._kernel_key = name, QUANT_KERNELS[name].matmul, key()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # THUDM's int4 checkpoints hold one scale per output channel; a grouped layer takes it
