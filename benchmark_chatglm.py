@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DTYPES,
         default="auto",
         help="auto: float16 on npu, bfloat16 on cuda; on cpu bfloat16 when float32 weights would not fit "
-        "in half the RAM, else the faster of float32 and bfloat16 in a GEMV measured here on CPUs with "
-        "AVX512-BF16/AMX, float32 on the others",
+        "in half the RAM or the CPU has AVX512-BF16/AMX, float32 on the others (from the CPU's flags, "
+        "not timed)",
     )
     run.add_argument("--device", choices=DEVICES, default="auto", help="auto: npu, else cuda, else cpu")
     run.add_argument(

@@ -98,20 +98,6 @@ def measure_cpu_matmul_tflops(dtype: torch.dtype, n: int = 1024, repeats: int = 
     return 2 * n**3 / best / 1e12
 
 
-def measure_cpu_gemv_s(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
-    """Seconds of one n x n matrix-vector product in ``dtype`` on this CPU, best of ``repeats``:
-    a decode step is such products over the weights."""
-    weight = torch.randn(n, n).to(dtype)
-    vector = torch.randn(1, n).to(dtype)
-    torch.nn.functional.linear(vector, weight)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.nn.functional.linear(vector, weight)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @dataclass
 class HardwareRef:
     """The references a run's bandwidth and FLOP/s are compared with."""

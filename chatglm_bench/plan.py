@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
-from .cli import UsageError, dtype_name
+from .cli import UsageError
 
 MODES = ("eager", "dynamo")
 ATTENTION = ("auto", "npu", "sdpa", "math")
@@ -125,9 +125,10 @@ def resolve_device(choice: str):
 
 def resolve_dtype(choice: str, device, n_params: int) -> Tuple[object, str]:
     """(dtype, why): ``auto`` is float16 on npu, bfloat16 on cuda (float16 without bf16), and on
-    a CPU bfloat16 when float32 weights would not fit in half the RAM, else the faster of float32
-    and bfloat16 in a measured GEMV on CPUs with AVX512-BF16 or AMX (float32 on the others:
-    without those units 16-bit GEMMs are far slower)."""
+    a CPU bfloat16 when float32 weights would not fit in half the RAM or the CPU has native bf16
+    units (AVX512-BF16 or AMX), float32 on the others (without those units 16-bit GEMMs are far
+    slower). Decided from the device's capabilities alone, so identical runs pick the same dtype
+    (a GEMV timed at start-up flipped under load)."""
     import torch
 
     if choice != "auto":
@@ -140,7 +141,7 @@ def resolve_dtype(choice: str, device, n_params: int) -> Tuple[object, str]:
             if torch.cuda.is_bf16_supported()
             else (torch.float16, "auto: cuda")
         )
-    from .hardware import cpu_bf16_units, measure_cpu_gemv_s
+    from .hardware import cpu_bf16_units
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if 4 * n_params >= ram / 2:
@@ -148,10 +149,7 @@ def resolve_dtype(choice: str, device, n_params: int) -> Tuple[object, str]:
     units = cpu_bf16_units()
     if not units:
         return torch.float32, "auto: no AVX512-BF16/AMX on this CPU"
-    times = {d: measure_cpu_gemv_s(d) for d in (torch.float32, torch.bfloat16)}
-    best = min(times, key=times.get)
-    shown = ", ".join(f"{dtype_name(d)} {t * 1e3:.2f} ms" for d, t in times.items())
-    return best, f"auto: faster GEMV here ({shown}; {' '.join(units)})"
+    return torch.bfloat16, f"auto: native bf16 on this CPU ({' '.join(units)})"
 
 
 def ablation_plan(device_kind: str, graph_backend: str, with_graph: bool = True) -> List[Tuple[str, Dict]]:
