@@ -214,7 +214,7 @@ def resolve_options(label: str, options: Dict[str, str], device, dtype, compiler
 
     try:
         runtime = modeling.RuntimeOptions.from_config(SimpleNamespace(**options))
-        attention, rmsnorm, _ = modeling.resolve_backends(runtime, device, dtype)
+        chosen = modeling.resolve_backends(runtime, device, dtype)
         compiler = "-"
         if runtime.exe_mode == "dynamo":
             if runtime.graph_backend not in compilers:
@@ -228,8 +228,8 @@ def resolve_options(label: str, options: Dict[str, str], device, dtype, compiler
         raise UsageError(f"{label}: {error}" if label != "run" else str(error)) from None
     return dict(
         options,
-        attention_backend=attention,
-        rmsnorm_backend=rmsnorm,
+        attention_backend=chosen.attention,
+        rmsnorm_backend=chosen.rmsnorm,
         kv_cache=runtime.cache_kind,
         graph_backend=compiler,
     )

@@ -126,13 +126,15 @@ def test_auto_picks_sdpa_and_fused_on_cpu_and_never_the_npu_kernels(npu):
     fake, module = npu
     model = build_golden_model("tiny-chatglm3", module=module)
     model(input_ids=torch.tensor([[5, 6, 7]]))
-    assert model.transformer.backends == {
-        "attention": "sdpa",
-        "rmsnorm": "fused",
-        "kv_cache": "tuple",
-        "cache_writer": "index_copy",
-        "device": "cpu",
-    }
+    chosen = model.transformer.backends
+    assert (chosen.device, chosen.attention, chosen.rmsnorm, chosen.kv_cache, chosen.cache_writer) == (
+        "cpu",
+        "sdpa",
+        "fused",
+        "tuple",
+        "index_copy",
+    )
+    assert (chosen.quant_kernel, chosen.compile, chosen.fallbacks) == ("none", None, ())
     assert fake.op_names() == []
 
 
@@ -176,9 +178,11 @@ def test_fused_npu_kernels_are_chosen_only_on_chips_that_support_them(npu, chip)
     fake.device_name = chip
     options = module.RuntimeOptions()
     assert module._npu_chip_name(torch.device("cpu")) == chip
-    attention, rmsnorm, writer = module.resolve_backends(options, "npu", torch.float16, chip=chip)
-    assert (attention, writer) == CHIPS[chip]
-    assert rmsnorm == "npu"
+    chosen = module.resolve_backends(options, "npu", torch.float16, chip=chip)
+    assert (chosen.attention, chosen.cache_writer) == CHIPS[chip]
+    assert chosen.rmsnorm == "npu"
+    # Every fallback is in the record, not only in a log line.
+    assert bool(chosen.fallbacks) == (CHIPS[chip] != ("npu", "npu"))
 
 
 @pytest.mark.parametrize("chip", ["Ascend310P3", "Ascend950PR_9599"])
