@@ -615,6 +615,7 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.key_keep = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.batch_size, self.max_len = batch_size, max_len
         self.writer = writer or torch.Tensor.index_copy_
         self.seq_len = 0
         self.slots = None  # the slots the current forward writes
@@ -672,15 +673,12 @@ class StaticKVCache:
         return key, value
 
     def end(self) -> "StaticKVCache":
-        return self.view(self.seq_len + self.slots.shape[0])
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
+        """The newest view, holding this step's positions too (``view`` spelled out: this runs
+        every decode step)."""
+        view = copy.copy(self)
+        view.seq_len = self.seq_len + self.slots.shape[0]
+        self._buffers.newest = view
+        return view
 
     def matches(self, batch_size: int, dtype, device, writer) -> bool:
         key = self.keys[0]
@@ -1802,7 +1800,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if past is not None and not isinstance(past, (tuple, list, StaticKVCache)):
             past = _legacy_from_hf(past)
         if isinstance(past, StaticKVCache):
-            if not past.is_newest():
+            if past._buffers.newest is not past:
                 raise ValueError(
                     f"this static KV cache holds {past.seq_len} positions but its buffers were already "
                     "advanced by another call (static caches are written in place); continue from the "
@@ -1813,7 +1811,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 past = self._kv_store = past.grown(self._capacity(past.seq_len + new_tokens))
             return past
         past_len = 0 if past is None else len(past[0][0])
-        if self.options.cache_kind != "static" or not use_cache:
+        if self._backends.kv_cache != "static" or not use_cache:
             return TupleKVCache(list(past) if past is not None else [None] * self.num_layers, past_len)
         needed = min(max(past_len + new_tokens, self._reserve or 0), self.seq_length)
         store, writer = self._kv_store, self._backends.write
