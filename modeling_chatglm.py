@@ -17,11 +17,13 @@ What is new, each switchable for an ablation (config field, else environment var
 Internally activations are batch-first, ``[batch, seq, hidden]``, and attention runs in BNSD
 (``[batch, heads, seq, head_dim]``), the layout the fused NPU kernels and SDPA take; the public
 outputs keep the original's layouts (hidden states ``[seq, batch, hidden]``, legacy cache
-``[seq, batch, kv_heads, head_dim]``). In graph mode only ``ChatGLMModel._wrap_graph`` (rotary
-embedding + the transformer layers) is compiled, once per model instance; masks, cache bookkeeping
-and every data-dependent decision stay outside it. Prefill and decode are compiled apart: the
-decode graph has static shapes with the static cache, so one graph is replayed every step (CUDA
-graphs on CUDA, a static torchair graph on NPU), and a decode step does no device-to-host sync.
+``[seq, batch, kv_heads, head_dim]``). A forward opens the cache, begins a step (the keep-mask,
+built once) and runs ``ChatGLMModel.prefill`` or ``ChatGLMModel.decode_one_token`` (the layers
+with their cache writes); in graph mode those two are compiled, once per model instance and
+phase; masks, cache bookkeeping and every data-dependent decision stay outside them. The static
+cache's capacity belongs to the instance (buckets), so the decode graph depends only on (batch,
+capacity) and is replayed every step (CUDA graphs on CUDA, a static torchair graph on NPU), the
+prefill graph serves any prompt length, and a decode step does no device-to-host sync.
 """
 
 import ast

@@ -1,4 +1,4 @@
-"""Graph mode: one compiled region (_wrap_graph) per model instance, compiled apart for prefill
+"""Graph mode: prefill() and decode_one_token() compiled per model instance and phase,
 and decode, no graph breaks, a bounded number of compiles over a whole generation."""
 
 import pytest
