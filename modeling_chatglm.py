@@ -682,9 +682,14 @@ class StaticKVCache:
         self._buffers.newest = view
         return view
 
-    def matches(self, batch_size: int, dtype, device, writer) -> bool:
+    def matches(
+        self, layers: int, batch_size: int, kv_heads: int, head_dim: int, dtype, device, writer
+    ) -> bool:
+        """Whether these buffers can hold another sequence of this shape (any capacity)."""
+        b, g, _, d = self.keys[0].shape
         key = self.keys[0]
-        return (self.batch_size, key.dtype, key.device, self.writer) == (batch_size, dtype, device, writer)
+        mine = (len(self.keys), b, g, d, key.dtype, key.device, self.writer)
+        return mine == (layers, batch_size, kv_heads, head_dim, dtype, device, writer)
 
     def copy_from_legacy(self, legacy) -> "StaticKVCache":
         """This cache holding a legacy tuple cache's positions (``[seq, batch, kv_heads, d]``)."""
@@ -1816,20 +1821,20 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if self._backends.kv_cache != "static" or not use_cache:
             return TupleKVCache(list(past) if past is not None else [None] * self.num_layers, past_len)
         needed = min(max(past_len + new_tokens, self._reserve or 0), self.seq_length)
+        attention = self.encoder.layers[0].self_attention
+        shape = (
+            self.num_layers,
+            batch_size,
+            attention.num_multi_query_groups_per_partition,
+            attention.hidden_size_per_attention_head,
+        )
         store, writer = self._kv_store, self._backends.write
-        if store is None or not store.matches(batch_size, dtype, device, writer) or store.max_len < needed:
+        if store is None or not store.matches(*shape, dtype, device, writer) or store.max_len < needed:
             self._kv_store = store = None  # frees the old buffers before allocating new ones
-            attention = self.encoder.layers[0].self_attention
-            store = self._kv_store = StaticKVCache(
-                self.num_layers,
-                batch_size,
-                attention.num_multi_query_groups_per_partition,
-                self._capacity(needed),
-                attention.hidden_size_per_attention_head,
-                dtype,
-                device,
-                writer,
-            )
+            layers, batch, kv_heads, head_dim = shape
+            capacity = self._capacity(needed)
+            store = StaticKVCache(layers, batch, kv_heads, capacity, head_dim, dtype, device, writer)
+            self._kv_store = store
         return store.copy_from_legacy(past) if past is not None else store.view(0)
 
     # --- the two phases (the compiled regions: pure tensor math) ---------------------------

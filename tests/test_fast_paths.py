@@ -4,12 +4,8 @@ The ``npu`` ops run on CPU through tests/npu_reference.py, the documented semant
 torch_npu op, installed as a stand-in ``torch_npu`` only inside these tests.
 """
 
-import importlib.util
-import itertools
-
 import pytest
 import torch
-from conftest import REPO
 from golden_protocol import (
     FIXTURES,
     build_golden_model,
@@ -18,23 +14,12 @@ from golden_protocol import (
     run_protocol,
     variant_inputs,
 )
-from npu_reference import install_fake_torch_npu
+from npu_reference import import_model_module, install_fake_torch_npu
 
 ATTENTION = ("npu", "sdpa", "math")
 RMSNORM = ("npu", "fused", "math")
 CACHES = ("tuple", "static")
 VARIANTS = {"padded": "", "unpadded": "nopad_"}
-_COUNTER = itertools.count()
-
-
-def import_model_module():
-    """A fresh copy of modeling_chatglm.py, so its import-time probe sees the current torch_npu."""
-    spec = importlib.util.spec_from_file_location(
-        f"modeling_chatglm_copy{next(_COUNTER)}", REPO / "modeling_chatglm.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

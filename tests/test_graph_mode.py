@@ -1,5 +1,5 @@
 """Graph mode: prefill() and decode_one_token() compiled per model instance and phase,
-and decode, no graph breaks, a bounded number of compiles over a whole generation."""
+no graph breaks, a bounded number of compiles over any number of prompt lengths."""
 
 import pytest
 import torch

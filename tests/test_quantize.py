@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import REPO
 from golden_protocol import build_golden_model
-from npu_reference import install_fake_torch_npu
-from test_fast_paths import import_model_module
+from npu_reference import import_model_module, install_fake_torch_npu
 
 import modeling_chatglm as M
 
