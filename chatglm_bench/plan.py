@@ -152,13 +152,19 @@ def resolve_dtype(choice: str, device, n_params: int) -> Tuple[object, str]:
     return torch.bfloat16, f"auto: native bf16 on this CPU ({' '.join(units)})"
 
 
-def ablation_plan(device_kind: str, graph_backend: str, with_graph: bool = True) -> List[Tuple[str, Dict]]:
-    """(label, options): the baseline, each optimization added alone, then all of them.
+def ablation_plan(device, dtype, graph_backend: str, with_graph: bool = True) -> List[Tuple[str, Dict]]:
+    """(label, options): the baseline, each optimization added alone, then all of them; the
+    optimizations are what the model's own ``auto`` picks for ``dtype`` on ``device``.
 
     ``with_graph=False`` (``--ablation --execute_mode eager``) leaves graph mode out: for machines
     where compiling the model is not worth it (e.g. the 6B model on a small CPU)."""
-    fast_attention = "npu" if device_kind == "npu" else "sdpa"
-    fast_rmsnorm = "npu" if device_kind == "npu" else "fused"
+    import modeling_chatglm as modeling
+
+    try:
+        auto = modeling.resolve_backends(modeling.RuntimeOptions(), device, dtype)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    fast_attention, fast_rmsnorm = auto.attention, auto.rmsnorm
     base = dict(
         attention_backend="math",
         rmsnorm_backend="math",
@@ -191,13 +197,13 @@ def ablation_plan(device_kind: str, graph_backend: str, with_graph: bool = True)
     return [(label, {**base, **change}) for label, change in steps]
 
 
-def option_sets(ablation: bool, choices: Choices, device) -> List[Tuple[str, Dict]]:
+def option_sets(ablation: bool, choices: Choices, device, dtype) -> List[Tuple[str, Dict]]:
     """(label, fast-path options) of every configuration of our model, in order."""
     switches = choices.switches
     if ablation:
         # Graph rows unless the user asked for eager only (flag or EXE_MODE).
         eager_only = choices.modes_asked and choices.modes == ["eager"]
-        return ablation_plan(device.type, switches["graph_backend"], with_graph=not eager_only)
+        return ablation_plan(device, dtype, switches["graph_backend"], with_graph=not eager_only)
     options = dict(
         attention_backend=switches["attention"],
         rmsnorm_backend=switches["rmsnorm"],
@@ -259,7 +265,7 @@ def build_plan(
     import torch
 
     compilers = {"auto", "torchair", *torch._dynamo.list_backends(exclude_tags=())}
-    sets = option_sets(ablation, choices, device)
+    sets = option_sets(ablation, choices, device, dtype)
     resolved = [resolve_options(label, options, device, dtype, compilers) for label, options in sets]
     check_quantize(choices.levels, world_size, device, dtype)
     entries: List[Entry] = []
