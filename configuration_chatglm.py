@@ -51,6 +51,7 @@ class ChatGLMConfig(PretrainedConfig):
         quantization_group_size=None,
         quantization_output_layer=None,
         quant_kernel=None,
+        prefill_chunk=None,
         **kwargs,
     ):
         self.num_layers = num_layers
@@ -92,4 +93,6 @@ class ChatGLMConfig(PretrainedConfig):
         self.quantization_group_size = quantization_group_size
         self.quantization_output_layer = quantization_output_layer
         self.quant_kernel = quant_kernel
+        # Long prompts (ours): tokens per prefill chunk; None = CHATGLM_PREFILL_CHUNK, else auto.
+        self.prefill_chunk = prefill_chunk
         super().__init__(**kwargs)

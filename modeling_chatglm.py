@@ -12,6 +12,7 @@ What is new, each switchable for an ablation (config field, else environment var
   graph mode  ``exe_mode``          / EXE_MODE          = eager | dynamo
   compiler    ``graph_backend``     / CHATGLM_GRAPH_BACKEND = auto | inductor | eager | aot_eager | ...
   int8/int4   ``quant_kernel``      / CHATGLM_QUANT_KERNEL = auto | cpu | cuda | npu | math
+  long prompt ``prefill_chunk``     / CHATGLM_PREFILL_CHUNK = auto (2048) | N tokens | 0 (off)
               (weight-only kernels of ``model.quantize(8 | 4)``, see "Weight-only quantization")
 
 Internally activations are batch-first, ``[batch, seq, hidden]``, and attention runs in BNSD
@@ -91,6 +92,31 @@ _OPTION_SPECS = (
 OPTION_CHOICES: Mapping[str, tuple] = MappingProxyType({spec[0]: spec[2] for spec in _OPTION_SPECS})
 
 
+# A prompt longer than this runs through the cache in chunks of this many tokens: every prompt
+# temporary (MLP intermediate, QKV, attention mask) is then bounded by chunk x context instead of
+# growing with the prompt. Measured on the small preset (bf16, 2-core Xeon): see README "Long prompts".
+PREFILL_CHUNK = 2048
+
+
+def _prefill_chunk_option(config) -> int:
+    value, source = getattr(config, "prefill_chunk", None), "config.prefill_chunk"
+    if value is None:
+        value, source = os.environ.get("CHATGLM_PREFILL_CHUNK"), "CHATGLM_PREFILL_CHUNK"
+    if value is None or value == "" or value == "auto":
+        return PREFILL_CHUNK
+    try:
+        chunk = int(str(value).strip())
+    except ValueError:
+        chunk = -1
+    # A 1-token chunk would be a decode step, where a padding token has nothing to attend to.
+    if isinstance(value, bool) or chunk < 0 or chunk == 1:
+        raise ValueError(
+            f"{source}={value!r} is not valid; use a whole number of tokens per prefill chunk "
+            "(at least 2), 0 for no chunking, or auto"
+        )
+    return chunk
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """The fast-path switches of one model instance (names = the config fields)."""
@@ -101,6 +127,7 @@ class RuntimeOptions:
     exe_mode: str = "eager"
     quant_kernel: str = "auto"
     graph_backend: Any = "auto"
+    prefill_chunk: int = 0  # tokens per prefill chunk; 0 = the whole prompt at once
 
     @property
     def cache_kind(self) -> str:
@@ -126,6 +153,7 @@ class RuntimeOptions:
             values[field] = value
         backend = getattr(config, "graph_backend", None)
         values["graph_backend"] = backend or os.environ.get("CHATGLM_GRAPH_BACKEND") or "auto"
+        values["prefill_chunk"] = _prefill_chunk_option(config)
         return cls(**values)
 
 
@@ -240,6 +268,7 @@ def _attention_sdpa(q, k, v, keep):
 
 
 _NPU_NO_BAND = 2147483647  # pre/next_tokens wide open: the explicit mask alone decides
+_NPU_COMPRESSED_MASK = 2048  # the causal sparse modes take exactly this triangle (torch_npu docs)
 
 
 def _attention_npu(q, k, v, keep):
@@ -262,10 +291,13 @@ def _attention_npu(q, k, v, keep):
             input_layout="BNSD",
             num_key_value_heads=kv_heads,
         )
+    sparse_mode = 0  # the explicit mask alone decides
     if masked is None:
-        # Without a mask the prompt kernel ignores its pre/next_tokens band (documented), so
-        # causality must be spelled out.
-        masked = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1 + sk - sq)
+        # Causal: the compressed mode ("rightDownCausal", the diagonal anchored bottom-right, so a
+        # chunk after a past sees the whole past) with its fixed 2048 x 2048 triangle, instead of
+        # an [s, s] mask (1 GiB at 32k). Without any mask the kernel would ignore the band.
+        masked = torch.ones(_NPU_COMPRESSED_MASK, _NPU_COMPRESSED_MASK, dtype=torch.bool, device=q.device)
+        masked, sparse_mode = masked.triu(1), 3
     return npu.npu_prompt_flash_attention(
         q,
         k,
@@ -277,6 +309,7 @@ def _attention_npu(q, k, v, keep):
         next_tokens=_NPU_NO_BAND,
         input_layout="BNSD",
         num_key_value_heads=kv_heads,
+        sparse_mode=sparse_mode,
     )
 
 
@@ -568,10 +601,11 @@ class TupleKVCache:
 
     layers: list
     seq_len: int = 0
+    new: int = 0  # tokens the current step writes
 
     def begin(self, slots, attention_mask, backends, full_attention_mask=None) -> _Step:
         """Start a forward writing ``slots`` [s] (past + 0 .. past + s - 1)."""
-        new = slots.shape[0]
+        new = self.new = slots.shape[0]
         if self.seq_len == 0:
             keep = _prompt_keep(slots, attention_mask)
         elif attention_mask is None:
@@ -579,7 +613,8 @@ class TupleKVCache:
         elif new == 1:
             keep = attention_mask.bool()[:, None, None, :]
         else:
-            keep = attention_keep_mask(slots, attention_mask.bool())
+            mask = attention_mask.bool()
+            keep = attention_keep_mask(slots, mask, mask[:, -new:])
         if full_attention_mask is not None:  # the original's form, True = masked
             keep = ~full_attention_mask
         return _Step(self, keep, backends, new == 1 and self.seq_len > 0)
@@ -594,6 +629,12 @@ class TupleKVCache:
 
     def end(self):
         return tuple(self.layers)
+
+    def resume(self) -> "TupleKVCache":
+        """The cache after this step, to begin the next chunk of the same prompt (contiguous, as
+        every later chunk's concatenation is: one chunk graph serves them all)."""
+        layers = [(k.contiguous(), v.contiguous()) for k, v in self.layers]
+        return TupleKVCache(layers, self.seq_len + self.new)
 
 
 class StaticKVCache:
@@ -656,7 +697,11 @@ class StaticKVCache:
         if past:
             # Slots past the end may hold an abandoned (use_cache=False) forward's K/V.
             self.key_keep[:, total:] = False
-            keep = self.key_keep[:, None, None, :] if new == 1 else attention_keep_mask(slots, self.key_keep)
+            if new == 1:
+                keep = self.key_keep[:, None, None, :]
+            else:  # a padding query row of a later prompt chunk attends everywhere, as on the first
+                query_keep = None if attention_mask is None else attention_mask[:, past:total].bool()
+                keep = attention_keep_mask(slots, self.key_keep, query_keep)
         if full_attention_mask is not None:
             # The original's form (True = masked) over past + new positions; over the buffer
             # the unwritten slots beyond them stay hidden.
@@ -681,6 +726,8 @@ class StaticKVCache:
         view.seq_len = self.seq_len + self.slots.shape[0]
         self._buffers.newest = view
         return view
+
+    resume = end  # the next chunk of a prompt continues the newest view
 
     def matches(
         self, layers: int, batch_size: int, kv_heads: int, head_dim: int, dtype, device, writer
@@ -1896,21 +1943,26 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             position_ids = (
                 torch.arange(offset, offset + seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
             )
-        slots = torch.arange(past_len, past_len + seq_length, device=device)
-        step = cache.begin(slots, attention_mask, backends, full_attention_mask)
-
         # Gathered here, not in the graph: a fresh tensor, so the decode graph never guards on
         # the strides of the caller's position_ids (a slice of a growing tensor in generate()).
         rotary_pos_emb = self._rope[position_ids]  # [b, s, rot/2, 2]
-        all_hidden_states = None
-        if step.decode and not output_hidden_states:
-            hidden_states = self._phases["decode"](hidden_states, rotary_pos_emb, step)
-        else:
-            if self._graphs:
-                _mark_length_dynamic(hidden_states, rotary_pos_emb, step)
-            hidden_states, all_hidden_states = self._phases["prefill"](
-                hidden_states, rotary_pos_emb, step, output_hidden_states
+        chunk = self.options.prefill_chunk
+        if chunk and seq_length > chunk and full_attention_mask is None and not self.training:
+            hidden_states, all_hidden_states, cache = self._prefill_chunks(
+                hidden_states, rotary_pos_emb, cache, attention_mask, chunk, output_hidden_states
             )
+        else:
+            slots = torch.arange(past_len, past_len + seq_length, device=device)
+            step = cache.begin(slots, attention_mask, backends, full_attention_mask)
+            all_hidden_states = None
+            if step.decode and not output_hidden_states:
+                hidden_states = self._phases["decode"](hidden_states, rotary_pos_emb, step)
+            else:
+                if self._graphs:
+                    _mark_length_dynamic(hidden_states, rotary_pos_emb, step)
+                hidden_states, all_hidden_states = self._phases["prefill"](
+                    hidden_states, rotary_pos_emb, step, output_hidden_states
+                )
 
         presents = cache.end() if use_cache else None
         hidden_states = hidden_states.transpose(0, 1)  # public layout [s, b, h]
@@ -1924,6 +1976,33 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             attentions=None,
             **{_CACHE_FIELD: presents},
         )
+
+    def _prefill_chunks(
+        self, hidden_states, rotary_pos_emb, cache, attention_mask, chunk, output_hidden_states
+    ):
+        """A long prompt ``hidden_states`` [b, s, h], ``chunk`` tokens at a time through the cache:
+        each chunk attends to the cache (the chunks before it) plus itself, so the result equals
+        one pass while every temporary is bounded by chunk x context. Returns (hidden [b, s, h],
+        every layer's input + the output or None, the cache after the last chunk)."""
+        seq_length, past_len = hidden_states.shape[1], cache.seq_len
+        output, layer_outputs = torch.empty_like(hidden_states), []
+        for start in range(0, seq_length, chunk):
+            stop = min(start + chunk, seq_length)
+            if start:
+                cache = cache.resume()
+            slots = torch.arange(past_len + start, past_len + stop, device=hidden_states.device)
+            mask = None if attention_mask is None else attention_mask[:, : past_len + stop]
+            step = cache.begin(slots, mask, self._backends)
+            part, rope = hidden_states[:, start:stop], rotary_pos_emb[:, start:stop]
+            if self._graphs:
+                _mark_length_dynamic(part, rope, step)
+            part, all_hidden = self._phases["prefill"](part, rope, step, output_hidden_states)
+            output[:, start:stop] = part
+            layer_outputs.append(all_hidden)
+        all_hidden_states = None
+        if output_hidden_states:
+            all_hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*layer_outputs))
+        return output, all_hidden_states, cache
 
     def _check_lengths(self, batch_size, seq_length, past_len, attention_mask) -> None:
         total = past_len + seq_length
@@ -1955,6 +2034,11 @@ def _mark_length_dynamic(hidden_states, rotary_pos_emb, step: _Step) -> None:
     if isinstance(step.keep, torch.Tensor):
         mark(step.keep, 2)
         mark(step.keep, 3)
+    if isinstance(step.cache, TupleKVCache):  # a chunk after a past: any past length, one graph
+        for layer in step.cache.layers:
+            if layer is not None:
+                mark(layer[0], 0)
+                mark(layer[1], 0)
 
 
 def _raise_recompile_limit() -> None:
