@@ -276,7 +276,7 @@ def _attention_npu(q, k, v, keep):
     otherwise. Both take contiguous BNSD tensors (the aclnn docs reject non-contiguous inputs,
     the mask included), GQA via ``num_key_value_heads`` and a bool mask with True = masked."""
     npu = _require_torch_npu("attention_backend='npu'")
-    heads, kv_heads, sq, sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    heads, kv_heads, sq = q.shape[1], k.shape[1], q.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     masked = None if keep is CAUSAL else (~keep).contiguous()
