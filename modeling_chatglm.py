@@ -17,16 +17,19 @@ What is new, each switchable for an ablation (config field, else environment var
 Internally activations are batch-first, ``[batch, seq, hidden]``, and attention runs in BNSD
 (``[batch, heads, seq, head_dim]``), the layout the fused NPU kernels and SDPA take; the public
 outputs keep the original's layouts (hidden states ``[seq, batch, hidden]``, legacy cache
-``[seq, batch, kv_heads, head_dim]``). In graph mode only ``ChatGLMModel._wrap_graph`` (rotary
-embedding + the transformer layers) is compiled, once per model instance; masks, cache bookkeeping
-and every data-dependent decision stay outside it. Prefill and decode are compiled apart: the
-decode graph has static shapes with the static cache, so one graph is replayed every step (CUDA
-graphs on CUDA, a static torchair graph on NPU), and a decode step does no device-to-host sync.
+``[seq, batch, kv_heads, head_dim]``). A forward opens the cache, begins a step (the keep-mask,
+built once) and runs ``ChatGLMModel.prefill`` or ``ChatGLMModel.decode_one_token`` (the layers
+with their cache writes); in graph mode those two are compiled, once per model instance and
+phase; masks, cache bookkeeping and every data-dependent decision stay outside them. The static
+cache's capacity belongs to the instance (buckets), so the decode graph depends only on (batch,
+capacity) and is replayed every step (CUDA graphs on CUDA, a static torchair graph on NPU), the
+prefill graph serves any prompt length, and a decode step does no device-to-host sync.
 """
 
 import ast
 import contextlib
 import copy
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -83,7 +86,9 @@ _OPTION_SPECS = (
     ("rmsnorm_backend", "CHATGLM_RMSNORM", ("auto", "npu", "fused", "math"), "auto"),
     ("kv_cache", "CHATGLM_KV_CACHE", ("auto", "tuple", "static"), "auto"),
     ("exe_mode", "EXE_MODE", ("eager", "dynamo"), "eager"),
+    ("quant_kernel", "CHATGLM_QUANT_KERNEL", ("auto", "cpu", "cuda", "npu", "math"), "auto"),
 )
+OPTION_CHOICES: Mapping[str, tuple] = MappingProxyType({spec[0]: spec[2] for spec in _OPTION_SPECS})
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class RuntimeOptions:
     rmsnorm_backend: str = "auto"
     kv_cache: str = "auto"
     exe_mode: str = "eager"
+    quant_kernel: str = "auto"
     graph_backend: Any = "auto"
 
     @property
@@ -151,6 +157,8 @@ _RECOMPILE_LIMIT_NAME = (
     "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 )
 GRAPH_RECOMPILE_LIMIT = 64
+# The static cache's first capacity bucket; larger ones double it (up to seq_length).
+STATIC_CACHE_MIN_LEN = 256
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The fused NPU kernels compute in half precision only.
@@ -181,9 +189,12 @@ def _require_torch_npu(what: str):
 
 # ---------------------------------------------------------------------------------------------
 # Op implementations. Tensors in BNSD: q [b, heads, sq, d]; k, v [b, kv_heads, sk, d].
-# keep: bool [b, 1, sq, sk], True = attend (SDPA's polarity; one mask form everywhere), or None
-# = causal when sq > 1 and "attend to everything" when sq == 1 (a decode step without a mask).
+# keep, the one mask form every kernel takes: bool [b, 1, sq, sk] with True = attend (SDPA's
+# polarity), or CAUSAL: query i sees keys 0 .. sk - sq + i (the last sq keys are the queries'
+# own; for one query token that is every key). Built once per forward by the cache's ``begin``.
 # ---------------------------------------------------------------------------------------------
+
+CAUSAL = "causal"
 
 
 def _attention_math(q, k, v, keep):
@@ -194,9 +205,9 @@ def _attention_math(q, k, v, keep):
         v = v.repeat_interleave(heads // kv_heads, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     scores = scores.float()
-    if keep is None and sq > 1:
-        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
-    if keep is not None:
+    if keep is CAUSAL and sq > 1:
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    if keep is not CAUSAL:
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
@@ -205,12 +216,13 @@ def _attention_math(q, k, v, keep):
 def _attention_sdpa(q, k, v, keep):
     """``F.scaled_dot_product_attention`` without materialising repeated K/V heads."""
     batch, heads, sq, head_dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, sk = k.shape[1], k.shape[2]
+    mask = None if keep is CAUSAL else keep
     if kv_heads != heads and sq == 1:
         # Decode: the query heads sharing a KV head become that head's "sequence" (the mask is
         # per batch row, so it broadcasts); one plain SDPA call, no repeat, on any torch.
         grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=keep)
+        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
         return out.reshape(batch, heads, 1, head_dim)
     extra = {}
     if kv_heads != heads:
@@ -219,10 +231,12 @@ def _attention_sdpa(q, k, v, keep):
         else:
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
-    # A branch, not is_causal=<expression>: with dynamic shapes the comparison is symbolic.
-    if keep is None and sq > 1:
+    # Branches, not is_causal=<expression>: with dynamic shapes the comparison is symbolic.
+    if keep is CAUSAL and sq == sk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, **extra)
+    if keep is CAUSAL and sq > 1:
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **extra)
 
 
 _NPU_NO_BAND = 2147483647  # pre/next_tokens wide open: the explicit mask alone decides
@@ -236,7 +250,7 @@ def _attention_npu(q, k, v, keep):
     heads, kv_heads, sq, sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    masked = None if keep is None else (~keep).contiguous()
+    masked = None if keep is CAUSAL else (~keep).contiguous()
     if sq == 1:
         return npu.npu_incre_flash_attention(
             q,
@@ -266,41 +280,37 @@ def _attention_npu(q, k, v, keep):
     )
 
 
-def _rmsnorm_math(x, weight, eps):
+# RMSNorm kernels take F.rms_norm's arguments (x, normalized_shape, weight, eps), so that
+# "fused" is F.rms_norm itself.
+def _rmsnorm_math(x, shape, weight, eps):
     input_dtype = x.dtype
     variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
     x = x * torch.rsqrt(variance + eps)
     return (weight * x).to(input_dtype)
 
 
-def _rmsnorm_fused(x, weight, eps):
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def _rmsnorm_npu(x, weight, eps):
+def _rmsnorm_npu(x, shape, weight, eps):
     return _require_torch_npu("rmsnorm_backend='npu'").npu_rms_norm(x, weight, epsilon=eps)[0]
 
 
-def _cache_write_index_copy(buffer, positions, update):
-    # buffer [b, kv_heads, max_len, d]; positions [s] (same for every row); update [b, kv_heads, s, d]
-    buffer.index_copy_(2, positions, update)
-
-
-def _cache_write_npu(buffer, positions, update):
+# Cache writers take Tensor.index_copy_'s arguments: (buffer [b, kv_heads, max_len, d], dim = 2,
+# slots [s] (the same for every row), update [b, kv_heads, s, d]).
+def _cache_write_npu(buffer, dim, slots, update):
     # scatter_update_ takes one start position per batch row on the given axis.
-    starts = positions[:1].expand(buffer.shape[0]).contiguous()
-    _require_torch_npu("kv_cache='static' on NPU").scatter_update_(buffer, starts, update.contiguous(), -2)
+    starts = slots[:1].expand(buffer.shape[0]).contiguous()
+    _require_torch_npu("kv_cache='static' on NPU").scatter_update_(buffer, starts, update.contiguous(), dim)
 
 
 # The one place device kernels are chosen from (read-only: no module-level mutable state).
 ATTENTION_BACKENDS: Mapping[str, Callable] = MappingProxyType(
     {"npu": _attention_npu, "sdpa": _attention_sdpa, "math": _attention_math}
 )
+# (resolve_backends refuses "fused" where torch has no F.rms_norm.)
 RMSNORM_BACKENDS: Mapping[str, Callable] = MappingProxyType(
-    {"npu": _rmsnorm_npu, "fused": _rmsnorm_fused, "math": _rmsnorm_math}
+    {"npu": _rmsnorm_npu, "fused": getattr(F, "rms_norm", _rmsnorm_math), "math": _rmsnorm_math}
 )
 CACHE_WRITERS: Mapping[str, Callable] = MappingProxyType(
-    {"npu": _cache_write_npu, "index_copy": _cache_write_index_copy}
+    {"npu": _cache_write_npu, "index_copy": torch.Tensor.index_copy_}
 )
 
 
@@ -333,8 +343,30 @@ def _npu_chip_name(device: torch.device) -> Optional[str]:
         return None
 
 
-def resolve_backends(options: RuntimeOptions, device, dtype: torch.dtype, chip: Optional[str] = None):
-    """Pick (attention, rmsnorm, cache writer) names for tensors of ``dtype`` on ``device`` (a
+@dataclass(frozen=True, eq=False)
+class Backends:
+    """What runs a forward on one device and dtype, decided once by :func:`resolve_backends`
+    (every fallback included, in ``fallbacks``). Modules read it at the call site
+    (``step.backends.attend(q, k, v, keep)``); nothing is written into them."""
+
+    device: str
+    attention: str
+    rmsnorm: str
+    kv_cache: str
+    cache_writer: str
+    quant_kernel: str  # "none" for an unquantized model
+    compile: Optional[Mapping[str, Mapping[str, Any]]]  # phase -> torch.compile kwargs; None: eager
+    fallbacks: tuple = ()
+    attend: Callable = dataclasses.field(default=_attention_math, repr=False)
+    normalize: Callable = dataclasses.field(default=_rmsnorm_math, repr=False)
+    write: Callable = dataclasses.field(default=torch.Tensor.index_copy_, repr=False)
+
+
+def resolve_backends(
+    options: RuntimeOptions, device, dtype: torch.dtype, chip: Optional[str] = None, bits: int = 0
+) -> Backends:
+    """The one resolver: kernels, cache writer, quantized-matmul kernel (for ``bits``-bit weights,
+    0 = unquantized) and per-phase compile settings for tensors of ``dtype`` on ``device`` (a
     ``torch.device`` or its type name); ``chip`` is the NPU's name (looked up when omitted)."""
     kind = device if isinstance(device, str) else device.type
     if dtype not in _SUPPORTED_DTYPES:
@@ -345,6 +377,7 @@ def resolve_backends(options: RuntimeOptions, device, dtype: torch.dtype, chip: 
         )
     attention, rmsnorm = options.attention_backend, options.rmsnorm_backend
     on_npu = kind == "npu"
+    fallbacks = []
     limits = {"attention": None, "cache_writer": None}
     if on_npu:
         if chip is None and isinstance(device, torch.device):
@@ -353,7 +386,7 @@ def resolve_backends(options: RuntimeOptions, device, dtype: torch.dtype, chip: 
     if attention == "auto":
         attention = "npu" if on_npu and dtype in _NPU_KERNEL_DTYPES else "sdpa"
         if attention == "npu" and limits["attention"]:
-            logger.warning(f"attention: sdpa instead of the fused NPU kernels ({limits['attention']})")
+            fallbacks.append(f"attention: sdpa instead of the fused NPU kernels ({limits['attention']})")
             attention = "sdpa"
     if rmsnorm == "auto":
         rmsnorm = "npu" if on_npu else ("fused" if _HAS_F_RMS_NORM else "math")
@@ -380,11 +413,42 @@ def resolve_backends(options: RuntimeOptions, device, dtype: torch.dtype, chip: 
     if attention == "npu":
         writer = "npu"
         if limits["cache_writer"]:
-            logger.warning(
+            fallbacks.append(
                 f"static KV cache: index_copy_ instead of scatter_update_ ({limits['cache_writer']})"
             )
             writer = "index_copy"
-    return attention, rmsnorm, writer
+    quant = "none"
+    if bits:
+        quant = resolve_quant_kernel(
+            options.quant_kernel,
+            device if isinstance(device, torch.device) else torch.device(kind),
+            dtype,
+            bits,
+        )
+        if options.quant_kernel == "auto" and quant == "math" and kind in QUANT_KERNELS:
+            fallbacks.append(
+                f"quant_kernel: math instead of {kind} (no {bits}-bit {kind} kernel for {dtype})"
+            )
+    for note in fallbacks:
+        logger.warning(note)
+    compile_settings = None
+    if options.exe_mode == "dynamo":
+        compile_settings = MappingProxyType(
+            {phase: compile_kwargs(options, kind, phase) for phase in ("prefill", "decode")}
+        )
+    return Backends(
+        device=kind,
+        attention=attention,
+        rmsnorm=rmsnorm,
+        kv_cache=options.cache_kind,
+        cache_writer=writer,
+        quant_kernel=quant,
+        compile=compile_settings,
+        fallbacks=tuple(fallbacks),
+        attend=ATTENTION_BACKENDS[attention],
+        normalize=RMSNORM_BACKENDS[rmsnorm],
+        write=CACHE_WRITERS[writer],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,20 +510,102 @@ class RotaryEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# KV caches: one ``update(layer, positions, k, v) -> (k_all, v_all)``, called by each attention
-# layer inside the compiled region. k, v and the results are BNSD ``[b, kv_heads, seq, d]``.
+# KV caches and the step. A forward opens the cache (ChatGLMModel.open_cache, the one place
+# that tells the legacy tuple, a transformers Cache and the static cache apart), ``begin``s a
+# step (the keep-mask, built once, outside the compiled region), every attention layer calls
+# ``update(layer, k, v) -> (k_all, v_all)`` (BNSD ``[b, kv_heads, seq, d]``), and ``end()``
+# returns the public past_key_values.
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Step:
+    """What every layer of one forward reads: the cache, the keep-mask, the backends."""
+
+    cache: Any  # TupleKVCache or StaticKVCache: update(layer, k, v)
+    keep: Any  # bool [b, 1, s, kv], True = attend, or CAUSAL
+    backends: Backends
+    decode: bool  # one new token per row after a past
+
+
+def attention_keep_mask(query_slots, key_keep, query_keep=None):
+    """The explicit keep-mask: bool ``[b, 1, s, kv]``, True = attend.
+
+    ``query_slots`` [s]: the cache slot of each new token; ``key_keep`` [b, kv]: which slots hold
+    real tokens. Causality compares slot numbers, which is a slice of the causal table
+    ``slot <= query_slot`` without storing a ``max_len x max_len`` table (1 GiB at 32k).
+    ``query_keep`` [b, s] (prompts without past only): a padding query row attends everywhere,
+    as in the original, which keeps its softmax finite.
+    """
+    slots = torch.arange(key_keep.shape[1], device=key_keep.device)
+    keep = (slots[None, :] <= query_slots[:, None])[None, None] & key_keep[:, None, None, :]
+    if query_keep is not None:
+        keep = keep | ~query_keep[:, None, :, None]
+    return keep
+
+
+def _prompt_keep(slots, attention_mask):
+    """The keep-mask of a prompt without past: CAUSAL unless it is padded (the one
+    device-to-host sync of a generation, once per prompt)."""
+    if attention_mask is None:
+        return CAUSAL
+    mask = attention_mask.bool()
+    if bool(mask.all()):
+        return CAUSAL
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError(
+            "attention_mask is right-padded (a 0 after a 1); ChatGLM needs left padding: "
+            "set tokenizer.padding_side = 'left' (the default of our tokenizer)"
+        )
+    return attention_keep_mask(slots, mask, mask)
+
+
+@dataclass
+class TupleKVCache:
+    """The original's growing cache during one forward: ``layers`` is the legacy past (a tuple
+    over layers of ``(k, v)``, each ``[seq, batch, kv_heads, d]``, or None per layer), extended
+    by concatenation; ``end()`` returns it in exactly the original's format."""
+
+    layers: list
+    seq_len: int = 0
+
+    def begin(self, slots, attention_mask, backends, full_attention_mask=None) -> _Step:
+        """Start a forward writing ``slots`` [s] (past + 0 .. past + s - 1)."""
+        new = slots.shape[0]
+        if self.seq_len == 0:
+            keep = _prompt_keep(slots, attention_mask)
+        elif attention_mask is None:
+            keep = CAUSAL
+        elif new == 1:
+            keep = attention_mask.bool()[:, None, None, :]
+        else:
+            keep = attention_keep_mask(slots, attention_mask.bool())
+        if full_attention_mask is not None:  # the original's form, True = masked
+            keep = ~full_attention_mask
+        return _Step(self, keep, backends, new == 1 and self.seq_len > 0)
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        key, value = key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3)  # [s, b, g, d]
+        past = self.layers[layer]
+        if past is not None:
+            key, value = torch.cat((past[0], key), dim=0), torch.cat((past[1], value), dim=0)
+        self.layers[layer] = (key, value)
+        return key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
+
+    def end(self):
+        return tuple(self.layers)
 
 
 class StaticKVCache:
     """Preallocated per-layer K/V buffers ``[batch, kv_heads, max_len, head_dim]``, written in place.
 
-    Every decode step sees the same shapes, so graph mode captures one decode graph. ``key_keep``
-    ``[batch, max_len]`` (True = a real token) holds the prompt's padding, folded in once per
-    prompt; the causal part of the mask comes from comparing slot numbers with the query's slots.
-    Indexing (``cache[layer]``) returns the original's legacy ``(k, v)`` views
-    ``[seq, batch, kv_heads, d]`` of the filled part, so code written against the tuple cache
-    keeps working.
+    Every decode step sees the same shapes, so graph mode captures one decode graph per (batch,
+    ``max_len``); the model keeps the buffers between generations and sizes them in buckets
+    (``ChatGLMModel.static_cache_len``). ``key_keep`` ``[batch, max_len]`` is the cache's own
+    mask buffer: True = the slot holds a real token (written, not padding), so a decode step's
+    keep-mask is a view of it. Indexing (``cache[layer]``) returns the original's legacy
+    ``(k, v)`` views ``[seq, batch, kv_heads, d]`` of the filled part, so code written against
+    the tuple cache keeps working.
 
     Each forward returns a new ``StaticKVCache`` over the same buffers. Because the buffers are
     written in place, only the newest one may be continued: continuing an older one (branching
@@ -470,59 +616,90 @@ class StaticKVCache:
         shape = (batch_size, kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.key_keep = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.key_keep = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.writer = writer or torch.Tensor.index_copy_
         self.seq_len = 0
-        self._filled = [0]  # positions written into the shared buffers, shared by every view
+        self.slots = None  # the slots the current forward writes
         # A prompt with no past attends to its own fresh K/V only (sparing a full-length
         # attention); any later step attends to the whole buffer.
         self.attend_buffer = False
-        self.writer = writer or _cache_write_index_copy
+        self._buffers = types.SimpleNamespace(newest=self)  # shared by every view of the buffers
         for buffer in self.keys + self.values + [self.key_keep]:
             _mark_static_address(buffer)
 
-    def update(self, layer: int, positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-        """Write ``key``/``value`` ``[b, g, s, d]`` at slots ``positions`` ``[s]``; return what the
-        layer attends to: the whole buffers, or the fresh K/V for a prompt without past."""
-        self.writer(self.keys[layer], positions, key)
-        self.writer(self.values[layer], positions, value)
+    def view(self, seq_len: int) -> "StaticKVCache":
+        """The cache over the same buffers holding ``seq_len`` positions, now the newest."""
+        view = copy.copy(self)
+        view.seq_len = seq_len
+        self._buffers.newest = view
+        return view
+
+    def is_newest(self) -> bool:
+        return self._buffers.newest is self
+
+    def begin(self, slots, attention_mask, backends, full_attention_mask=None) -> _Step:
+        """Start a forward writing ``slots`` [s]; fold ``attention_mask`` [b, past + s] (or, with
+        none, "every new token is real") into the mask buffer."""
+        past, new = self.seq_len, slots.shape[0]
+        total = past + new
+        self._buffers.newest = self
+        self.slots = slots
+        self.attend_buffer = past > 0
+        if past == 0:
+            keep = _prompt_keep(slots, attention_mask)
+            self.key_keep.fill_(False)
+        if attention_mask is not None:
+            self.key_keep[:, :total].copy_(attention_mask)
+        else:
+            self.key_keep[:, past:total] = True
+        if past:
+            # Slots past the end may hold an abandoned (use_cache=False) forward's K/V.
+            self.key_keep[:, total:] = False
+            keep = self.key_keep[:, None, None, :] if new == 1 else attention_keep_mask(slots, self.key_keep)
+        if full_attention_mask is not None:
+            # The original's form (True = masked) over past + new positions; over the buffer
+            # the unwritten slots beyond them stay hidden.
+            keep = ~full_attention_mask
+            if past:
+                keep = F.pad(keep, (0, self.max_len - keep.shape[-1]), value=False)
+        return _Step(self, keep, backends, new == 1 and past > 0)
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """Write ``key``/``value`` ``[b, g, s, d]`` at this step's slots; return what the layer
+        attends to: the whole buffers, or the fresh K/V for a prompt without past."""
+        self.writer(self.keys[layer], 2, self.slots, key)
+        self.writer(self.values[layer], 2, self.slots, value)
         if self.attend_buffer:
             return self.keys[layer], self.values[layer]
         return key, value
 
-    def for_step(self, attend_buffer: bool) -> "StaticKVCache":
+    def end(self) -> "StaticKVCache":
+        """The newest view, holding this step's positions too (``view`` spelled out: this runs
+        every decode step)."""
         view = copy.copy(self)
-        view.attend_buffer = attend_buffer
+        view.seq_len = self.seq_len + self.slots.shape[0]
+        self._buffers.newest = view
         return view
 
-    def advanced(self, length: int) -> "StaticKVCache":
-        """The cache after a forward wrote positions up to ``length`` (same buffers)."""
-        view = copy.copy(self)
-        view.seq_len = self._filled[0] = length
-        return view
+    def matches(
+        self, layers: int, batch_size: int, kv_heads: int, head_dim: int, dtype, device, writer
+    ) -> bool:
+        """Whether these buffers can hold another sequence of this shape (any capacity)."""
+        b, g, _, d = self.keys[0].shape
+        key = self.keys[0]
+        mine = (len(self.keys), b, g, d, key.dtype, key.device, self.writer)
+        return mine == (layers, batch_size, kv_heads, head_dim, dtype, device, writer)
 
-    def check_current(self) -> None:
-        if self.seq_len != self._filled[0]:
-            raise ValueError(
-                f"this static KV cache holds {self.seq_len} positions but its buffers were already "
-                f"advanced to {self._filled[0]} by another call (static caches are written in "
-                "place); continue from the newest past_key_values, or use kv_cache='tuple' to "
-                "branch several continuations from one past"
-            )
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
-    def copy_from_legacy(self, legacy, length: int) -> None:
-        """Fill positions [0, length) from a legacy tuple cache (``[seq, batch, kv_heads, d]``)."""
+    def copy_from_legacy(self, legacy) -> "StaticKVCache":
+        """This cache holding a legacy tuple cache's positions (``[seq, batch, kv_heads, d]``)."""
+        length = legacy[0][0].shape[0]
         for layer, (key, value) in enumerate(legacy):
             self.keys[layer][:, :, :length].copy_(key.permute(1, 2, 0, 3))
             self.values[layer][:, :, :length].copy_(value.permute(1, 2, 0, 3))
-        self.seq_len = self._filled[0] = length
+        self.key_keep.fill_(False)
+        self.key_keep[:, :length] = True
+        return self.view(length)
 
     def grown(self, new_max_len: int) -> "StaticKVCache":
         bigger = StaticKVCache(
@@ -539,8 +716,7 @@ class StaticKVCache:
         for old, new in zip(self.keys + self.values, bigger.keys + bigger.values):
             new[:, :, :n].copy_(old[:, :, :n])
         bigger.key_keep[:, :n].copy_(self.key_keep[:, :n])
-        bigger.seq_len = bigger._filled[0] = n
-        return bigger
+        return bigger.view(n)
 
     def reorder(self, beam_idx: torch.Tensor) -> "StaticKVCache":
         n = self.seq_len
@@ -561,32 +737,6 @@ class StaticKVCache:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
-
-
-class TupleKVCache:
-    """Adapter giving the original's growing cache (a tuple over layers of ``(k, v)``, each
-    ``[seq, batch, kv_heads, d]``, extended by concatenation) the same ``update`` as the static
-    cache. ``legacy()`` is what ``past_key_values`` returns, exactly the original's format."""
-
-    def __init__(self, legacy, num_layers: int):
-        self.layers = list(legacy) if legacy is not None else [None] * num_layers
-
-    def update(self, layer: int, positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-        key, value = key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3)  # [s, b, g, d]
-        past = self.layers[layer]
-        if past is not None:
-            key, value = torch.cat((past[0], key), dim=0), torch.cat((past[1], value), dim=0)
-        self.layers[layer] = (key, value)
-        return key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
-
-    def legacy(self):
-        return tuple(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __getitem__(self, layer: int):
-        return self.layers[layer]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,14 +778,21 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(normalized_shape, device=device, dtype=dtype))
         self.eps = eps
-        self.impl = _rmsnorm_math
 
-    def forward(self, hidden_states: torch.Tensor):
-        return self.impl(hidden_states, self.weight, self.eps)
+    def forward(self, hidden_states: torch.Tensor, kernel: Callable = _rmsnorm_math):
+        """``kernel``: the model's ``backends.normalize`` (the original's arithmetic by default)."""
+        return kernel(hidden_states, (hidden_states.shape[-1],), self.weight, self.eps)
+
+
+class _LayerNorm(LayerNorm):
+    """LayerNorm for configs with ``rmsnorm=False``; takes (and ignores) RMSNorm's kernel."""
+
+    def forward(self, hidden_states: torch.Tensor, kernel: Optional[Callable] = None):
+        return super().forward(hidden_states)
 
 
 class CoreAttention(nn.Module):
-    """Softmax attention through the backend chosen for the device (``self.impl``)."""
+    """Softmax attention through the kernel the model's backends chose for the device."""
 
     def __init__(self, config, layer_number):
         super().__init__()
@@ -655,12 +812,11 @@ class CoreAttention(nn.Module):
         self.norm_factor = math.sqrt(self.hidden_size_per_attention_head) * (coeff or 1)
         self.coeff = coeff
         self.attention_dropout = nn.Dropout(config.attention_dropout)
-        self.impl = _attention_math
 
-    def forward(self, query_layer, key_layer, value_layer, keep):
+    def forward(self, query_layer, key_layer, value_layer, keep, kernel: Callable = _attention_math):
         # q [b, heads, sq, d]; k, v [b, kv_heads, sk, d]; keep [b, 1, sq, sk] (True = attend) or
-        # None -> context [b, sq, heads * d]
-        context = self.impl(query_layer, key_layer, value_layer, keep)
+        # CAUSAL; kernel: the model's backends.attend -> context [b, sq, heads * d]
+        context = kernel(query_layer, key_layer, value_layer, keep)
         b, heads, sq, d = context.shape
         return context.transpose(1, 2).reshape(b, sq, heads * d)
 
@@ -698,10 +854,9 @@ class SelfAttention(nn.Module):
             **_config_to_kwargs(config),
         )
 
-    def forward(self, hidden_states, keep, rotary_pos_emb, cache=None, cache_position=None):
-        """``hidden_states`` [b, s, h]; ``keep`` the attention keep-mask; ``cache`` a
-        :class:`StaticKVCache` or :class:`TupleKVCache` (None: attend to this input only) that
-        stores the new K/V at slots ``cache_position`` [s] and returns everything to attend to."""
+    def forward(self, hidden_states, rotary_pos_emb, step: _Step):
+        """``hidden_states`` [b, s, h]; ``rotary_pos_emb`` [b, s, rot/2, 2]; ``step.cache`` stores
+        the new K/V and returns everything to attend to under ``step.keep``."""
         b, s, _ = hidden_states.shape
         d = self.hidden_size_per_attention_head
         heads = self.num_attention_heads_per_partition
@@ -716,9 +871,8 @@ class SelfAttention(nn.Module):
             key = apply_rotary_pos_emb(key, rotary_pos_emb)
         query = query.transpose(1, 2)  # [b, heads, s, d]
         key, value = key.transpose(1, 2), value.transpose(1, 2)  # [b, groups, s, d]
-        if cache is not None:
-            key, value = cache.update(self.layer_number - 1, cache_position, key, value)
-        context = self.core_attention(query, key, value, keep)
+        key, value = step.cache.update(self.layer_number - 1, key, value)
+        context = self.core_attention(query, key, value, step.keep, step.backends.attend)
         return self.dense(context)
 
     @torch.no_grad()
@@ -808,7 +962,7 @@ QUANT_GROUP_SIZE = 128  # default int4 group; divides every chatglm3-6b input wi
 # buffer + ordinary GEMM" (prefill). Measured crossover on a 2-core AVX2 EPYC, 4096x13696 int8:
 # 64 rows 166 ms (int8pack) vs 179 ms (dequantize + fp32 GEMM); 128 rows 375 vs 320 ms.
 _CPU_GEMV_MAX_ROWS = 64
-_QUANT_KERNEL_CHOICES = ("auto", "cpu", "cuda", "npu", "math")
+_QUANT_KERNEL_CHOICES = OPTION_CHOICES["quant_kernel"]
 
 
 def _int4_to_unsigned_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -1260,10 +1414,11 @@ class QuantizedLinear(nn.Module):
         group = f"group_size={self.group_size}" if self.group_size else "per-channel"
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {group}"
 
-    def select_kernel(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Choose the kernel for activations of ``dtype`` on ``device`` and prepare its operands
-        (repacking happens only when the choice, the device or the stored weight changed)."""
-        name = resolve_quant_kernel(self.kernel_option, device, dtype, self.bits)
+    def select_kernel(self, device: torch.device, dtype: torch.dtype, name: Optional[str] = None) -> None:
+        """Choose the kernel for activations of ``dtype`` on ``device`` (``name``: the model's
+        resolved ``backends.quant_kernel``) and prepare its operands (repacking happens only
+        when the choice, the device or the stored weight changed)."""
+        name = name or resolve_quant_kernel(self.kernel_option, device, dtype, self.bits)
 
         def key():
             stored = (self.weight, self.weight_scale)
@@ -1318,7 +1473,7 @@ class GLMBlock(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
-        norm_class = RMSNorm if config.rmsnorm else LayerNorm
+        norm_class = RMSNorm if config.rmsnorm else _LayerNorm
         self.input_layernorm = norm_class(
             config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
         )
@@ -1329,12 +1484,12 @@ class GLMBlock(nn.Module):
         )
         self.mlp = MLP(config, device=device)
 
-    def forward(self, hidden_states, keep, rotary_pos_emb, cache=None, cache_position=None):
-        normed = self.input_layernorm(hidden_states)
-        attention_output = self.self_attention(normed, keep, rotary_pos_emb, cache, cache_position)
+    def forward(self, hidden_states, rotary_pos_emb, step: _Step):
+        normed = self.input_layernorm(hidden_states, step.backends.normalize)
+        attention_output = self.self_attention(normed, rotary_pos_emb, step)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
         hidden_states = residual + F.dropout(attention_output, p=self.hidden_dropout, training=self.training)
-        normed = self.post_attention_layernorm(hidden_states)
+        normed = self.post_attention_layernorm(hidden_states, step.backends.normalize)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
         mlp_output = self.mlp(normed)
         return residual + F.dropout(mlp_output, p=self.hidden_dropout, training=self.training)
@@ -1349,7 +1504,7 @@ class GLMTransformer(nn.Module):
         self.num_layers = config.num_layers
         self.layers = nn.ModuleList([GLMBlock(config, i + 1, device=device) for i in range(self.num_layers)])
         if self.post_layer_norm:
-            norm_class = RMSNorm if config.rmsnorm else LayerNorm
+            norm_class = RMSNorm if config.rmsnorm else _LayerNorm
             self.final_layernorm = norm_class(
                 config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
             )
@@ -1358,25 +1513,23 @@ class GLMTransformer(nn.Module):
     def _get_layer(self, layer_number):
         return self.layers[layer_number]
 
-    def forward(
-        self, hidden_states, keep, rotary_pos_emb, cache=None, cache_position=None, output_hidden_states=False
-    ):
+    def forward(self, hidden_states, rotary_pos_emb, step: _Step, output_hidden_states: bool = False):
         """``hidden_states`` [b, s, h] -> (hidden [b, s, h], every layer's input + the output, or None)."""
         all_hidden_states = () if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training
-        for index in range(self.num_layers):
+        for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
-            layer = self._get_layer(index)
-            args = (hidden_states, keep, rotary_pos_emb, cache, cache_position)
             if checkpointing:
-                hidden_states = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+                hidden_states = torch.utils.checkpoint.checkpoint(
+                    layer, hidden_states, rotary_pos_emb, step, use_reentrant=False
+                )
             else:
-                hidden_states = layer(*args)
+                hidden_states = layer(hidden_states, rotary_pos_emb, step)
         if output_hidden_states:
             all_hidden_states = all_hidden_states + (hidden_states,)
         if self.post_layer_norm:
-            hidden_states = self.final_layernorm(hidden_states)
+            hidden_states = self.final_layernorm(hidden_states, step.backends.normalize)
         return hidden_states, all_hidden_states
 
 
@@ -1404,35 +1557,21 @@ class Embedding(nn.Module):
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def _output_cache(outputs):
-    return outputs[_CACHE_FIELD] if _CACHE_FIELD in outputs else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Pre-trained model base.
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_hf_cache(obj) -> bool:
-    return (
-        obj is not None
-        and not isinstance(obj, (tuple, list, StaticKVCache, TupleKVCache))
-        and hasattr(obj, "get_seq_length")
+def _legacy_from_hf(past):
+    """A transformers ``Cache`` object as the legacy tuple cache (None when empty)."""
+    if past.get_seq_length() == 0:
+        return None
+    if hasattr(past, "to_legacy_cache"):
+        return tuple((k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)) for k, v in past.to_legacy_cache())
+    raise TypeError(
+        f"past_key_values of type {type(past).__name__} is not supported by ChatGLM; pass the "
+        "tuple returned in outputs.past_key_values"
     )
-
-
-def _normalize_past(past):
-    """Accept the legacy tuple cache, our StaticKVCache, or a transformers ``Cache`` object."""
-    if _is_hf_cache(past):
-        if past.get_seq_length() == 0:
-            return None
-        if hasattr(past, "to_legacy_cache"):
-            return tuple((k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)) for k, v in past.to_legacy_cache())
-        raise TypeError(
-            f"past_key_values of type {type(past).__name__} is not supported by ChatGLM; pass the "
-            "tuple returned in outputs.past_key_values"
-        )
-    return past
 
 
 def _mark_fresh(module: nn.Module) -> None:
@@ -1484,7 +1623,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         """The original's mask, bool ``[b, 1, seq, past + seq]`` with True = masked (kept for code
         that calls it; the model itself uses :func:`attention_keep_mask`)."""
         batch, seq = input_ids.shape
-        past_len = _past_length(past_key_values)
+        past_len = 0 if past_key_values is None else len(past_key_values[0][0])
         mask = torch.ones(batch, seq, seq, device=input_ids.device).tril_()
         if past_len:
             mask = torch.cat((torch.ones(batch, seq, past_len, device=input_ids.device), mask), dim=-1)
@@ -1530,46 +1669,8 @@ def check_checkpoint_dir(path) -> None:
         )
 
 
-def _past_length(past) -> int:
-    if past is None:
-        return 0
-    if isinstance(past, StaticKVCache):
-        return past.seq_len
-    return past[0][0].shape[0]
-
-
-def attention_keep_mask(query_slots, key_keep, query_keep=None):
-    """The one mask form: bool ``[b, 1, s, kv]``, True = attend.
-
-    ``query_slots`` [s]: the cache slot of each new token; ``key_keep`` [b, kv]: which slots hold
-    real tokens (the padding, folded in once per prompt), or an already built ``[b, 1, s, kv]``
-    keep-mask (passed through). Causality compares slot numbers, which is a slice of the causal
-    table ``slot <= query_slot`` without storing a ``max_len x max_len`` table (1 GiB at 32k).
-    ``query_keep`` [b, s] (prompts without past only): a padding query row attends everywhere,
-    as in the original, which keeps its softmax finite.
-    """
-    if key_keep.dim() == 4:
-        return key_keep
-    slots = torch.arange(key_keep.shape[1], device=key_keep.device)
-    keep = (slots[None, :] <= query_slots[:, None])[None, None] & key_keep[:, None, None, :]
-    if query_keep is not None:
-        keep = keep | ~query_keep[:, None, :, None]
-    return keep
-
-
-@dataclass
-class _Step:
-    """What one forward hands the compiled region, prepared outside it."""
-
-    cache: Any  # StaticKVCache view, TupleKVCache, or None
-    cache_position: torch.Tensor  # [s] slots of the new tokens
-    key_keep: Optional[torch.Tensor]  # [b, kv] / [b, 1, s, kv] keep, or None (causal / attend all)
-    query_keep: Optional[torch.Tensor]  # [b, s] for padded prompts, else None
-    decode: bool  # one new token after a past: the decode graph
-
-
 # ---------------------------------------------------------------------------------------------
-# ChatGLMModel: embedding -> (_wrap_graph: rotary + encoder) -> hidden states.
+# ChatGLMModel: embedding -> open the cache -> begin -> prefill | decode_one_token -> end.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1613,11 +1714,16 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             self.prefix_encoder = PrefixEncoder(config)
             self.dropout = nn.Dropout(0.1)
         self.options = RuntimeOptions.from_config(config)
-        # Capacity hint for the static cache (generate() and the benchmark set it per run).
+        # The static cache's smallest capacity bucket (None: STATIC_CACHE_MIN_LEN); its buffers
+        # (_kv_store) stay with the instance between generations and grow by bucket.
         self.static_cache_len: Optional[int] = None
-        self._backend_key = None
-        self._graphs: Dict[str, Callable] = {}
-        self._rope_table = None
+        self._kv_store: Optional[StaticKVCache] = None
+        self._reserve: Optional[int] = None  # positions the running generate() will reach
+        self._backend_key = None  # (device, dtype) that _backends, _rope and _phases serve
+        self._backends: Optional[Backends] = None
+        self._phases: Dict[str, Callable] = {}
+        self._graphs: Dict[str, Callable] = {}  # the compiled phases (graph mode only)
+        self._rope = None
 
     @property
     def prefix_tokens(self) -> torch.Tensor:
@@ -1640,13 +1746,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         past_key_values = self.dropout(past_key_values)
         return past_key_values.permute([2, 1, 0, 3, 4]).split(2)
 
-    # --- per-instance backend selection and graph compilation -------------------------------
+    # --- backends, graphs and the static cache's capacity: state of this instance -----------
 
     def set_runtime_options(self, **changes) -> None:
         """Change fast-path switches of a built model (e.g. ``exe_mode="dynamo"``) for ablations.
 
         Takes the config field names; validates like the config; leaves ``self.config`` (and so
-        what ``save_pretrained`` writes) untouched; drops compiled graphs and re-selects backends."""
+        what ``save_pretrained`` writes) untouched; drops compiled graphs, the static cache and
+        the resolved backends."""
         fields = RuntimeOptions.__dataclass_fields__
         unknown = sorted(set(changes) - set(fields))
         if unknown:
@@ -1655,96 +1762,93 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.options = RuntimeOptions.from_config(merged)
         self._backend_key = None
         self._graphs = {}
+        self._kv_store = None
 
-    def _select_backends(self, device: torch.device, dtype: torch.dtype) -> None:
-        key = (device.type, dtype)
-        if self._backend_key == key:
-            return
-        attention, rmsnorm, writer = resolve_backends(self.options, device, dtype)
+    @property
+    def backends(self) -> Backends:
+        """What runs this model on its weights' device and dtype (resolved now if not yet)."""
+        weight = self.embedding.word_embeddings.weight
+        if self._backend_key != (weight.device, weight.dtype):
+            self._resolve(weight.device, weight.dtype)
+        return self._backends
+
+    def _resolve(self, device: torch.device, dtype: torch.dtype) -> Backends:
+        """Resolve the backends for ``device``/``dtype`` and set up what depends on them: the
+        quantized layers' kernels, the rotary table, the phase functions (compiled in graph
+        mode: one per phase and instance, each with its phase's settings)."""
+        backends = resolve_backends(self.options, device, dtype, bits=self.config.quantization_bit or 0)
         for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.impl = RMSNORM_BACKENDS[rmsnorm]
-            elif isinstance(module, CoreAttention):
-                module.impl = ATTENTION_BACKENDS[attention]
-            elif isinstance(module, QuantizedLinear):
-                module.select_kernel(device, dtype)
-        self.backends = {
-            "attention": attention,
-            "rmsnorm": rmsnorm,
-            "kv_cache": self.options.cache_kind,
-            "cache_writer": writer,
-            "device": device.type,
-        }
-        self._cache_writer = CACHE_WRITERS[writer]
-        self._backend_key = key
+            if isinstance(module, QuantizedLinear):
+                module.select_kernel(device, dtype, backends.quant_kernel)
+        self._rope = self.rotary_pos_emb(self.seq_length)
+        self._phases = {"prefill": self.prefill, "decode": self.decode_one_token}
         self._graphs = {}
-
-    def _graph_fn(self, phase: str, device: torch.device) -> Callable:
-        """The region for ``phase`` ("prefill" or "decode"): ``_wrap_graph`` itself in eager mode,
-        else its compiled form, one per phase and instance, each with its own compile settings."""
-        if self.options.exe_mode == "eager":
-            return self._wrap_graph
-        graph = self._graphs.get(phase)
-        if graph is None:
+        if backends.compile is not None:
             _raise_recompile_limit()
-            # Two entry points, so that dynamo keeps the two phases' graphs (and guards) apart.
-            entry = self._decode_graph if phase == "decode" else self._prefill_graph
-            static = phase == "decode" and self.options.cache_kind == "static"
-            graph = torch.compile(entry, fullgraph=True, **_compile_kwargs(self.options, device, static))
-            self._graphs[phase] = graph
-        return graph
+            self._graphs = {
+                phase: torch.compile(fn, fullgraph=True, **backends.compile[phase])
+                for phase, fn in self._phases.items()
+            }
+            self._phases = self._graphs
+        self._backends, self._backend_key = backends, (device, dtype)
+        return backends
 
-    def _rotary_table(self):
-        inv_freq = self.rotary_pos_emb.inv_freq
-        key = (inv_freq.device, inv_freq.dtype)
-        if self._rope_table is None or self._rope_table[0] != key:
-            self._rope_table = (key, self.rotary_pos_emb(self.seq_length))
-        return self._rope_table[1]
+    def _capacity(self, needed: int) -> int:
+        """The static cache's capacity bucket for ``needed`` positions: ``static_cache_len``
+        (default 256) doubled until it holds them, at most ``seq_length``."""
+        capacity = self.static_cache_len or STATIC_CACHE_MIN_LEN
+        while capacity < needed:
+            capacity *= 2
+        return min(capacity, self.seq_length)
 
-    def _wrap_graph(
-        self,
-        hidden_states,
-        position_ids,
-        rope_table,
-        cache_position,
-        key_keep,
-        query_keep,
-        cache,
-        output_hidden_states: bool,
-    ):
-        """The compiled region: mask, rotary embedding, all layers (with their cache updates).
-        Pure tensor math, no data-dependent branches. ``hidden_states`` [b, s, h],
-        ``position_ids`` [b, s]."""
-        keep = None if key_keep is None else attention_keep_mask(cache_position, key_keep, query_keep)
-        rotary_pos_emb = rope_table[position_ids]  # [b, s, rot/2, 2]
-        return self.encoder(
-            hidden_states,
-            keep,
-            rotary_pos_emb,
-            cache=cache,
-            cache_position=cache_position,
-            output_hidden_states=output_hidden_states,
-        )
-
-    def _prefill_graph(self, *args):
-        return self._wrap_graph(*args)
-
-    def _decode_graph(self, *args):
-        return self._wrap_graph(*args)
-
-    def _new_static_cache(self, batch_size, needed, dtype, device):
-        capacity = min(self.seq_length, max(needed, self.static_cache_len or 0))
+    def open_cache(self, past, batch_size: int, new_tokens: int, dtype, device, use_cache: bool):
+        """The cache a forward of ``new_tokens`` per row continues: the only place that tells the
+        legacy tuple, a transformers ``Cache`` and a :class:`StaticKVCache` apart."""
+        if past is not None and not isinstance(past, (tuple, list, StaticKVCache)):
+            past = _legacy_from_hf(past)
+        if isinstance(past, StaticKVCache):
+            if past._buffers.newest is not past:
+                raise ValueError(
+                    f"this static KV cache holds {past.seq_len} positions but its buffers were already "
+                    "advanced by another call (static caches are written in place); continue from the "
+                    "newest past_key_values, or use kv_cache='tuple' to branch several continuations "
+                    "from one past"
+                )
+            if past.seq_len + new_tokens > past.max_len:
+                past = self._kv_store = past.grown(self._capacity(past.seq_len + new_tokens))
+            return past
+        past_len = 0 if past is None else len(past[0][0])
+        if self._backends.kv_cache != "static" or not use_cache:
+            return TupleKVCache(list(past) if past is not None else [None] * self.num_layers, past_len)
+        needed = min(max(past_len + new_tokens, self._reserve or 0), self.seq_length)
         attention = self.encoder.layers[0].self_attention
-        return StaticKVCache(
+        shape = (
             self.num_layers,
             batch_size,
             attention.num_multi_query_groups_per_partition,
-            capacity,
             attention.hidden_size_per_attention_head,
-            dtype,
-            device,
-            self._cache_writer,
         )
+        store, writer = self._kv_store, self._backends.write
+        if store is None or not store.matches(*shape, dtype, device, writer) or store.max_len < needed:
+            self._kv_store = store = None  # frees the old buffers before allocating new ones
+            layers, batch, kv_heads, head_dim = shape
+            capacity = self._capacity(needed)
+            store = StaticKVCache(layers, batch, kv_heads, capacity, head_dim, dtype, device, writer)
+            self._kv_store = store
+        return store.copy_from_legacy(past) if past is not None else store.view(0)
+
+    # --- the two phases (the compiled regions: pure tensor math) ---------------------------
+
+    def prefill(self, hidden_states, rotary_pos_emb, step: _Step, output_hidden_states: bool = False):
+        """A prompt (or a chunk after a past), ``hidden_states`` [b, s, h], through every layer,
+        writing its K/V. Compiled with a dynamic length: one graph serves every prompt length."""
+        return self.encoder(hidden_states, rotary_pos_emb, step, output_hidden_states)
+
+    def decode_one_token(self, hidden_states, rotary_pos_emb, step: _Step):
+        """One new token per row, ``hidden_states`` [b, 1, h], after a past. Over the static cache
+        every shape is fixed by (batch, capacity), so one graph is replayed every step."""
+        hidden_states, _ = self.encoder(hidden_states, rotary_pos_emb, step)
+        return hidden_states
 
     def forward(
         self,
@@ -1758,6 +1862,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ):
+        """Embed -> open the cache -> begin the step -> prefill or decode_one_token -> end."""
         output_hidden_states = bool(
             output_hidden_states
             if output_hidden_states is not None
@@ -1766,55 +1871,48 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
 
-        # 1. Inputs: embeddings [b, s, h], and the checks that need no device sync.
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            hidden_states = self.embedding(input_ids, batch_first=True)
+            hidden_states = self.embedding(input_ids, batch_first=True)  # [b, s, h]
         else:
             hidden_states = inputs_embeds.transpose(0, 1)  # public layout is [s, b, h]
         batch_size, seq_length = hidden_states.shape[:2]
-        device = hidden_states.device
-        self._select_backends(device, hidden_states.dtype)
-        past_key_values = _normalize_past(past_key_values)
+        device, dtype = hidden_states.device, hidden_states.dtype
+        backends = self._backends if self._backend_key == (device, dtype) else self._resolve(device, dtype)
         if self.pre_seq_len is not None:
             if past_key_values is None:
-                past_key_values = self.get_prompt(batch_size, device, hidden_states.dtype)
+                past_key_values = self.get_prompt(batch_size, device, dtype)
             if attention_mask is not None:
                 attention_mask = torch.cat(
                     [attention_mask.new_ones((batch_size, self.pre_seq_len)), attention_mask], dim=-1
                 )
-        past_len = _past_length(past_key_values)
-        total = past_len + seq_length
+
+        cache = self.open_cache(past_key_values, batch_size, seq_length, dtype, device, use_cache)
+        past_len = cache.seq_len
         self._check_lengths(batch_size, seq_length, past_len, attention_mask)
         if position_ids is None:
             offset = past_len - (self.pre_seq_len or 0)
             position_ids = (
                 torch.arange(offset, offset + seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
             )
+        slots = torch.arange(past_len, past_len + seq_length, device=device)
+        step = cache.begin(slots, attention_mask, backends, full_attention_mask)
 
-        # 2. Cache, slots and the keep-mask's parts.
-        step = self._prepare_step(
-            hidden_states, past_key_values, past_len, attention_mask, full_attention_mask, use_cache
-        )
+        # Gathered here, not in the graph: a fresh tensor, so the decode graph never guards on
+        # the strides of the caller's position_ids (a slice of a growing tensor in generate()).
+        rotary_pos_emb = self._rope[position_ids]  # [b, s, rot/2, 2]
+        all_hidden_states = None
+        if step.decode and not output_hidden_states:
+            hidden_states = self._phases["decode"](hidden_states, rotary_pos_emb, step)
+        else:
+            if self._graphs:
+                _mark_length_dynamic(hidden_states, rotary_pos_emb, step)
+            hidden_states, all_hidden_states = self._phases["prefill"](
+                hidden_states, rotary_pos_emb, step, output_hidden_states
+            )
 
-        # 3. The graph.
-        graph = self._graph_fn("decode" if step.decode else "prefill", device)
-        hidden_states, all_hidden_states = graph(
-            hidden_states,
-            position_ids,
-            self._rotary_table(),
-            step.cache_position,
-            step.key_keep,
-            step.query_keep,
-            step.cache,
-            output_hidden_states,
-        )
-
-        presents = None
-        if use_cache:
-            cache = step.cache
-            presents = cache.advanced(total) if isinstance(cache, StaticKVCache) else cache.legacy()
+        presents = cache.end() if use_cache else None
         hidden_states = hidden_states.transpose(0, 1)  # public layout [s, b, h]
         if all_hidden_states is not None:
             all_hidden_states = tuple(h.transpose(0, 1) for h in all_hidden_states)
@@ -1841,72 +1939,22 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 f"[batch, past + seq] = [{batch_size}, {total}]; pass the mask of the whole sequence so far"
             )
 
-    def _prepare_step(
-        self, hidden_states, past, past_len, attention_mask, full_attention_mask, use_cache
-    ) -> _Step:
-        """Everything outside the graph for one forward. Padding is decided once per prompt (the
-        only device-to-host sync, ``attention_mask.all()``, runs for prompts without past); a
-        decode step only launches a slot ``arange`` and, with a mask given, folds it in.
-        ``hidden_states`` [b, s, h] gives the sizes, dtype and device."""
-        (batch_size, seq_length, _), dtype, device = (
-            hidden_states.shape,
-            hidden_states.dtype,
-            hidden_states.device,
-        )
-        total = past_len + seq_length
-        cache_position = torch.arange(past_len, total, device=device)
-        query_keep = None
-        key_keep = None
-        if attention_mask is not None:
-            attention_mask = attention_mask.bool()
-        if past_len == 0 and attention_mask is not None:
-            if not bool(attention_mask.all()):
-                if bool((attention_mask[:, :-1] & ~attention_mask[:, 1:]).any()):
-                    raise ValueError(
-                        "attention_mask is right-padded (a 0 after a 1); ChatGLM needs left padding: "
-                        "set tokenizer.padding_side = 'left' (the default of our tokenizer)"
-                    )
-                key_keep = query_keep = attention_mask
 
-        cache = None
-        if use_cache and self.options.cache_kind == "static":
-            cache = self._static_cache_for(past, batch_size, total, dtype, device)
-            if past_len:
-                if attention_mask is not None:
-                    cache.key_keep[:, :total].copy_(attention_mask)
-                key_keep = cache.key_keep
-            else:
-                cache.key_keep.fill_(True)
-                if key_keep is not None:
-                    cache.key_keep[:, :total].copy_(key_keep)
-            cache = cache.for_step(attend_buffer=past_len > 0)
-        else:
-            if past is not None or use_cache:
-                cache = TupleKVCache(past, self.num_layers)
-            if past_len:
-                if attention_mask is not None:
-                    key_keep = attention_mask
-                elif seq_length > 1:
-                    key_keep = torch.ones(batch_size, total, dtype=torch.bool, device=device)
-        if full_attention_mask is not None:
-            # The original's mask (True = masked) over the past + new positions; over a static
-            # buffer the unwritten slots beyond them stay hidden.
-            key_keep, query_keep = ~full_attention_mask, None
-            if isinstance(cache, StaticKVCache) and past_len:
-                key_keep = F.pad(key_keep, (0, cache.max_len - key_keep.shape[-1]), value=False)
-        decode = seq_length == 1 and past_len > 0
-        return _Step(cache, cache_position, key_keep, query_keep, decode)
-
-    def _static_cache_for(self, past, batch_size, total, dtype, device) -> StaticKVCache:
-        if isinstance(past, StaticKVCache):
-            past.check_current()
-            if total > past.max_len:
-                past = past.grown(min(self.seq_length, max(total, 2 * past.max_len)))
-            return past
-        cache = self._new_static_cache(batch_size, total, dtype, device)
-        if past is not None:
-            cache.copy_from_legacy(past, _past_length(past))
-        return cache
+def _mark_length_dynamic(hidden_states, rotary_pos_emb, step: _Step) -> None:
+    """Mark the new tokens' length (and a padded prompt's mask) dynamic, so that the first
+    prefill graph serves every prompt length (unmarked, dynamo specialises on the first length
+    and generalises only at the second). Marking only these dims, not ``dynamic=True``, keeps a
+    length that happens to equal a model size (2 KV groups, head_dim, hidden) from being fused
+    with it and specialised."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    mark(hidden_states, 1)
+    mark(rotary_pos_emb, 1)
+    slots = getattr(step.cache, "slots", None)
+    if slots is not None:
+        mark(slots, 0)
+    if isinstance(step.keep, torch.Tensor):
+        mark(step.keep, 2)
+        mark(step.keep, 3)
 
 
 def _raise_recompile_limit() -> None:
@@ -1918,31 +1966,30 @@ def _raise_recompile_limit() -> None:
         setattr(config, _RECOMPILE_LIMIT_NAME, GRAPH_RECOMPILE_LIMIT)
 
 
-def compile_kwargs(
-    options: RuntimeOptions, device: torch.device, static_decode: bool = False
-) -> Dict[str, Any]:
-    """``torch.compile`` settings per device, from one place. ``static_decode``: the decode graph
-    over the static cache, whose shapes never change within a generation."""
+def compile_kwargs(options: RuntimeOptions, device, phase: str = "prefill") -> Dict[str, Any]:
+    """``torch.compile`` settings of one phase ("prefill" or "decode") on ``device`` (a
+    ``torch.device`` or its type name), from one place. Decode over the static cache has static
+    shapes (batch, capacity); the other phases let dynamo generalise what changes (the forward
+    marks the prompt length dynamic before the first prefill: see _mark_length_dynamic)."""
+    kind = device if isinstance(device, str) else device.type
+    static_decode = phase == "decode" and options.cache_kind == "static"
     backend = options.graph_backend
     shapes = {"dynamic": False} if static_decode else {}
     if callable(backend):
         return {"backend": backend, **shapes}
     backend = str(backend)
     if backend == "auto":
-        backend = "torchair" if device.type == "npu" else "inductor"
+        backend = "torchair" if kind == "npu" else "inductor"
     if backend == "torchair":
         return {"backend": _torchair_backend(static_decode), **shapes}
-    if backend == "inductor" and device.type == "cpu":
+    if backend == "inductor" and kind == "cpu":
         # Freezing folds the weights into the graph and lets inductor prepack them for oneDNN.
         return {"backend": "inductor", "options": {"freezing": True}, **shapes}
-    if backend == "inductor" and device.type == "cuda" and static_decode:
+    if backend == "inductor" and kind == "cuda" and static_decode:
         # CUDA graphs: one launch replays the whole decode step (inputs at fixed addresses:
         # the parameters and the static cache, marked with mark_static_address).
         return {"backend": "inductor", "mode": "reduce-overhead", **shapes}
     return {"backend": backend, **shapes}
-
-
-_compile_kwargs = compile_kwargs  # the name the model's own graph builder uses
 
 
 def _torchair_backend(static_decode: bool):
@@ -1998,7 +2045,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self, outputs, model_kwargs, is_encoder_decoder=False, standardize_cache_format=False, **kwargs
     ):
         model_kwargs.pop("cache", None)
-        model_kwargs["past_key_values"] = _output_cache(outputs)
+        model_kwargs["past_key_values"] = outputs.get(_CACHE_FIELD)
         if model_kwargs.get("attention_mask") is not None:
             mask = model_kwargs["attention_mask"]
             model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
@@ -2019,12 +2066,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         cache=None,
         **kwargs,
     ):
-        past_key_values = _normalize_past(past_key_values if past_key_values is not None else cache)
-        if position_ids is None:
-            position_ids = self.get_position_ids(input_ids, device=input_ids.device)
+        # position_ids None: the model's own 0, 1, ... after the past (the original's positions).
+        past_key_values = past_key_values if past_key_values is not None else cache
         if not is_first_forward and past_key_values is not None:
-            position_ids = position_ids[..., -1:]
             input_ids = input_ids[:, -1:]
+            if position_ids is not None:
+                position_ids = position_ids[..., -1:]
         return {
             "input_ids": input_ids,
             "past_key_values": past_key_values,
@@ -2036,8 +2083,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):
-        """``GenerationMixin.generate``; with ``kv_cache='static'`` the cache is sized for the run."""
-        with _static_cache_capacity(self.transformer, _requested_length(self, args, kwargs)):
+        """``GenerationMixin.generate``; a static cache opened by its prompt gets a capacity bucket
+        that holds the whole run (prompt + new tokens), so it never grows mid-generation."""
+        with _static_cache_reserve(self.transformer, _requested_length(self, args, kwargs)):
             return super().generate(*args, **kwargs)
 
     def forward(
@@ -2090,12 +2138,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             logits=lm_logits,
             hidden_states=transformer_outputs.hidden_states,
             attentions=transformer_outputs.attentions,
-            **{_CACHE_FIELD: _output_cache(transformer_outputs)},
+            **{_CACHE_FIELD: transformer_outputs.get(_CACHE_FIELD)},
         )
 
     @staticmethod
     def _reorder_cache(past, beam_idx: torch.LongTensor):
-        if isinstance(past, StaticKVCache):
+        if isinstance(past, StaticKVCache):  # the HF beam-search hook, outside any forward
             return past.reorder(beam_idx)
         return tuple(
             (
@@ -2286,7 +2334,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             inputs = tokenizer.build_chat_input(query, role=role)
         inputs = inputs.to(self.device)
         if past_key_values is not None:
-            past_length = _past_length(past_key_values) - (self.transformer.pre_seq_len or 0)
+            past_length = len(past_key_values[0][0]) - (self.transformer.pre_seq_len or 0)
             inputs["position_ids"] = inputs["position_ids"] + past_length
             attention_mask = inputs["attention_mask"]
             inputs["attention_mask"] = torch.cat(
@@ -2351,7 +2399,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             max_length = prompt_length + generation_config.max_new_tokens
         else:
             max_length = generation_config.max_length or self.config.seq_length
-        with _static_cache_capacity(self.transformer, max_length):
+        with _static_cache_reserve(self.transformer, max_length):
             eos = generation_config.eos_token_id
             eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
             eos_tensor = torch.tensor(eos, device=input_ids.device) if eos else None
@@ -2383,21 +2431,21 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
                 if eos_tensor is not None:
                     unfinished = unfinished * (~torch.isin(next_tokens, eos_tensor)).long()
-                yield (input_ids, _output_cache(outputs)) if return_past_key_values else input_ids
+                yield (input_ids, outputs.get(_CACHE_FIELD)) if return_past_key_values else input_ids
                 stop = bool(criteria(input_ids, scores).all()) if len(criteria) else False
                 if unfinished.max() == 0 or input_ids.shape[-1] >= max_length or stop:
                     break
 
 
 @contextlib.contextmanager
-def _static_cache_capacity(transformer, length: int):
-    """Size a static cache for one generation, restoring the previous hint afterwards."""
-    previous = transformer.static_cache_len
-    transformer.static_cache_len = length
+def _static_cache_reserve(transformer, length: int):
+    """Tell the model how many positions one generation reaches, restoring the previous value."""
+    previous = transformer._reserve
+    transformer._reserve = length
     try:
         yield
     finally:
-        transformer.static_cache_len = previous
+        transformer._reserve = previous
 
 
 def _requested_length(model, args, kwargs) -> int:
@@ -2499,5 +2547,5 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
             logits=logits,
             hidden_states=transformer_outputs.hidden_states,
             attentions=transformer_outputs.attentions,
-            **{_CACHE_FIELD: _output_cache(transformer_outputs)},
+            **{_CACHE_FIELD: transformer_outputs.get(_CACHE_FIELD)},
         )

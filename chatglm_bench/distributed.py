@@ -255,12 +255,6 @@ def patch_torchair_for_hcom(env: DistEnv, device_kind: str, plan_options: List[d
     return True
 
 
-def rank0_print(env: DistEnv, *args: Any, **kwargs: Any) -> None:
-    """``print`` on rank 0 only: N ranks must not print N copies of every line."""
-    if env.is_rank0:
-        print(*args, **kwargs)
-
-
 def rank_param_bytes(model: nn.Module) -> int:
     """Bytes of the parameters this rank holds (after sharding: its shard plus replicated ones)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -5,27 +5,46 @@ quantization, or the original implementation for ``--baseline``); the measure lo
 entry at every batch size. Each bad value raises a :class:`UsageError` here, where it is found.
 """
 
+import ast
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 from .cli import UsageError
 
-MODES = ("eager", "dynamo")
-ATTENTION = ("auto", "npu", "sdpa", "math")
-RMSNORM = ("auto", "npu", "fused", "math")
+
+def _model_option_specs() -> Dict[str, Tuple[str, tuple, str]]:
+    """The model's own option table (``_OPTION_SPECS`` of modeling_chatglm.py: config field ->
+    (environment variable, allowed values, default)), read from the file without importing it,
+    so that ``--help`` and one-line errors stay free of torch's start-up."""
+    source = (Path(__file__).resolve().parents[1] / "modeling_chatglm.py").read_text(encoding="utf-8")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", None) == "_OPTION_SPECS" for t in node.targets
+        ):
+            return {
+                name: (env, allowed, default) for name, env, allowed, default in ast.literal_eval(node.value)
+            }
+    raise RuntimeError("modeling_chatglm.py has no _OPTION_SPECS table")
+
+
+_SPECS = _model_option_specs()
+MODES = _SPECS["exe_mode"][1]
+ATTENTION = _SPECS["attention_backend"][1]
+RMSNORM = _SPECS["rmsnorm_backend"][1]
+KV_CACHES = _SPECS["kv_cache"][1]
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "npu", "cuda", "cpu")
-KV_CACHES = ("auto", "tuple", "static")
 QUANTIZE = ("none", "8", "4")
 # The variables the model also reads, each read once here: (argparse dest, variable, allowed
 # values or None for any, default). Resolved as the model resolves them: flag > variable > default.
 VARIABLES = (
-    ("execute_mode", "EXE_MODE", MODES, ""),
-    ("attention", "CHATGLM_ATTENTION", ATTENTION, "auto"),
-    ("rmsnorm", "CHATGLM_RMSNORM", RMSNORM, "auto"),
-    ("kv_cache", "CHATGLM_KV_CACHE", KV_CACHES, "auto"),
+    ("execute_mode", _SPECS["exe_mode"][0], MODES, ""),
+    ("attention", *_SPECS["attention_backend"]),
+    ("rmsnorm", *_SPECS["rmsnorm_backend"]),
+    ("kv_cache", *_SPECS["kv_cache"]),
     ("graph_backend", "CHATGLM_GRAPH_BACKEND", None, "auto"),
 )
 # What the original implementation runs as, for its rows of the tables.
@@ -152,13 +171,19 @@ def resolve_dtype(choice: str, device, n_params: int) -> Tuple[object, str]:
     return torch.bfloat16, f"auto: native bf16 on this CPU ({' '.join(units)})"
 
 
-def ablation_plan(device_kind: str, graph_backend: str, with_graph: bool = True) -> List[Tuple[str, Dict]]:
-    """(label, options): the baseline, each optimization added alone, then all of them.
+def ablation_plan(device, dtype, graph_backend: str, with_graph: bool = True) -> List[Tuple[str, Dict]]:
+    """(label, options): the baseline, each optimization added alone, then all of them; the
+    optimizations are what the model's own ``auto`` picks for ``dtype`` on ``device``.
 
     ``with_graph=False`` (``--ablation --execute_mode eager``) leaves graph mode out: for machines
     where compiling the model is not worth it (e.g. the 6B model on a small CPU)."""
-    fast_attention = "npu" if device_kind == "npu" else "sdpa"
-    fast_rmsnorm = "npu" if device_kind == "npu" else "fused"
+    import modeling_chatglm as modeling
+
+    try:
+        auto = modeling.resolve_backends(modeling.RuntimeOptions(), device, dtype)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    fast_attention, fast_rmsnorm = auto.attention, auto.rmsnorm
     base = dict(
         attention_backend="math",
         rmsnorm_backend="math",
@@ -191,13 +216,13 @@ def ablation_plan(device_kind: str, graph_backend: str, with_graph: bool = True)
     return [(label, {**base, **change}) for label, change in steps]
 
 
-def option_sets(ablation: bool, choices: Choices, device) -> List[Tuple[str, Dict]]:
+def option_sets(ablation: bool, choices: Choices, device, dtype) -> List[Tuple[str, Dict]]:
     """(label, fast-path options) of every configuration of our model, in order."""
     switches = choices.switches
     if ablation:
         # Graph rows unless the user asked for eager only (flag or EXE_MODE).
         eager_only = choices.modes_asked and choices.modes == ["eager"]
-        return ablation_plan(device.type, switches["graph_backend"], with_graph=not eager_only)
+        return ablation_plan(device, dtype, switches["graph_backend"], with_graph=not eager_only)
     options = dict(
         attention_backend=switches["attention"],
         rmsnorm_backend=switches["rmsnorm"],
@@ -214,7 +239,7 @@ def resolve_options(label: str, options: Dict[str, str], device, dtype, compiler
 
     try:
         runtime = modeling.RuntimeOptions.from_config(SimpleNamespace(**options))
-        attention, rmsnorm, _ = modeling.resolve_backends(runtime, device, dtype)
+        chosen = modeling.resolve_backends(runtime, device, dtype)
         compiler = "-"
         if runtime.exe_mode == "dynamo":
             if runtime.graph_backend not in compilers:
@@ -228,8 +253,8 @@ def resolve_options(label: str, options: Dict[str, str], device, dtype, compiler
         raise UsageError(f"{label}: {error}" if label != "run" else str(error)) from None
     return dict(
         options,
-        attention_backend=attention,
-        rmsnorm_backend=rmsnorm,
+        attention_backend=chosen.attention,
+        rmsnorm_backend=chosen.rmsnorm,
         kv_cache=runtime.cache_kind,
         graph_backend=compiler,
     )
@@ -259,7 +284,7 @@ def build_plan(
     import torch
 
     compilers = {"auto", "torchair", *torch._dynamo.list_backends(exclude_tags=())}
-    sets = option_sets(ablation, choices, device)
+    sets = option_sets(ablation, choices, device, dtype)
     resolved = [resolve_options(label, options, device, dtype, compilers) for label, options in sets]
     check_quantize(choices.levels, world_size, device, dtype)
     entries: List[Entry] = []

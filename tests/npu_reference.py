@@ -96,11 +96,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.machinery
+import importlib.util
+import itertools
 import math
 import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -1227,3 +1230,16 @@ def fake_torch_npu() -> Iterator[FakeNpu]:
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         yield install_fake_torch_npu(monkeypatch)
+
+
+_MODEL_FILE = Path(__file__).resolve().parents[1] / "modeling_chatglm.py"
+_COPIES = itertools.count()
+
+
+def import_model_module():
+    """A fresh copy of modeling_chatglm.py, so its import-time probe sees the current torch_npu
+    (the stand-in, once install_fake_torch_npu ran)."""
+    spec = importlib.util.spec_from_file_location(f"modeling_chatglm_copy{next(_COPIES)}", _MODEL_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

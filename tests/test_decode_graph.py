@@ -19,17 +19,25 @@ def _kv(seq, seed):
 # --- cache objects --------------------------------------------------------------------------
 
 
+BACKENDS = mc.resolve_backends(mc.RuntimeOptions(), "cpu", torch.float32)
+
+
 def test_tuple_cache_grows_by_concatenation_and_returns_the_original_layout():
-    cache = mc.TupleKVCache(None, num_layers=2)
+    cache = mc.TupleKVCache([None, None])
     k1, v1 = _kv(3, 0)
     k2, v2 = _kv(1, 1)
-    cache.update(1, torch.arange(3), k1, v1)
-    k_all, v_all = cache.update(1, torch.arange(3, 4), k2, v2)
+    step = cache.begin(torch.arange(3), None, BACKENDS)
+    assert step.keep is mc.CAUSAL and not step.decode
+    cache.update(1, k1, v1)
+    legacy = cache.end()
+    assert legacy[0] is None and len(legacy) == 2
+    cache = mc.TupleKVCache(list(legacy), seq_len=3)
+    step = cache.begin(torch.arange(3, 4), torch.ones(B, 4), BACKENDS)
+    assert step.decode and step.keep.shape == (B, 1, 1, 4)
+    k_all, v_all = cache.update(1, k2, v2)
     torch.testing.assert_close(k_all, torch.cat([k1, k2], dim=2), rtol=0, atol=0)
     torch.testing.assert_close(v_all, torch.cat([v1, v2], dim=2), rtol=0, atol=0)
-    legacy = cache.legacy()
-    assert legacy[0] is None and len(legacy) == 2
-    key, value = legacy[1]  # the original's [seq, batch, kv_heads, d]
+    key, value = cache.end()[1]  # the original's [seq, batch, kv_heads, d]
     assert key.shape == (4, B, G, D)
     torch.testing.assert_close(key, torch.cat([k1, k2], dim=2).permute(2, 0, 1, 3), rtol=0, atol=0)
     torch.testing.assert_close(value, torch.cat([v1, v2], dim=2).permute(2, 0, 1, 3), rtol=0, atol=0)
@@ -39,25 +47,31 @@ def test_static_cache_writes_in_place_and_views_like_the_tuple_cache():
     cache = mc.StaticKVCache(2, B, G, 6, D, torch.float32, "cpu")
     k1, v1 = _kv(3, 0)
     k2, v2 = _kv(1, 1)
-    prompt = cache.for_step(attend_buffer=False)
-    got = prompt.update(0, torch.arange(3), k1, v1)
-    assert got[0] is k1 and got[1] is v1  # a prompt attends to its fresh K/V only
-    step = cache.advanced(3).for_step(attend_buffer=True)
-    k_all, v_all = step.update(0, torch.arange(3, 4), k2, v2)
+    step = cache.begin(torch.arange(3), None, BACKENDS)
+    got = cache.update(0, k1, v1)
+    assert got[0] is k1 and got[1] is v1 and step.keep is mc.CAUSAL  # a prompt attends to its fresh K/V
+    past = cache.end()
+    assert past.seq_len == 3 and past.is_newest() and not cache.is_newest()
+    step = past.begin(torch.arange(3, 4), None, BACKENDS)
+    k_all, v_all = past.update(0, k2, v2)
     assert k_all is cache.keys[0] and k_all.shape == (B, G, 6, D)  # the whole buffer: static shapes
     torch.testing.assert_close(k_all[:, :, :4], torch.cat([k1, k2], dim=2), rtol=0, atol=0)
     torch.testing.assert_close(v_all[:, :, :4], torch.cat([v1, v2], dim=2), rtol=0, atol=0)
+    # The decode step's keep-mask is the cache's own mask buffer: written slots only.
+    assert step.decode and step.keep.shape == (B, 1, 1, 6)
+    assert step.keep[0, 0, 0].tolist() == [True] * 4 + [False] * 2
 
-    legacy = mc.TupleKVCache(None, 2)
-    legacy.update(0, None, k1, v1)
-    legacy.update(0, None, k2, v2)
-    newest = step.advanced(4)
-    torch.testing.assert_close(newest[0][0], legacy[0][0], rtol=0, atol=0)
-    torch.testing.assert_close(newest[0][1], legacy[0][1], rtol=0, atol=0)
+    legacy = mc.TupleKVCache([None, None])
+    legacy.begin(torch.arange(3), None, BACKENDS)
+    legacy.update(0, k1, v1)
+    legacy.update(0, k2, v2)
+    newest = past.end()
+    torch.testing.assert_close(newest[0][0], legacy.layers[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(newest[0][1], legacy.layers[0][1], rtol=0, atol=0)
 
     newest.key_keep[0, 1] = False
     bigger = newest.grown(10)
-    assert bigger.max_len == 10 and bigger.seq_len == 4
+    assert bigger.max_len == 10 and bigger.seq_len == 4 and bigger.is_newest()
     torch.testing.assert_close(bigger[0][0], newest[0][0], rtol=0, atol=0)
     assert bigger.key_keep[0, :4].tolist() == [True, False, True, True]
 

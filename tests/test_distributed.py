@@ -26,7 +26,6 @@ from chatglm_bench.distributed import (
     init_distributed,
     kv_groups_for,
     patch_torchair_for_hcom,
-    rank0_print,
     rank_param_bytes,
     replicate_kv_groups,
     shard_model,
@@ -106,12 +105,6 @@ def test_more_ranks_than_gpus_is_a_usage_error(monkeypatch):
 def test_npu_without_torch_npu_is_a_usage_error():
     with pytest.raises(UsageError, match="torch_npu"):
         init_distributed(DistEnv(), "npu")
-
-
-def test_only_rank_zero_prints(capsys):
-    rank0_print(DistEnv(rank=1, local_rank=1, world_size=2), "from rank 1")
-    rank0_print(DistEnv(rank=0, world_size=2), "from rank 0")
-    assert capsys.readouterr().out == "from rank 0\n"
 
 
 def test_one_rank_gathers_its_own_value_and_counts_all_parameter_bytes():

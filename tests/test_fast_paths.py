@@ -4,12 +4,8 @@ The ``npu`` ops run on CPU through tests/npu_reference.py, the documented semant
 torch_npu op, installed as a stand-in ``torch_npu`` only inside these tests.
 """
 
-import importlib.util
-import itertools
-
 import pytest
 import torch
-from conftest import REPO
 from golden_protocol import (
     FIXTURES,
     build_golden_model,
@@ -18,23 +14,12 @@ from golden_protocol import (
     run_protocol,
     variant_inputs,
 )
-from npu_reference import install_fake_torch_npu
+from npu_reference import import_model_module, install_fake_torch_npu
 
 ATTENTION = ("npu", "sdpa", "math")
 RMSNORM = ("npu", "fused", "math")
 CACHES = ("tuple", "static")
 VARIANTS = {"padded": "", "unpadded": "nopad_"}
-_COUNTER = itertools.count()
-
-
-def import_model_module():
-    """A fresh copy of modeling_chatglm.py, so its import-time probe sees the current torch_npu."""
-    spec = importlib.util.spec_from_file_location(
-        f"modeling_chatglm_copy{next(_COUNTER)}", REPO / "modeling_chatglm.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -126,13 +111,15 @@ def test_auto_picks_sdpa_and_fused_on_cpu_and_never_the_npu_kernels(npu):
     fake, module = npu
     model = build_golden_model("tiny-chatglm3", module=module)
     model(input_ids=torch.tensor([[5, 6, 7]]))
-    assert model.transformer.backends == {
-        "attention": "sdpa",
-        "rmsnorm": "fused",
-        "kv_cache": "tuple",
-        "cache_writer": "index_copy",
-        "device": "cpu",
-    }
+    chosen = model.transformer.backends
+    assert (chosen.device, chosen.attention, chosen.rmsnorm, chosen.kv_cache, chosen.cache_writer) == (
+        "cpu",
+        "sdpa",
+        "fused",
+        "tuple",
+        "index_copy",
+    )
+    assert (chosen.quant_kernel, chosen.compile, chosen.fallbacks) == ("none", None, ())
     assert fake.op_names() == []
 
 
@@ -176,9 +163,11 @@ def test_fused_npu_kernels_are_chosen_only_on_chips_that_support_them(npu, chip)
     fake.device_name = chip
     options = module.RuntimeOptions()
     assert module._npu_chip_name(torch.device("cpu")) == chip
-    attention, rmsnorm, writer = module.resolve_backends(options, "npu", torch.float16, chip=chip)
-    assert (attention, writer) == CHIPS[chip]
-    assert rmsnorm == "npu"
+    chosen = module.resolve_backends(options, "npu", torch.float16, chip=chip)
+    assert (chosen.attention, chosen.cache_writer) == CHIPS[chip]
+    assert chosen.rmsnorm == "npu"
+    # Every fallback is in the record, not only in a log line.
+    assert bool(chosen.fallbacks) == (CHIPS[chip] != ("npu", "npu"))
 
 
 @pytest.mark.parametrize("chip", ["Ascend310P3", "Ascend950PR_9599"])

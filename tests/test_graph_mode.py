@@ -1,5 +1,5 @@
-"""Graph mode: one compiled region (_wrap_graph) per model instance, compiled apart for prefill
-and decode, no graph breaks, a bounded number of compiles over a whole generation."""
+"""Graph mode: prefill() and decode_one_token() compiled per model instance and phase,
+no graph breaks, a bounded number of compiles over any number of prompt lengths."""
 
 import pytest
 import torch
@@ -154,3 +154,71 @@ def test_inductor_graph_matches_golden_with_static_cache():
     assert torch.equal(result.greedy_tokens, expected["greedy_tokens"][:, :3])
     assert (result.prefill_logits - expected["prefill_logits"]).abs().max() <= 1e-5
     assert (result.decode_logits - expected["decode_logits"][:3]).abs().max() <= 1e-5
+
+
+# --- any prompt length: capacity buckets owned by the model, prefill with a dynamic length -----
+
+
+def _prompt(length: int, batch: int = 1):
+    return torch.randint(3, 60, (batch, length), generator=torch.Generator().manual_seed(length))
+
+
+def _generate(model, length: int, new: int, batch: int = 1):
+    ids = _prompt(length, batch)
+    return model.generate(input_ids=ids, max_new_tokens=new, do_sample=False, eos_token_id=-1)
+
+
+@pytest.mark.parametrize("kv_cache", ["static", "tuple"])
+def test_sixty_prompt_lengths_times_three_lengths_of_answer_compile_at_most_eight_graphs(kv_cache):
+    backend = CountingBackend()
+    model = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend=backend, kv_cache=kv_cache)
+    model.transformer.static_cache_len = 32  # buckets 32, 64, 128: growth is exercised too
+    for length in range(2, 62):
+        for new in (1, 3, 16):
+            _generate(model, length, new)
+    assert backend.count <= 8, backend.count
+    if kv_cache == "static":
+        # 3 capacity buckets (up to 61 + 16 = 77 positions): one decode graph each; prefill
+        # compiles for any length at once, and once more when the second bucket makes dynamo
+        # generalise the capacity too.
+        assert model.transformer._kv_store.max_len == 128
+        assert backend.count == 2 + 3
+
+
+def test_the_static_cache_is_reused_across_generate_calls_without_new_graphs():
+    backend = CountingBackend()
+    model = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend=backend)
+    first = _generate(model, 7, 4)
+    buffers = model.transformer._kv_store.keys[0]
+    compiled = backend.count
+    second = _generate(model, 19, 5)  # another prompt length, same capacity bucket (256)
+    assert model.transformer._kv_store.keys[0] is buffers
+    assert backend.count == compiled == 2  # one prefill graph (dynamic length), one decode graph
+    eager = build_golden_model("tiny-chatglm3")
+    assert torch.equal(first, _generate(eager, 7, 4)) and torch.equal(second, _generate(eager, 19, 5))
+
+
+def test_a_longer_generation_grows_the_cache_by_a_bucket_and_compiles_its_decode_graph():
+    backend = CountingBackend()
+    model = build_golden_model("tiny-chatglm3", exe_mode="dynamo", graph_backend=backend)
+    model.transformer.static_cache_len = 16
+    short = _generate(model, 6, 4)
+    assert model.transformer._kv_store.max_len == 16 and backend.count == 2
+    long = _generate(model, 20, 8)  # 28 positions: the next bucket
+    # Its decode graph, and prefill generalised to any capacity (once, at the second bucket).
+    assert model.transformer._kv_store.max_len == 32 and backend.count == 4
+    # A cache grown mid-generation (past the reserved length) answers like the tuple cache.
+    transformer = model.transformer
+    with torch.no_grad():
+        out = model(input_ids=_prompt(14))
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        tokens = [token]
+        for _ in range(24):  # 14 + 24 = 38 positions: grows 32 -> 64 on the way
+            out = model(input_ids=token, past_key_values=past)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+    assert transformer._kv_store.max_len == 64 and backend.count == 5  # one more decode graph only
+    eager = build_golden_model("tiny-chatglm3")
+    assert torch.equal(short, _generate(eager, 6, 4)) and torch.equal(long, _generate(eager, 20, 8))
+    want = _generate(eager, 14, 25)[:, 14:]
+    assert torch.equal(torch.cat(tokens, dim=1), want)

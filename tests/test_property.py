@@ -8,8 +8,7 @@ import torch
 from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from npu_reference import install_fake_torch_npu
-from test_fast_paths import import_model_module
+from npu_reference import import_model_module, install_fake_torch_npu
 
 from chatglm_bench.measure import decode
 from chatglm_bench.presets import randomize_

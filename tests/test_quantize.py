@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import REPO
 from golden_protocol import build_golden_model
-from npu_reference import install_fake_torch_npu
-from test_fast_paths import import_model_module
+from npu_reference import import_model_module, install_fake_torch_npu
 
 import modeling_chatglm as M
 
@@ -465,16 +464,20 @@ def test_bad_quantize_arguments_fail_with_the_fix():
     ],
 )
 def test_unusable_kernel_choice_is_a_one_line_error(monkeypatch, value, error, message):
-    model = build_golden_model("tiny-chatglm3").quantize(8)
-    monkeypatch.setenv("CHATGLM_QUANT_KERNEL", value)
+    monkeypatch.setenv("CHATGLM_QUANT_KERNEL", value)  # a runtime option: read when the model is built
     with pytest.raises(error, match=message):
-        model(torch.ones(1, 3, dtype=torch.long))
+        build_golden_model("tiny-chatglm3").quantize(8)(torch.ones(1, 3, dtype=torch.long))
 
 
-def test_auto_kernel_never_fails_and_picks_cpu_here():
+def test_auto_kernel_never_fails_and_picks_cpu_here_and_set_runtime_options_changes_it():
     model = build_golden_model("tiny-chatglm3").quantize(4, group_size=32)
+    assert model.transformer.backends.quant_kernel == "cpu"  # readable before the first forward
     model(torch.ones(1, 3, dtype=torch.long))
     assert {m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)} == {"cpu"}
+    model.transformer.set_runtime_options(quant_kernel="math")
+    model(torch.ones(1, 3, dtype=torch.long))
+    assert {m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)} == {"math"}
+    assert model.transformer.backends.quant_kernel == "math"
 
 
 # --- a library we did not write -------------------------------------------------------------

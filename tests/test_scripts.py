@@ -529,3 +529,19 @@ def test_check_exits_non_zero_unless_every_file_is_ours(tmp_path, checkpoint):
     assert _run("install_into_checkpoint.py", str(checkpoint), "--check", tmp_path=tmp_path).returncode == 0
     (checkpoint / "configuration_chatglm.py").write_bytes(b"# edited\n")
     assert _run("install_into_checkpoint.py", str(checkpoint), "--check", tmp_path=tmp_path).returncode == 1
+
+
+# --- scripts/trace_decode_step.py -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_cache", ["tuple", "static"])
+def test_a_warm_decode_step_enters_few_functions_of_the_model_file(kv_cache):
+    """The step's shape (issue 13): at most 20 distinct functions of modeling_chatglm.py, at most
+    12 calls outside the layers; the trace sees the step's own cache functions (it can fail)."""
+    import trace_decode_step
+
+    calls, outside = trace_decode_step.trace_step(kv_cache)
+    cache_class = "StaticKVCache" if kv_cache == "static" else "TupleKVCache"
+    assert calls[f"{cache_class}.update"] == 2 and calls["ChatGLMModel.decode_one_token"] == 1
+    assert len(calls) <= 20, sorted(calls)
+    assert len(outside) <= 12, outside

@@ -75,7 +75,6 @@ def main() -> None:
         detect_env,
         gather_per_rank,
         init_distributed,
-        rank0_print,
         rank_param_bytes,
         shard_model,
     )
@@ -106,8 +105,8 @@ def main() -> None:
         "max_abs_diff": diffs,
     }
     ranks = gather_per_rank(mine, env)
-    rank0_print(env, "per-rank parameter bytes:", [r["param_bytes"] for r in ranks], "of", full_bytes)
     if env.is_rank0:
+        print("per-rank parameter bytes:", [r["param_bytes"] for r in ranks], "of", full_bytes)
         result = {
             "world_size": env.world_size,
             "backend": env.backend,
