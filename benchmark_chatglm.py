@@ -274,6 +274,7 @@ def run(args) -> int:
     if progress:
         progress.close()
     if not env.is_rank0:
+        distributed.close_distributed()
         return 0
 
     # Files first: a closed stdout (``| head``) must not cost the results.
@@ -296,6 +297,7 @@ def run(args) -> int:
         say(f"\nwrote {output}")
     if plot:
         say(f"wrote {plot}")
+    distributed.close_distributed()
     return 0
 
 

@@ -137,6 +137,17 @@ def init_distributed(env: DistEnv, device_kind: str) -> DistEnv:
     return replace(env, backend=dist.get_backend(), device=str(device))
 
 
+def close_distributed() -> None:
+    """Close this rank's process group, once every rank is done: a rank that exits with its
+    communication threads still alive can abort at interpreter exit ("terminate called without
+    an active exception", SIGABRT), seen under load at 4 CPU ranks."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def launch_hint(world_size: int) -> str:
     return (
         f"start the {world_size} ranks with a launcher: deepspeed --num_gpus {world_size} "

@@ -5,27 +5,46 @@ quantization, or the original implementation for ``--baseline``); the measure lo
 entry at every batch size. Each bad value raises a :class:`UsageError` here, where it is found.
 """
 
+import ast
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 from .cli import UsageError
 
-MODES = ("eager", "dynamo")
-ATTENTION = ("auto", "npu", "sdpa", "math")
-RMSNORM = ("auto", "npu", "fused", "math")
+
+def _model_option_specs() -> Dict[str, Tuple[str, tuple, str]]:
+    """The model's own option table (``_OPTION_SPECS`` of modeling_chatglm.py: config field ->
+    (environment variable, allowed values, default)), read from the file without importing it,
+    so that ``--help`` and one-line errors stay free of torch's start-up."""
+    source = (Path(__file__).resolve().parents[1] / "modeling_chatglm.py").read_text(encoding="utf-8")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", None) == "_OPTION_SPECS" for t in node.targets
+        ):
+            return {
+                name: (env, allowed, default) for name, env, allowed, default in ast.literal_eval(node.value)
+            }
+    raise RuntimeError("modeling_chatglm.py has no _OPTION_SPECS table")
+
+
+_SPECS = _model_option_specs()
+MODES = _SPECS["exe_mode"][1]
+ATTENTION = _SPECS["attention_backend"][1]
+RMSNORM = _SPECS["rmsnorm_backend"][1]
+KV_CACHES = _SPECS["kv_cache"][1]
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "npu", "cuda", "cpu")
-KV_CACHES = ("auto", "tuple", "static")
 QUANTIZE = ("none", "8", "4")
 # The variables the model also reads, each read once here: (argparse dest, variable, allowed
 # values or None for any, default). Resolved as the model resolves them: flag > variable > default.
 VARIABLES = (
-    ("execute_mode", "EXE_MODE", MODES, ""),
-    ("attention", "CHATGLM_ATTENTION", ATTENTION, "auto"),
-    ("rmsnorm", "CHATGLM_RMSNORM", RMSNORM, "auto"),
-    ("kv_cache", "CHATGLM_KV_CACHE", KV_CACHES, "auto"),
+    ("execute_mode", _SPECS["exe_mode"][0], MODES, ""),
+    ("attention", *_SPECS["attention_backend"]),
+    ("rmsnorm", *_SPECS["rmsnorm_backend"]),
+    ("kv_cache", *_SPECS["kv_cache"]),
     ("graph_backend", "CHATGLM_GRAPH_BACKEND", None, "auto"),
 )
 # What the original implementation runs as, for its rows of the tables.

@@ -71,6 +71,7 @@ def run_logits(model, kv_cache: str) -> torch.Tensor:
 
 def main() -> None:
     from chatglm_bench.distributed import (
+        close_distributed,
         detect_env,
         gather_per_rank,
         init_distributed,
@@ -115,6 +116,7 @@ def main() -> None:
             "ranks": ranks,
         }
         Path(args.out).write_text(json.dumps(result, indent=1))
+    close_distributed()
 
 
 if __name__ == "__main__":
