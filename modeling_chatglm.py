@@ -12,7 +12,7 @@ What is new, each switchable for an ablation (config field, else environment var
   graph mode  ``exe_mode``          / EXE_MODE          = eager | dynamo
   compiler    ``graph_backend``     / CHATGLM_GRAPH_BACKEND = auto | inductor | eager | aot_eager | ...
   int8/int4   ``quant_kernel``      / CHATGLM_QUANT_KERNEL = auto | cpu | cuda | npu | math
-  long prompt ``prefill_chunk``     / CHATGLM_PREFILL_CHUNK = auto (2048) | N tokens | 0 (off)
+  long prompt ``prefill_chunk``     / CHATGLM_PREFILL_CHUNK = auto (1024) | N tokens | 0 (off)
               (weight-only kernels of ``model.quantize(8 | 4)``, see "Weight-only quantization")
 
 Internally activations are batch-first, ``[batch, seq, hidden]``, and attention runs in BNSD
@@ -95,7 +95,7 @@ OPTION_CHOICES: Mapping[str, tuple] = MappingProxyType({spec[0]: spec[2] for spe
 # A prompt longer than this runs through the cache in chunks of this many tokens: every prompt
 # temporary (MLP intermediate, QKV, attention mask) is then bounded by chunk x context instead of
 # growing with the prompt. Measured on the small preset (bf16, 2-core Xeon): see README "Long prompts".
-PREFILL_CHUNK = 2048
+PREFILL_CHUNK = 1024
 
 
 def _prefill_chunk_option(config) -> int:
