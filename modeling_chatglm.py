@@ -808,7 +808,7 @@ QUANT_GROUP_SIZE = 128  # default int4 group; divides every chatglm3-6b input wi
 # buffer + ordinary GEMM" (prefill). Measured crossover on a 2-core AVX2 EPYC, 4096x13696 int8:
 # 64 rows 166 ms (int8pack) vs 179 ms (dequantize + fp32 GEMM); 128 rows 375 vs 320 ms.
 _CPU_GEMV_MAX_ROWS = 64
-_QUANT_KERNEL_CHOICES = ("auto", "cpu", "cuda", "npu", "math")
+_QUANT_KERNEL_CHOICES = ("auto", "cpu", "cpu_w8a8", "cuda", "npu", "math")
 
 
 def _int4_to_unsigned_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -1020,6 +1020,77 @@ class _CpuKernel:
         return out.to(x.dtype)
 
 
+def _onednn_int8_linear_present() -> bool:
+    onednn = torch.ops.onednn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(onednn, "qlinear_pointwise")
+        and hasattr(onednn, "qlinear_prepack")
+    )
+
+
+def _w8a8_linear_eager(
+    x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor
+) -> torch.Tensor:
+    # Per token: each row's absmax maps to 127. oneDNN is told the activation scale is 1 and
+    # returns the int32 sums times the weight's per-channel scale (fp32); the row scale is applied
+    # to that (exact: both scales factor out of the dot product). Activations go in as uint8 with
+    # zero point 128 (q + 128, exact for q in [-127, 127]): oneDNN's u8 x s8 path measured 10-25 %
+    # faster than its s8 x s8 one here.
+    row_scale = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-30) / 127  # [m, 1]
+    xq = (torch.round(x.float() / row_scale).clamp_(-127, 127) + 128).to(torch.uint8)
+    out = torch.ops.onednn.qlinear_pointwise(
+        xq, 1.0, 128, packed, weight_scale, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    return (out * row_scale).to(x.dtype)
+
+
+def _w8a8_linear_op():
+    """The W8A8 product as one opaque op for graph mode (``torch.library.custom_op``, torch >=
+    2.4): dynamo traces it with no graph break and inductor calls it as it is. Called bare,
+    inductor's own lowering of ``onednn.qlinear_pointwise`` insists on a weight it packed itself
+    (a graph constant), which ours is not. Registered once per process: the file may be imported
+    under several module names (trust_remote_code, tests)."""
+    existing = getattr(getattr(torch.ops, "chatglm3", None), "w8a8_linear", None)
+    if existing is not None:
+        return existing
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:
+        return _w8a8_linear_eager
+    op = custom_op("chatglm3::w8a8_linear", mutates_args=())(_w8a8_linear_eager)
+
+    @op.register_fake
+    def _(x, packed, weight_scale, zero_points):
+        return x.new_empty(x.shape[0], weight_scale.shape[0])
+
+    return op
+
+
+_W8A8_LINEAR = _w8a8_linear_op() if _onednn_int8_linear_present() else None
+
+
+class _CpuDynamicInt8Kernel:
+    """int8 activations x int8 weights (W8A8, what llama.cpp's Q8_0 does): each row of ``x`` is
+    quantized on the fly to int8 with its own absmax scale (per token), and oneDNN's int8 GEMM
+    (``onednn.qlinear_pointwise``: VNNI/AMX dot products where the CPU has them) runs on a weight
+    prepacked once for one-row (decode) activations. In graph mode the product is one custom op
+    (see ``_w8a8_linear_op``).
+    """
+
+    @staticmethod
+    def prepare(layer, dtype):
+        if layer.bits != 8:
+            raise ValueError("the cpu_w8a8 kernel is int8 only; use cpu (or auto) for int4")
+        weight = _kernel_aligned(layer.weight.data)
+        packed = torch.ops.onednn.qlinear_prepack(weight, [1, layer.in_features])  # own copy
+        zero_points = torch.zeros(layer.out_features, dtype=torch.int64)
+        return (packed, layer.weight_scale.float(), zero_points)
+
+    @staticmethod
+    def matmul(layer, x):
+        return _W8A8_LINEAR(x, *layer._kernel_state)
+
+
 # Output channels dequantized at a time on the prefill path: bounds the reused buffer (4096 x
 # 13696 fp32 = 224 MB for the 6B model, instead of 449 MB for a whole dense_h_to_4h) while each
 # GEMM stays large enough to run at full speed.
@@ -1128,13 +1199,43 @@ class _NpuKernel:
         return _TORCH_NPU.npu_weight_quant_batchmatmul(x, weight, scale, antiquant_group_size=group)
 
 
+def prepack_linear_weight(weight: torch.Tensor, rows: Optional[int] = None) -> Optional[torch.Tensor]:
+    """oneDNN's reordered (blocked) copy of a float ``[out, in]`` weight for activations of about
+    ``rows`` rows, or None where oneDNN cannot take it (no mkldnn build, a dtype it lacks here).
+
+    ATen's own float matmul hands an unpacked weight to oneDNN on every call (bf16 on
+    AVX512-BF16/AMX CPUs), which reorders it each time; a prepacked weight skips that.
+    """
+    op = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    if op is None or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    if weight.dtype == torch.bfloat16 and not _cpu_has_fast_half_gemm():
+        return None
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return op(weight.detach().contiguous(), rows)
+
+
+def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear`` on a weight from :func:`prepack_linear_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 # The one place quantized-matmul kernels are chosen from (read-only).
 QUANT_KERNELS: Mapping[str, Any] = MappingProxyType(
-    {"cpu": _CpuKernel, "cuda": _CudaKernel, "npu": _NpuKernel, "math": _MathKernel}
+    {
+        "cpu": _CpuKernel,
+        "cpu_w8a8": _CpuDynamicInt8Kernel,
+        "cuda": _CudaKernel,
+        "npu": _NpuKernel,
+        "math": _MathKernel,
+    }
 )
 
 
 def _quant_kernel_available(name: str, bits: int) -> bool:
+    if name == "cpu_w8a8":
+        return bits == 8 and _onednn_int8_linear_present()
     if name == "cpu":
         ops = (
             ("_weight_int8pack_mm",)
@@ -1166,11 +1267,14 @@ def resolve_quant_kernel(option: Optional[str], device: torch.device, dtype: tor
         return kind if kind in QUANT_KERNELS and _quant_kernel_available(kind, bits) else "math"
     # Like the attention backends, an explicit "npu" runs wherever torch_npu imports (the tests
     # run it on CPU against tests/npu_reference.py); cpu and cuda need their own device.
-    if option in ("cpu", "cuda") and option != kind:
+    home = option.split("_")[0]
+    if home in ("cpu", "cuda") and home != kind:
         raise ValueError(
-            f"{source}={option!r} runs on {option} tensors but the model is on {kind}; "
+            f"{source}={option!r} runs on {home} tensors but the model is on {kind}; "
             "use auto (or math, the reference that runs anywhere)"
         )
+    if option == "cpu_w8a8" and bits != 8:
+        raise ValueError(f"{source}='cpu_w8a8' is an int8 kernel; use cpu (or auto) for {bits}-bit layers")
     if not _quant_kernel_available(option, bits):
         raise RuntimeError(
             f"{source}={option!r} needs a kernel this torch {torch.__version__} lacks "
@@ -1292,6 +1396,14 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+
+_INT4_MIN_GROUP = 32  # the smallest group the int4 kernels take (cpu, cuda: 32..256; npu: k * 32)
+
+
+def _int4_kernels_take(linear) -> bool:
+    """Whether an int4 kernel takes this layer's input width (a multiple of the smallest group)."""
+    return linear.in_features % _INT4_MIN_GROUP == 0
 
 
 def _default_group_size(widths) -> int:
@@ -2139,13 +2251,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         targets = [
             (block, names) for block in self.transformer.encoder.layers for names in _QUANTIZED_BLOCK_LINEARS
         ]
-        if bits == 8:
-            group_size = 0
-        elif group_size is None:
-            widths = [getattr(getattr(b, p), n).in_features for b, (p, n) in targets]
-            group_size = _default_group_size(widths)
-        else:
-            group_size = int(group_size)
         for block, (parent_name, name) in targets:
             linear = getattr(getattr(block, parent_name), name)
             if not isinstance(linear, nn.Linear):
@@ -2154,7 +2259,36 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                     "(e.g. after DeepSpeed AutoTP sharding); quantize before sharding is not "
                     "supported either: run quantized models on one rank"
                 )
-            if bits == 4 and group_size and linear.in_features % group_size:
+        # A width no int4 kernel takes stays int8 (llama.cpp likewise keeps such a tensor in a wider
+        # format): decided from the shapes alone, so a saved model reloads with the same layout.
+        int8_names = sorted(
+            {
+                f"{p}.{n}"
+                for b, (p, n) in targets
+                if bits == 4 and not _int4_kernels_take(getattr(getattr(b, p), n))
+            }
+        )
+        if output_layer and bits == 4 and not _int4_kernels_take(self.transformer.output_layer):
+            int8_names.append("output_layer")
+        if int8_names:
+            logger.warning(
+                f"quantize(4): {', '.join(int8_names)} stay int8: no int4 kernel takes their input "
+                f"width (it must be a multiple of {_INT4_MIN_GROUP}); every other layer is int4"
+            )
+
+        def layer_bits(parent_name, name):
+            return 8 if f"{parent_name}.{name}" in int8_names else bits
+
+        if bits == 8:
+            group_size = 0
+        elif group_size is None:
+            widths = [getattr(getattr(b, p), n).in_features for b, (p, n) in targets if layer_bits(p, n) == 4]
+            group_size = _default_group_size(widths)
+        else:
+            group_size = int(group_size)
+        for block, (parent_name, name) in targets:
+            linear = getattr(getattr(block, parent_name), name)
+            if layer_bits(parent_name, name) == 4 and group_size and linear.in_features % group_size:
                 raise ValueError(
                     f"group_size={group_size} does not divide {parent_name}.{name}'s in_features "
                     f"({linear.in_features}); pass a group_size that does (e.g. 32), or 0 for per-channel"
@@ -2162,9 +2296,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         scratch = DequantScratch()  # one prefill buffer for the whole model
         option = getattr(self.config, "quant_kernel", None)
 
-        def convert(linear):
+        def convert(linear, layer_bits):
             layer = QuantizedLinear.from_linear(
-                linear, bits, group_size, empty_init=empty_init, device=device
+                linear, layer_bits, group_size, empty_init=empty_init, device=device
             )
             layer.scratch, layer.kernel_option = scratch, option
             return layer
@@ -2172,9 +2306,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         with torch.no_grad():
             for block, (parent_name, name) in targets:
                 parent = getattr(block, parent_name)
-                setattr(parent, name, convert(getattr(parent, name)))
+                setattr(parent, name, convert(getattr(parent, name), layer_bits(parent_name, name)))
             if output_layer:
-                self.transformer.output_layer = convert(self.transformer.output_layer)
+                self.transformer.output_layer = convert(
+                    self.transformer.output_layer, 8 if "output_layer" in int8_names else bits
+                )
         self.quantized = True
         self.config.quantization_bit = bits
         self.config.quantization_group_size = group_size
