@@ -1199,28 +1199,6 @@ class _NpuKernel:
         return _TORCH_NPU.npu_weight_quant_batchmatmul(x, weight, scale, antiquant_group_size=group)
 
 
-def prepack_linear_weight(weight: torch.Tensor, rows: Optional[int] = None) -> Optional[torch.Tensor]:
-    """oneDNN's reordered (blocked) copy of a float ``[out, in]`` weight for activations of about
-    ``rows`` rows, or None where oneDNN cannot take it (no mkldnn build, a dtype it lacks here).
-
-    ATen's own float matmul hands an unpacked weight to oneDNN on every call (bf16 on
-    AVX512-BF16/AMX CPUs), which reorders it each time; a prepacked weight skips that.
-    """
-    op = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-    if op is None or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return None
-    if weight.dtype == torch.bfloat16 and not _cpu_has_fast_half_gemm():
-        return None
-    if weight.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    return op(weight.detach().contiguous(), rows)
-
-
-def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear`` on a weight from :func:`prepack_linear_weight`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
 # The one place quantized-matmul kernels are chosen from (read-only).
 QUANT_KERNELS: Mapping[str, Any] = MappingProxyType(
     {

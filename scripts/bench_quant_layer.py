@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -21,6 +22,29 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import modeling_chatglm as M  # noqa: E402
+
+
+def prepack_linear_weight(weight: torch.Tensor, rows: Optional[int] = None) -> Optional[torch.Tensor]:
+    """oneDNN's reordered (blocked) copy of a float ``[out, in]`` weight for activations of about
+    ``rows`` rows, or None where oneDNN cannot take it (no mkldnn build, a dtype it lacks here).
+
+    ATen's own float matmul hands an unpacked weight to oneDNN on every call (bf16 on
+    AVX512-BF16/AMX CPUs), which reorders it each time; a prepacked weight skips that.
+    """
+    op = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    if op is None or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    if weight.dtype == torch.bfloat16 and not M._cpu_has_fast_half_gemm():
+        return None
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return op(weight.detach().contiguous(), rows)
+
+
+def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear`` on a weight from :func:`prepack_linear_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
 
 # chatglm3-6b: dense_h_to_4h, dense_4h_to_h, query_key_value ([out, in]).
 SHAPES_6B = ((27392, 4096), (4096, 13696), (4608, 4096))
@@ -34,10 +58,10 @@ def kernels(weight: torch.Tensor, rows: int):
         dense = weight.to(dtype)
         short = str(dtype).replace("torch.", "")
         table[f"{short} F.linear"] = (lambda x, w=dense: F.linear(x, w), dtype, dense.nbytes)
-        packed = M.prepack_linear_weight(dense, rows)
+        packed = prepack_linear_weight(dense, rows)
         if packed is not None:
             table[f"{short} prepacked (oneDNN)"] = (
-                lambda x, w=packed: M.prepacked_linear(x, w, None),
+                lambda x, w=packed: prepacked_linear(x, w, None),
                 dtype,
                 dense.nbytes,
             )
@@ -75,7 +99,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--shape", nargs=2, type=int, action="append", metavar=("OUT", "IN"))
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 128])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--evict-mib", type=int, default=1024, help="buffer read before each call (0: none)")
     args = parser.parse_args(argv)
     evict = torch.ones(args.evict_mib * 2**18) if args.evict_mib else None

@@ -634,3 +634,10 @@ def test_bandwidth_yardstick_reads_at_least_a_gib_and_the_working_set_and_keeps_
     read.clear()
     # A large one streams from memory: only the >= 1 GiB buffer.
     assert hardware.measure_cpu_bandwidth(12 * 2**30) == 20.0 and read == [2**30]
+
+
+def test_small_rates_keep_three_significant_digits():
+    from chatglm_bench.report import _fmt_significant
+
+    assert _fmt_significant(0.0012345) == "0.00123" and _fmt_significant(12.345) == "12.3"
+    assert _fmt_significant(float("nan")) == "-"
