@@ -823,11 +823,12 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: int8 [out, in // 2] -> int8 [out, in] in [-8, 7]."""
-    byte = packed.contiguous().view(torch.uint8).to(torch.int16)
-    # (n ^ 8) - 8 sign-extends a 4-bit two's-complement value held in 0..15.
-    high = ((byte >> 4) ^ 8) - 8
-    low = ((byte & 15) ^ 8) - 8
-    return torch.stack((high, low), dim=-1).flatten(1).to(torch.int8)
+    packed = packed.contiguous().view(torch.int8)
+    # THUDM's own extraction, in int8 throughout (2x faster than widening first): an arithmetic
+    # right shift sign-extends the high nibble; the low one is shifted up first.
+    high = packed >> 4
+    low = (packed << 4) >> 4
+    return torch.stack((high, low), dim=-1).flatten(1)
 
 
 # int4 scale candidates per group, as fractions of the group's largest value. With the signed
@@ -956,6 +957,14 @@ def _cpu_has_fast_half_gemm() -> bool:
         return False
 
 
+def _cpu_has_amx() -> bool:
+    probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:
+        return False
+
+
 # Bytes of alignment torch's AVX-512 int8/int4 CPU kernels assume for their operands: they
 # segfault on a weight or an activation at any other address (a safetensors file aligns its tensors
 # to 8 bytes only, and a view can start anywhere). torch's CPU allocator aligns to this.
@@ -979,7 +988,8 @@ class _CpuKernel:
     ``_CPU_GEMV_MAX_ROWS`` rows (prefill) the weight is dequantized into a reused buffer and an
     ordinary GEMM runs: fp32 unless the CPU has native half GEMMs. int8 needs only a conversion
     (its per-output-channel scale is applied to the GEMM's output); int4 on a CPU without fast
-    half GEMMs stays on the int4 kernel, which measured as fast as unpacking plus an fp32 GEMM.
+    half GEMMs stays on the int4 kernel, which measured as fast as unpacking plus an fp32 GEMM,
+    and so does int4 on an AMX CPU, where that kernel is 4x faster than unpacking.
     """
 
     GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
@@ -1003,12 +1013,15 @@ class _CpuKernel:
         scales = _scales_per_group(layer, group).t().contiguous()  # [in // group, out]
         # The kernel computes (q - 8) * scale + zero; symmetric int4 has zero = 0.
         scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1).to(torch.bfloat16)
-        return (packed, scales_and_zeros, group, fast_half)
+        # With AMX the int4 kernel itself is the fastest prefill (its AMX path for many rows):
+        # 4096x4096, 128 rows, 85 ms against 330 ms unpacking + bf16 GEMM on a Sapphire Rapids VM.
+        dequantize_prefill = fast_half and not _cpu_has_amx()
+        return (packed, scales_and_zeros, group, dequantize_prefill)
 
     @staticmethod
     def matmul(layer, x):
         state = layer._kernel_state
-        fast_half = state[-1]
+        fast_half = state[-1]  # int4: dequantize for prefill (only with fast half GEMMs)
         if x.shape[0] >= _CPU_GEMV_MAX_ROWS and (layer.bits == 8 or fast_half):
             return _dequantized_gemm(layer, x, x.dtype if fast_half else torch.float32)
         xb = _kernel_aligned(x.to(torch.bfloat16))
