@@ -11,8 +11,8 @@ What is new, each switchable for an ablation (config field, else environment var
   KV cache    ``kv_cache``          / CHATGLM_KV_CACHE  = auto | tuple | static  (auto: static in graph mode)
   graph mode  ``exe_mode``          / EXE_MODE          = eager | dynamo
   compiler    ``graph_backend``     / CHATGLM_GRAPH_BACKEND = auto | inductor | eager | aot_eager | ...
-  int8/int4   ``quant_kernel``      / CHATGLM_QUANT_KERNEL = auto | cpu | cuda | npu | math
-              (weight-only kernels of ``model.quantize(8 | 4)``, see "Weight-only quantization")
+  int8/int4   ``quant_kernel``      / CHATGLM_QUANT_KERNEL = auto | cpu | cpu_w8a8 | cuda | npu | math
+              (kernels of ``model.quantize(8 | 4)``, see "Weight-only quantization")
 
 Internally activations are batch-first, ``[batch, seq, hidden]``, and attention runs in BNSD
 (``[batch, heads, seq, head_dim]``), the layout the fused NPU kernels and SDPA take; the public
