@@ -102,10 +102,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--evict-mib", type=int, default=1024, help="buffer read before each call (0: none)")
     args = parser.parse_args(argv)
+    from chatglm_bench.hardware import cpu_model, measure_cpu_bandwidth
+
     evict = torch.ones(args.evict_mib * 2**18) if args.evict_mib else None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {M_cpu()}")
-    print("| layer | rows | kernel | ms | GB/s of weight |")
-    print("|---|---|---|---|---|")
+    yardstick = measure_cpu_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()}")
+    print(f"read-bandwidth yardstick (chatglm_bench.hardware, >= 1 GiB, all threads): {yardstick:.1f} GB/s")
+    print("| layer | rows | kernel | ms | GB/s of weight | % of yardstick |")
+    print("|---|---|---|---|---|---|")
     generator = torch.Generator().manual_seed(0)
     for out_features, in_features in args.shape or SHAPES_6B:
         weight = torch.randn(out_features, in_features, generator=generator) * 0.02
@@ -127,19 +131,14 @@ def main(argv=None) -> int:
                         call(inputs[dtype])
                         best[name] = min(best[name], time.perf_counter() - start)
             for name, (_, _, nbytes) in table.items():
+                rate = nbytes / best[name] / 1e9
                 print(
                     f"| {out_features}x{in_features} | {rows} | {name} | {best[name] * 1e3:.2f} | "
-                    f"{nbytes / best[name] / 1e9:.1f} |",
+                    f"{rate:.1f} | {100 * rate / yardstick:.0f} % |",
                     flush=True,
                 )
             del table
     return 0
-
-
-def M_cpu() -> str:
-    from chatglm_bench.hardware import cpu_model
-
-    return cpu_model()
 
 
 if __name__ == "__main__":
