@@ -50,7 +50,25 @@ def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
 SHAPES_6B = ((27392, 4096), (4096, 13696), (4608, 4096))
 
 
-def kernels(weight: torch.Tensor, rows: int):
+def inductor_linear(weight: torch.Tensor, rows: int):
+    """``F.linear`` on ``weight`` compiled by inductor the way the issue proposes for CPU graph
+    mode: weights frozen (prepacked) and ``max_autotune`` choosing between its CPP GEMM template
+    and ATen. Returns (compiled call, compile seconds)."""
+    import torch._inductor.config as inductor_config
+
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    compiled = torch.compile(linear.eval(), options=options, fullgraph=True, dynamic=False)
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    start = time.perf_counter()
+    with torch.no_grad(), inductor_config.patch(freezing=True):  # the option alone does not freeze here
+        compiled(x)
+    return compiled, time.perf_counter() - start
+
+
+def kernels(weight: torch.Tensor, rows: int, inductor: bool = False):
     """name -> (call on x, activation dtype, weight bytes read per call)."""
     out_features, in_features = weight.shape
     table = {}
@@ -58,6 +76,10 @@ def kernels(weight: torch.Tensor, rows: int):
         dense = weight.to(dtype)
         short = str(dtype).replace("torch.", "")
         table[f"{short} F.linear"] = (lambda x, w=dense: F.linear(x, w), dtype, dense.nbytes)
+        if inductor:
+            compiled, seconds = inductor_linear(dense, rows)
+            print(f"compiled {short} {tuple(weight.shape)} for {rows} rows in {seconds:.1f} s")
+            table[f"{short} inductor (freezing + max_autotune)"] = (compiled, dtype, dense.nbytes)
         packed = prepack_linear_weight(dense, rows)
         if packed is not None:
             table[f"{short} prepacked (oneDNN)"] = (
@@ -101,6 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 128])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--evict-mib", type=int, default=1024, help="buffer read before each call (0: none)")
+    parser.add_argument(
+        "--inductor", action="store_true", help="also inductor-compiled float linears (compile time printed)"
+    )
     args = parser.parse_args(argv)
     from chatglm_bench.hardware import cpu_model, measure_cpu_bandwidth
 
@@ -114,7 +139,7 @@ def main(argv=None) -> int:
     for out_features, in_features in args.shape or SHAPES_6B:
         weight = torch.randn(out_features, in_features, generator=generator) * 0.02
         for rows in args.rows:
-            table = kernels(weight, rows)
+            table = kernels(weight, rows, args.inductor)
             inputs = {
                 d: torch.randn(rows, in_features, generator=generator).to(d)
                 for d in (torch.float32, torch.bfloat16)
