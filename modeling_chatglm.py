@@ -989,7 +989,7 @@ class _CpuKernel:
     ordinary GEMM runs: fp32 unless the CPU has native half GEMMs. int8 needs only a conversion
     (its per-output-channel scale is applied to the GEMM's output); int4 on a CPU without fast
     half GEMMs stays on the int4 kernel, which measured as fast as unpacking plus an fp32 GEMM,
-    and so does int4 on an AMX CPU, where that kernel is 4x faster than unpacking.
+    and so does int4 on an AMX CPU, where that kernel is up to 2x faster than unpacking.
     """
 
     GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
@@ -1014,7 +1014,8 @@ class _CpuKernel:
         # The kernel computes (q - 8) * scale + zero; symmetric int4 has zero = 0.
         scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1).to(torch.bfloat16)
         # With AMX the int4 kernel itself is the fastest prefill (its AMX path for many rows):
-        # 4096x4096, 128 rows, 85 ms against 330 ms unpacking + bf16 GEMM on a Sapphire Rapids VM.
+        # 4096x4096, 128 rows, 2 threads: 82-90 ms against 113-177 ms unpacking + bf16 GEMM on a
+        # Sapphire Rapids VM (shared; the whole small preset at one thread: both about 250 ms).
         dequantize_prefill = fast_half and not _cpu_has_amx()
         return (packed, scales_and_zeros, group, dequantize_prefill)
 
