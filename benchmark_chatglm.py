@@ -243,7 +243,7 @@ def run(args) -> int:
             + ", ".join(f"rank {i}: {b / 2**20:.1f} MiB" for i, b in enumerate(per_rank))
         )
 
-    hardware = hardware_reference(device, dtype)
+    hardware = hardware_reference(device, dtype, per_rank[env.rank] if env.rank < len(per_rank) else 0)
     by_size = {
         size: (
             inputs.tokenize_batch(tokenizer, prompts, size, args.input_max_len)

@@ -62,6 +62,21 @@ def preset_params(name: str) -> int:
     return layers * per_layer + 2 * vocab * h + h
 
 
+def random_chunks(name: str, numel: int, generator, scale: float = 0.02):
+    """The float32 values :func:`randomize_` gives parameter ``name`` (``numel`` elements), as
+    consecutive flat chunks of at most ``_CHUNK``, drawn from ``generator`` exactly as it does.
+    Called for each parameter in ``named_parameters()`` order with one generator, it yields the
+    same model piece by piece (``scripts/make_tiny_checkpoint.py`` writes big checkpoints so)."""
+    import torch
+
+    for start in range(0, numel, _CHUNK):
+        values = torch.randn(min(_CHUNK, numel - start), generator=generator, dtype=torch.float32)
+        values.mul_(scale)
+        if name.endswith("layernorm.weight"):
+            values += 1.0
+        yield values
+
+
 def randomize_(model, seed: int, scale: float = 0.02):
     """Overwrite every parameter, in ``named_parameters()`` order, with ``randn * scale`` drawn in
     float32 from a generator seeded with ``seed`` (RMSNorm weights: 1 + that, so the norms do not
@@ -71,13 +86,10 @@ def randomize_(model, seed: int, scale: float = 0.02):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            flat = param.view(-1)
-            for start in range(0, flat.numel(), _CHUNK):
-                chunk = flat[start : start + _CHUNK]
-                values = torch.randn(chunk.numel(), generator=generator, dtype=torch.float32) * scale
-                if name.endswith("layernorm.weight"):
-                    values += 1.0
-                chunk.copy_(values)
+            flat, start = param.view(-1), 0
+            for values in random_chunks(name, param.numel(), generator, scale):
+                flat[start : start + values.numel()].copy_(values)
+                start += values.numel()
     return model
 
 

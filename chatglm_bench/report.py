@@ -19,6 +19,13 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
+def _fmt_significant(value: Optional[float], digits: int = 3) -> str:
+    """Three significant digits: a small model's 0.0012 TFLOP/s must not print as 0.000."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}g}"
+
+
 def _pct(value: Optional[float], reference: Optional[float]) -> str:
     if not value or not reference or math.isnan(value):
         return "-"
@@ -81,7 +88,7 @@ def latency_table(records: List[Measurement], hardware: HardwareRef) -> str:
                 if hardware.bandwidth_gbs
                 else "-",
                 _fmt(r.peak_memory_bytes / 2**20, 0) if r.peak_memory_bytes else "-",
-                _fmt(r.prefill_tflops, 3),
+                _fmt_significant(r.prefill_tflops),
                 _pct(r.prefill_tflops, hardware.tflops),
                 _fmt(r.first_run_overhead_s, 2),
             ]
@@ -238,6 +245,7 @@ def environment(args, device, dtype, dtype_reason: str, world_size: int, source:
         "dtype": dtype_name(dtype),
         "dtype_choice": dtype_reason,
         "world_size": world_size,
+        "threads_per_rank": torch.get_num_threads(),
         "model": source,
         "args": {k: v for k, v in vars(args).items() if k != "local_rank"},
     }
@@ -245,13 +253,16 @@ def environment(args, device, dtype, dtype_reason: str, world_size: int, source:
 
 def header(records: List[Measurement], device, dtype, dtype_reason: str, world_size: int, hardware) -> str:
     """The lines above the tables: what ran where, and the hardware yardstick."""
+    import torch
+
     units = " ".join(cpu_bf16_units()) or "none"
     first = records[0]
     return (
         f"device: {hardware.device_name} ({device}), dtype {dtype_name(dtype)} ({dtype_reason}), world size "
         f"{world_size}, input {first.input_len} tokens, {first.new_tokens} new tokens, "
         f"{first.iters} timed runs\n"
-        f"cpu: {cpu_model()}; bf16 units (AVX512-BF16/AMX): {units}\n"
+        f"cpu: {cpu_model()}; bf16 units (AVX512-BF16/AMX): {units}; torch threads per rank: "
+        f"{torch.get_num_threads()}\n"
         f"hardware reference ({hardware.source}): "
         f"{_fmt(hardware.bandwidth_gbs)} GB/s, {_fmt(hardware.tflops, 2)} TFLOP/s\n"
     )

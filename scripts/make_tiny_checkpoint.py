@@ -17,7 +17,10 @@ The recipe is the golden fixtures' (``tests/golden/README.md``): the model is bu
 (plus 1 for the RMSNorm weights, so the norms do not squash activations to zero). The presets
 are the benchmark's table (``chatglm_bench/presets.py``). Draws are made in float32 and then
 cast, so a bfloat16 checkpoint is exactly the rounded float32 one. The ``tiny`` preset with
-seed 0 reproduces ``golden/tiny-chatglm3`` bit for bit.
+seed 0 reproduces ``golden/tiny-chatglm3`` bit for bit. The file is written tensor by tensor
+(the model is built on the meta device for its names and shapes, and the same draws are made
+chunk by chunk), so peak memory stays about one 64 MB chunk: ``--preset chatglm3-6b --dtype
+bfloat16`` writes the 12.5 GB file on a machine with far less free memory.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from chatglm_bench.cli import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
-from chatglm_bench.presets import CHATGLM3_FLAGS, PRESETS, randomize_  # noqa: E402
+from chatglm_bench.presets import CHATGLM3_FLAGS, PRESETS  # noqa: E402
 
 CODE_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -213,7 +216,6 @@ def make_tiny_checkpoint(
             )
 
     import torch
-    from safetensors.torch import save_file
 
     configuration, modeling = _import_repo_modules()
     defaults = _config_defaults(configuration.ChatGLMConfig)
@@ -231,16 +233,9 @@ def make_tiny_checkpoint(
 
     config = configuration.ChatGLMConfig(**values, torch_dtype=dtype)
     torch.manual_seed(seed)
-    model = modeling.ChatGLMForConditionalGeneration(config, empty_init=False)
-    randomize_(model, seed)
-    # Includes the persistent rotary buffer "transformer.rotary_pos_emb.inv_freq", like the originals.
-    # The model builds the P-tuning prefix encoder in float32 whatever the dtype; the file holds
-    # every floating tensor in the checkpoint's dtype.
-    target = getattr(torch, dtype)
-    state = {
-        name: (tensor.to(target) if tensor.is_floating_point() else tensor).detach().contiguous()
-        for name, tensor in model.state_dict().items()
-    }
+    # Shapes and names only: the weights are drawn tensor by tensor while the file is written.
+    with torch.device("meta"):
+        model = modeling.ChatGLMForConditionalGeneration(config, empty_init=True)
     n_params = sum(p.numel() for p in model.parameters())
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +244,7 @@ def make_tiny_checkpoint(
     # with --force into an HF-cache snapshot a symlink is replaced, never written through into
     # the shared blobs/ that other snapshots point at.
     with replacing_file(out_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        write_random_safetensors(model, seed, getattr(torch, dtype), tmp)
     config_data = _config_json(config, list(defaults), dtype, note)
     _write_text(out_dir / "config.json", json.dumps(config_data, indent=2) + "\n")
     _write_text(out_dir / "README.md", _readme(preset, seed, dtype, values, n_params))
@@ -269,6 +264,58 @@ def make_tiny_checkpoint(
         }
         _write_text(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
     return out_dir
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64", "int32": "I32"}
+
+
+def write_random_safetensors(model, seed: int, dtype, path: Path) -> None:
+    """``model``'s state_dict (a model on the meta device: names and shapes) as a safetensors file
+    whose parameters are :func:`chatglm_bench.presets.randomize_`'s values for ``seed``, drawn and
+    written chunk by chunk: peak memory is one chunk, not the model (a chatglm3-6b-sized file is
+    12 GB in bf16). Buffers (the rotary ``inv_freq``, kept in checkpoints like the originals') are
+    computed on the CPU. Floating tensors are cast to ``dtype`` (the P-tuning prefix encoder too,
+    which the model builds in float32)."""
+    import torch
+
+    from chatglm_bench.presets import random_chunks
+
+    parameters = dict(model.named_parameters())
+    buffers = {}
+    for name, _ in model.named_buffers():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        owner.to_empty(device="cpu", recurse=False)
+        model._init_weights(owner)  # the model's own recipe for what checkpoints derive
+        buffers[name] = getattr(owner, attr)
+    entries, offset = {}, 0
+    for name, tensor in model.state_dict().items():
+        out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        nbytes = tensor.numel() * torch.empty((), dtype=out_dtype).element_size()
+        dtype_name = _SAFETENSORS_DTYPES[str(out_dtype).replace("torch.", "")]
+        entries[name] = {
+            "dtype": dtype_name,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+    generator = torch.Generator().manual_seed(seed)
+    # randomize_ draws in named_parameters() order: draw every parameter in that order, and write
+    # each where the header put it.
+    with open(path, "wb") as handle:
+        handle.write(len(header).to_bytes(8, "little") + header)
+        base = handle.tell()
+        for name, param in parameters.items():
+            handle.seek(base + entries[name]["data_offsets"][0])
+            for values in random_chunks(name, param.numel(), generator):
+                handle.write(values.to(dtype).view(torch.uint8).numpy())  # no copy: buffer protocol
+        for name, buffer in buffers.items():
+            if name in entries:
+                handle.seek(base + entries[name]["data_offsets"][0])
+                data = buffer.to(dtype) if buffer.is_floating_point() else buffer
+                handle.write(data.contiguous().view(torch.uint8).numpy())
 
 
 def _write_text(path: Path, text: str) -> None:

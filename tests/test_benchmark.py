@@ -618,3 +618,26 @@ def test_random_preset_is_built_with_the_context_the_run_needs():
     model = build_preset_model("tiny", torch.float32, seed=0, context=2048)
     assert model.config.seq_length == 2048 and model.transformer.seq_length == 2048
     assert build_preset_model("tiny", torch.float32, seed=0).config.seq_length == 256
+
+
+def test_bandwidth_yardstick_reads_at_least_a_gib_and_the_working_set_and_keeps_the_best(monkeypatch):
+    from chatglm_bench import hardware
+
+    read = []
+    rates = {hardware.YARDSTICK_MIN_BYTES: 20.0, 64 * 2**20: 55.0}
+    monkeypatch.setattr(
+        hardware, "_best_read_rate", lambda nbytes, passes: read.append(nbytes) or rates[nbytes]
+    )
+    # A small model is read from a cache: its own size is measured too, and the faster rate wins.
+    assert hardware.measure_cpu_bandwidth(64 * 2**20) == 55.0
+    assert sorted(read) == [64 * 2**20, 2**30]
+    read.clear()
+    # A large one streams from memory: only the >= 1 GiB buffer.
+    assert hardware.measure_cpu_bandwidth(12 * 2**30) == 20.0 and read == [2**30]
+
+
+def test_small_rates_keep_three_significant_digits():
+    from chatglm_bench.report import _fmt_significant
+
+    assert _fmt_significant(0.0012345) == "0.00123" and _fmt_significant(12.345) == "12.3"
+    assert _fmt_significant(float("nan")) == "-"

@@ -335,3 +335,34 @@ def test_torchair_is_patched_for_hcom_only_for_tensor_parallel_npu_graphs(world_
 def test_torchair_patch_off_npu_needs_no_torchair():
     # Off-NPU the decision is made before any import: no torchair module, no error.
     assert patch_torchair_for_hcom(DistEnv(world_size=2, local_world_size=2), "cpu", [GRAPH]) is False
+
+
+def test_cpu_ranks_on_one_node_split_the_cores_evenly():
+    from chatglm_bench.distributed import cpu_share
+
+    cores = list(range(8))
+    assert [cpu_share(cores, r, 2) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [cpu_share(cores, r, 3) for r in range(3)] == [[0, 1], [2, 3, 4], [5, 6, 7]]
+    assert [cpu_share([0, 1], r, 4) for r in range(4)] == [[0], [1], [0], [1]]
+    assert cpu_share([5], 0, 1) == [5]
+
+
+_SPLIT_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+from chatglm_bench.distributed import DistEnv, split_cpu_cores
+cores = sorted(os.sched_getaffinity(0))
+threads = split_cpu_cores(DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2))
+print(len(cores), threads, torch.get_num_threads(), sorted(os.sched_getaffinity(0)) == cores[len(cores) // 2:] if len(cores) > 1 else True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity API on this OS")
+def test_a_cpu_rank_is_pinned_to_its_share_with_as_many_threads():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run(
+        [sys.executable, "-c", _SPLIT_SCRIPT, str(REPO)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    cores, threads, torch_threads, pinned = result.stdout.split()
+    assert int(threads) == int(torch_threads) == max(1, int(cores) // 2) and pinned == "True"

@@ -18,6 +18,15 @@ import modeling_chatglm as M
 sys.path.insert(0, str(REPO / "scripts"))
 
 TINY_IN_OUT = ((160, 96), (64, 320))  # dense_4h_to_h-like and dense_h_to_4h-like tiny layers
+needs_w8a8 = pytest.mark.skipif(
+    not M._quant_kernel_available("cpu_w8a8", 8),
+    reason="this torch has no oneDNN int8 linear (onednn.qlinear_pointwise)",
+)
+CPU_KERNELS = [
+    pytest.param(8, "cpu", id="8-cpu"),
+    pytest.param(4, "cpu", id="4-cpu"),
+    pytest.param(8, "cpu_w8a8", id="8-cpu_w8a8", marks=needs_w8a8),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -136,6 +145,31 @@ def test_cpu_kernel_matches_the_math_reference_per_layer(in_out, bits, group, dt
     assert rel_error(math_out, expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def _per_token_int8(x: torch.Tensor) -> torch.Tensor:
+    """x with each row rounded to int8 at its own absmax / 127 step (float64; W8A8's activations)."""
+    step = x.double().abs().amax(-1, keepdim=True) / 127
+    return torch.round(x.double() / step) * step
+
+
+@needs_w8a8
+@pytest.mark.parametrize("rows", [1, 3, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("in_out", TINY_IN_OUT, ids=str)
+def test_w8a8_kernel_is_the_int8_product_of_per_token_quantized_activations(in_out, dtype, rows):
+    layer = _layer(*in_out, 8, 0, dtype, "cpu_w8a8")
+    x = torch.randn(rows, in_out[0], generator=torch.Generator().manual_seed(2)).to(dtype)
+    weight = M.dequantize_weight(layer.weight, layer.weight_scale, 8).double()
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.kernel_name == "cpu_w8a8" and out.dtype == dtype and out.shape == (rows, in_out[1])
+    # Exactly the int8 x int8 product (int32 sums), up to fp32 and the output dtype's rounding;
+    # and within activation-quantization noise of the unquantized activations.
+    exact = _per_token_int8(x) @ weight.t() + layer.bias.double()
+    assert rel_error(out, exact) <= (1e-6 if dtype == torch.float32 else 6e-3)
+    full = x.double() @ weight.t() + layer.bias.double()
+    assert 1e-4 < rel_error(out, full) <= 2e-2
+
+
 # torch's AVX-512 int8/int4 CPU kernels segfault on an operand that is not 64-byte aligned (a
 # safetensors tensor is aligned to 8 bytes only; a view can start anywhere). Run in a child process
 # so that, unfixed, this is one failing test (SIGSEGV) and not the end of the suite.
@@ -143,9 +177,10 @@ _MISALIGNED_SCRIPT = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 import modeling_chatglm as M
-bits, rows, offset = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+bits, rows, offset, kernel = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 g = torch.Generator().manual_seed(0)
 layer = M.QuantizedLinear.from_linear(torch.nn.Linear(64, 128).to(torch.bfloat16), bits, 32 if bits == 4 else 0)
+layer.kernel_option = kernel
 stored = layer.weight.data.clone()
 raw = torch.empty(stored.numel() + 128, dtype=torch.int8)
 view = raw[offset:offset + stored.numel()].view(stored.shape)
@@ -158,7 +193,7 @@ x.copy_(torch.randn(rows, 64, generator=g))
 assert x.data_ptr() % 64 != 0
 with torch.no_grad():
     out = layer(x).double()
-assert layer.kernel_name == "cpu", layer.kernel_name
+assert layer.kernel_name == kernel, layer.kernel_name
 expected = x.double() @ M.dequantize_weight(stored, layer.weight_scale, bits).double().t() + layer.bias.double()
 err = ((out - expected).norm() / expected.norm()).item()
 assert err < 2e-2, err
@@ -169,12 +204,12 @@ print("ok", err)
 
 @pytest.mark.parametrize("offset", [1, 40])
 @pytest.mark.parametrize("rows", [1, 4, 12])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_cpu_kernel_takes_a_misaligned_weight_and_activation(bits, rows, offset):
+@pytest.mark.parametrize("bits, kernel", CPU_KERNELS)
+def test_cpu_kernel_takes_a_misaligned_weight_and_activation(bits, kernel, rows, offset):
     import subprocess
 
     result = subprocess.run(
-        [sys.executable, "-c", _MISALIGNED_SCRIPT, str(REPO), str(bits), str(rows), str(offset)],
+        [sys.executable, "-c", _MISALIGNED_SCRIPT, str(REPO), str(bits), str(rows), str(offset), kernel],
         capture_output=True,
         text=True,
         timeout=300,
@@ -234,6 +269,31 @@ def test_model_logits_cpu_kernel_match_math_reference(bits, group, dtype):
     assert rel_error(logits["cpu"], logits["math"]) <= (1e-2 if dtype == torch.float32 else 2e-2)
 
 
+# Measured on the golden fixture (2 rows x 9 tokens), float32 / bfloat16 against the unquantized
+# model of the same dtype: int8 cpu 0.98 % / 1.14 %, int8 cpu_w8a8 1.28 % / 1.41 %, int4 cpu 8.3 % /
+# 8.5 %; every int8 kernel keeps all top-1 tokens.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "bits, kernel, max_error",
+    [(8, "cpu", 0.015), (4, "cpu", 0.12), pytest.param(8, "cpu_w8a8", 0.02, marks=needs_w8a8)],
+)
+def test_golden_fixture_logits_of_each_cpu_kernel_against_the_unquantized_model(
+    bits, kernel, max_error, dtype
+):
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = build_golden_model("tiny-chatglm3").to(dtype)(ids).logits
+        model = build_golden_model("tiny-chatglm3", quant_kernel=kernel).to(dtype).quantize(bits)
+        logits = model(ids).logits
+    assert {m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)} == {kernel}
+    error = rel_error(logits, reference)
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    print(f"golden int{bits} {kernel} {dtype}: logits relative error {error:.4f}, top-1 {top1:.3f}")
+    assert error <= max_error
+    if bits == 8:
+        assert top1 == 1.0
+
+
 def test_quantize_replaces_the_block_linears_and_the_output_layer_for_int8_only():
     model8 = build_golden_model("tiny-chatglm3").quantize(8)
     model4 = build_golden_model("tiny-chatglm3").quantize(4, group_size=32)
@@ -260,20 +320,33 @@ def test_quantize_replaces_the_block_linears_and_the_output_layer_for_int8_only(
 # quantization noise about 3x by the logits; measured here: int8 2.75 %, int4 26.5 % with the
 # default group (32 on this preset: 128 does not divide its ffn width 1376), so the int4 bound is
 # set at the measured value plus a margin, and the miss is reported in the README.
-@pytest.mark.parametrize("bits, max_error", [(8, 0.03), (4, 0.28)])
-def test_quantized_logits_stay_close_to_the_unquantized_model(bits, max_error):
+# W8A8 adds the per-token rounding of every layer's input: measured 3.49 % (fp32) / 3.33 % (bf16
+# against the bf16 model) on this preset, seed 0, so it misses the 3 % target (bound 4 %).
+@pytest.mark.parametrize(
+    "bits, kernel, dtype, max_error",
+    [
+        (8, "cpu", torch.float32, 0.03),
+        (4, "cpu", torch.float32, 0.28),
+        pytest.param(8, "cpu_w8a8", torch.float32, 0.04, marks=needs_w8a8),
+        pytest.param(8, "cpu_w8a8", torch.bfloat16, 0.04, marks=needs_w8a8),
+    ],
+)
+def test_quantized_logits_stay_close_to_the_unquantized_model(bits, kernel, dtype, max_error):
     from chatglm_bench.presets import build_preset_model
 
-    model = build_preset_model("small-32k-vocab", torch.float32, seed=0)
+    model = build_preset_model("small-32k-vocab", dtype, seed=0)
+    model.config.quant_kernel = kernel
     ids = torch.randint(3, 32768, (1, 64), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         reference = model(ids).logits[0, -32:]
         model.quantize(bits)
         quantized = model(ids).logits[0, -32:]
+    assert {m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)} == {kernel}
     error = rel_error(quantized, reference)
     top1 = (quantized.argmax(-1) == reference.argmax(-1)).float().mean().item()
     print(
-        f"int{bits}: logits relative error {error:.4f}, top-1 agreement over 32 teacher-forced steps {top1:.3f}"
+        f"int{bits} {kernel} {dtype}: logits relative error vs the unquantized {dtype} model {error:.4f}, "
+        f"top-1 agreement over 32 teacher-forced steps {top1:.3f}"
     )
     assert error <= max_error
 
@@ -291,13 +364,15 @@ class CountingBackend:
 
 
 @pytest.mark.parametrize("kv_cache", ["tuple", "static"])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_generate_in_graph_mode_has_no_graph_breaks_and_matches_eager(bits, kv_cache):
+@pytest.mark.parametrize("bits, kernel", CPU_KERNELS)
+def test_quantized_generate_in_graph_mode_has_no_graph_breaks_and_matches_eager(bits, kernel, kv_cache):
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(5))
-    eager = build_golden_model("tiny-chatglm3", kv_cache=kv_cache).quantize(bits)
+    eager = build_golden_model("tiny-chatglm3", kv_cache=kv_cache, quant_kernel=kernel).quantize(bits)
     expected = eager.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
     backend = CountingBackend()
-    graph = build_golden_model("tiny-chatglm3", kv_cache=kv_cache, exe_mode="dynamo", graph_backend=backend)
+    graph = build_golden_model(
+        "tiny-chatglm3", kv_cache=kv_cache, exe_mode="dynamo", graph_backend=backend, quant_kernel=kernel
+    )
     graph.quantize(bits)
     torch._dynamo.utils.counters.clear()
     tokens = graph.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
@@ -313,6 +388,18 @@ def test_quantized_layers_trace_fullgraph_with_aot_eager():
         expected = layer(x)
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         assert torch.equal(compiled(x), expected)
+
+
+@needs_w8a8
+def test_w8a8_layer_compiles_with_inductor_freezing_like_the_cpu_graph_mode():
+    # The packed weight is an opaque oneDNN tensor: inductor takes it as a frozen constant.
+    layer = _layer(160, 96, 8, 0, torch.bfloat16, "cpu_w8a8")
+    x = torch.randn(2, 160).bfloat16()
+    with torch.no_grad():
+        expected = layer(x)
+        compiled = torch.compile(layer, backend="inductor", options={"freezing": True}, fullgraph=True)
+        assert rel_error(compiled(x), expected) <= 1e-2
+    assert layer.kernel_name == "cpu_w8a8"
 
 
 def test_quantized_model_decodes_like_full_recomputation():
@@ -457,7 +544,7 @@ def test_bad_quantize_arguments_fail_with_the_fix():
         (
             "fast",
             ValueError,
-            r"CHATGLM_QUANT_KERNEL='fast' is not valid; use one of: auto, cpu, cuda, npu, math",
+            r"CHATGLM_QUANT_KERNEL='fast' is not valid; use one of: auto, cpu, cpu_w8a8, cuda, npu, math",
         ),
         ("cuda", ValueError, r"'cuda' runs on cuda tensors but the model is on cpu; use auto"),
         ("npu", RuntimeError, r"needs a kernel .* set CHATGLM_QUANT_KERNEL=math"),
@@ -517,3 +604,41 @@ def test_matches_torchao_weight_only_on_the_same_weights(bits):
     tolerance = 0.01 if bits == 8 else 0.15
     assert rel_error(ours, theirs) <= tolerance
     assert rel_error(ours, full) <= (0.01 if bits == 8 else 0.15)
+
+
+def test_int4_keeps_a_width_no_int4_kernel_takes_in_int8_and_says_so(tmp_path, caplog):
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    # ffn 144: dense_4h_to_h's input width is no multiple of 32 (the issue's ffn 2736 in small).
+    source = make_tiny_checkpoint(
+        tmp_path / "ffn144", preset="tiny", seed=3, overrides={"ffn_hidden_size": 144}
+    )
+    model = _load(source)
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        full = model(ids).logits
+    with caplog.at_level("WARNING"):
+        model.quantize(4, output_layer=True)
+    warnings = [r.getMessage() for r in caplog.records if "stay int8" in r.getMessage()]
+    assert len(warnings) == 1 and "mlp.dense_4h_to_h" in warnings[0]
+    for block in model.transformer.encoder.layers:
+        assert block.mlp.dense_4h_to_h.bits == 8
+        for layer in (
+            block.self_attention.query_key_value,
+            block.self_attention.dense,
+            block.mlp.dense_h_to_4h,
+        ):
+            assert layer.bits == 4
+    assert model.transformer.output_layer.bits == 4
+    with torch.no_grad():
+        quantized = model(ids).logits
+    assert {m.kernel_name for m in model.modules() if type(m).__name__ == "QuantizedLinear"} == {"cpu"}
+    assert rel_error(quantized, full) <= 0.3
+    saved = tmp_path / "saved"
+    model.save_pretrained(str(saved))
+    for name in ("modeling_chatglm.py", "configuration_chatglm.py"):
+        shutil.copyfile(REPO / name, saved / name)
+    reloaded = _load(saved)
+    assert reloaded.transformer.encoder.layers[0].mlp.dense_4h_to_h.bits == 8
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, quantized)
