@@ -335,7 +335,7 @@ def test_quantized_logits_stay_close_to_the_unquantized_model(bits, kernel, dtyp
     from chatglm_bench.presets import build_preset_model
 
     model = build_preset_model("small-32k-vocab", dtype, seed=0)
-    model.config.quant_kernel = kernel
+    model.transformer.set_runtime_options(quant_kernel=kernel)
     ids = torch.randint(3, 32768, (1, 64), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         reference = model(ids).logits[0, -32:]
