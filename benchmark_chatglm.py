@@ -66,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--batch_size", nargs="+", type=int, default=[1], help="one or more batch sizes (a sweep)"
     )
-    run.add_argument("--input_max_len", type=int, default=1024, help="prompts are left-padded to this length")
+    run.add_argument(
+        "--input_max_len",
+        nargs="+",
+        type=int,
+        default=[1024],
+        help="prompts are left-padded to this length; several values: a prompt-length sweep (with "
+        "--plot: prefill time and peak memory against prompt length)",
+    )
     run.add_argument(
         "--max_new_tokens", type=int, default=1024, help="tokens generated per run (no early stop)"
     )
@@ -203,7 +210,8 @@ def run(args) -> int:
     device = plan.resolve_device(args.device)
     n_params = checkpoint.checkpoint_params(directory) if directory else preset_params(args.preset)
     dtype, dtype_reason = plan.resolve_dtype(args.dtype, device, n_params)
-    tokens = args.input_max_len + args.max_new_tokens
+    longest = max(args.input_max_len)
+    tokens = longest + args.max_new_tokens
     models.check_memory(args.batch_size, tokens, shape, n_params, dtype, device, env)
     # The ranks meet before anything loads the model file, so a failed rendezvous is reported
     # at once; every later error is the same on every rank.
@@ -211,7 +219,7 @@ def run(args) -> int:
     device = torch.device(env.device)
     entries = plan.build_plan(choices, device, dtype, env.world_size, args.ablation, args.baseline)
     if directory:  # a random-weights preset is built with the context the run needs
-        plan.context_check(args.input_max_len, args.max_new_tokens, shape["seq_length"])
+        plan.context_check(longest, args.max_new_tokens, shape["seq_length"])
 
     def say0(*parts):
         if env.is_rank0:
@@ -244,15 +252,16 @@ def run(args) -> int:
         )
 
     hardware = hardware_reference(device, dtype, per_rank[env.rank] if env.rank < len(per_rank) else 0)
-    by_size = {
-        size: (
-            inputs.tokenize_batch(tokenizer, prompts, size, args.input_max_len)
+    made = {
+        (length, size): (
+            inputs.tokenize_batch(tokenizer, prompts, size, length)
             if tokenizer is not None
-            else inputs.random_batch(size, args.input_max_len, model.config.padded_vocab_size, args.seed)
+            else inputs.random_batch(size, length, model.config.padded_vocab_size, args.seed)
         ).to(device)
+        for length in args.input_max_len
         for size in args.batch_size
     }
-    batches = [by_size[size] for size in args.batch_size]
+    batches = [made[(length, size)] for length in args.input_max_len for size in args.batch_size]
     source_of = models.ModelSource(
         model,
         rebuild=build,

@@ -10,6 +10,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -71,8 +72,10 @@ class Measurement:
     decode_tokens_per_s: float
     e2e_ms: float
     first_run_overhead_s: float  # compile + first-touch cost: first run minus a steady run
-    peak_memory_bytes: Optional[int]
+    peak_memory_bytes: Optional[int]  # the larger of the two phases' peaks
     peak_memory_kind: str
+    prefill_peak_memory_bytes: Optional[int]  # timed runs only (warm-up and compile excluded)
+    decode_peak_memory_bytes: Optional[int]
     decode_bytes_per_step: float
     decode_bandwidth_gbs: float
     prefill_flops: float
@@ -184,7 +187,9 @@ def decode(
     )
 
 
-def timed_generation(model, batch: Batch, new_tokens: int, sync: Callable[[], None], on_step=None) -> Run:
+def timed_generation(
+    model, batch: Batch, new_tokens: int, sync: Callable[[], None], on_step=None, on_prefill=None
+) -> Run:
     """Greedy generation of exactly ``new_tokens`` tokens (no stopping), each forward timed: the
     first token from the prefill, ``new_tokens - 1`` decode steps after it (what HF ``generate``
     does, without its Python overhead)."""
@@ -197,6 +202,7 @@ def timed_generation(model, batch: Batch, new_tokens: int, sync: Callable[[], No
             new_tokens - 1,
             sync=sync,
             on_step=on_step,
+            on_prefill=on_prefill,
         )
 
 
@@ -267,13 +273,40 @@ def prefill_flops(facts: ModelFacts, batch: int, input_len: int) -> float:
     return dense + attention
 
 
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _cpu_peak_resettable() -> bool:
+    """Linux lets a process reset its own peak RSS (VmHWM) by writing 5 to clear_refs."""
+    try:
+        _PROC_CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_bytes(field: str) -> Optional[int]:
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory(device: torch.device):
-    """(bytes, kind): the device allocator's peak since this measurement began on CUDA/NPU; on a
-    CPU the process's peak RSS over its whole life (model loading included: it cannot be reset)."""
+    """(bytes, kind): the device allocator's peak since the last :func:`reset_peak_memory` on
+    CUDA/NPU; on a Linux CPU the process's peak resident memory since then (VmHWM); elsewhere
+    the process's peak RSS over its whole life (model loading included: it cannot be reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "device allocator peak"
     if device.type == "npu":
         return torch.npu.max_memory_allocated(device), "device allocator peak"
+    peak = _status_bytes("VmHWM")
+    if peak is not None and _PROC_CLEAR_REFS.exists():
+        return peak, "peak RSS of the phase"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak * (1 if sys.platform == "darwin" else 1024), "process lifetime peak RSS"
 
@@ -283,6 +316,8 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     elif device.type == "npu":
         torch.npu.reset_peak_memory_stats(device)
+    else:
+        _cpu_peak_resettable()
 
 
 def measure(
@@ -309,9 +344,20 @@ def measure(
     for _ in range(warmup):
         run = timed_generation(model, batch, warm_tokens, sync)
         first = first or run
-    runs = []
+    runs, phase_peaks = [], {}
+
+    def prefill_done(cache):  # the prefill's peak, then the decode phase's from here
+        sync()
+        phase_peaks["prefill"] = max(phase_peaks.get("prefill", 0), peak_memory(device)[0])
+        reset_peak_memory(device)
+
     for _ in range(iters):
-        runs.append(timed_generation(model, batch, new_tokens, sync, on_step=progress))
+        reset_peak_memory(device)
+        runs.append(
+            timed_generation(model, batch, new_tokens, sync, on_step=progress, on_prefill=prefill_done)
+        )
+        sync()
+        phase_peaks["decode"] = max(phase_peaks.get("decode", 0), peak_memory(device)[0])
     steady = runs[-1]
     prefill_all = [r.prefill_s * 1e3 for r in runs]
     steps = [s * 1e3 for r in runs for s in r.step_s]
@@ -324,7 +370,8 @@ def measure(
     facts = model_facts(model)
     step_bytes = decode_bytes_per_step(facts, batch.size, batch.length, new_tokens)
     flops = prefill_flops(facts, batch.size, batch.length)
-    memory, memory_kind = peak_memory(device)
+    memory_kind = peak_memory(device)[1]
+    memory = max(phase_peaks.values()) if phase_peaks else None
     record = Measurement(
         label=label,
         batch_size=batch.size,
@@ -345,6 +392,8 @@ def measure(
         first_run_overhead_s=overhead,
         peak_memory_bytes=memory,
         peak_memory_kind=memory_kind,
+        prefill_peak_memory_bytes=phase_peaks.get("prefill"),
+        decode_peak_memory_bytes=phase_peaks.get("decode") if new_tokens > 1 else None,
         decode_bytes_per_step=step_bytes,
         decode_bandwidth_gbs=step_bytes / (decode_mean / 1e3) / 1e9 if steps else float("nan"),
         prefill_flops=flops,

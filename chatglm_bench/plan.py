@@ -80,7 +80,9 @@ class Choices:
 
 
 def check_numbers(args) -> None:
-    for name in ("input_max_len", "max_new_tokens", "iters"):
+    if any(length < 1 for length in args.input_max_len):
+        raise UsageError(f"--input_max_len values must be at least 1 (got {args.input_max_len})")
+    for name in ("max_new_tokens", "iters"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.warmup < 0:

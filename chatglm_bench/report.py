@@ -40,10 +40,15 @@ def markdown_table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def _mib(value: Optional[int]) -> str:
+    return _fmt(value / 2**20, 0) if value else "-"
+
+
 def latency_table(records: List[Measurement], hardware: HardwareRef) -> str:
     """The reference's table (batch x mode: prefill ms, decode ms/token) with the figures around it."""
     header = [
         "batch",
+        "prompt",
         "mode",
         "attention",
         "rmsnorm",
@@ -59,7 +64,8 @@ def latency_table(records: List[Measurement], hardware: HardwareRef) -> str:
         "decode GB/s",
         "% BW",
         "floor ms",
-        "peak MiB",
+        "prefill peak MiB",
+        "decode peak MiB",
         "prefill TFLOP/s",
         "% FLOP/s",
         "compile s",
@@ -69,6 +75,7 @@ def latency_table(records: List[Measurement], hardware: HardwareRef) -> str:
         rows.append(
             [
                 r.batch_size,
+                r.input_len,
                 f"{r.exe_mode} ({r.label})" if r.label != "run" else r.exe_mode,
                 r.attention,
                 r.rmsnorm,
@@ -87,7 +94,8 @@ def latency_table(records: List[Measurement], hardware: HardwareRef) -> str:
                 _fmt(r.decode_bytes_per_step / (hardware.bandwidth_gbs * 1e6), 2)
                 if hardware.bandwidth_gbs
                 else "-",
-                _fmt(r.peak_memory_bytes / 2**20, 0) if r.peak_memory_bytes else "-",
+                _mib(r.prefill_peak_memory_bytes),
+                _mib(r.decode_peak_memory_bytes),
                 _fmt_significant(r.prefill_tflops),
                 _pct(r.prefill_tflops, hardware.tflops),
                 _fmt(r.first_run_overhead_s, 2),
@@ -196,19 +204,32 @@ def check_plot(path: Optional[Path]) -> None:
 
 
 def write_plot(path: Path, records: List[Measurement], title: str) -> None:
-    """Prefill ms and decode ms/token against batch size, one line per (mode, configuration)."""
+    """Prefill ms and decode ms/token against batch size, one line per (mode, configuration);
+    for a prompt-length sweep (several --input_max_len), prefill ms and prefill peak memory
+    against prompt length, one line per (mode, configuration, batch size)."""
     plt = _pyplot()
+    by_length = len({r.input_len for r in records}) > 1
     series: Dict[str, List[Measurement]] = {}
     for r in records:
-        series.setdefault(f"{r.label} / {r.exe_mode}", []).append(r)
+        name = f"{r.label} / {r.exe_mode}" + (f" / batch {r.batch_size}" if by_length else "")
+        series.setdefault(name, []).append(r)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, points in series.items():
-        points = sorted(points, key=lambda r: r.batch_size)
-        batches = [p.batch_size for p in points]
-        left.plot(batches, [p.prefill_ms for p in points], marker="o", label=name)
-        right.plot(batches, [p.decode_ms_mean for p in points], marker="o", label=name)
-    left.set(title="prefill", xlabel="batch size", ylabel="ms")
-    right.set(title="decode (per token)", xlabel="batch size", ylabel="ms / token")
+        points = sorted(points, key=lambda r: r.input_len if by_length else r.batch_size)
+        xs = [p.input_len if by_length else p.batch_size for p in points]
+        left.plot(xs, [p.prefill_ms for p in points], marker="o", label=name)
+        if by_length:
+            peaks = [(p.prefill_peak_memory_bytes or 0) / 2**20 for p in points]
+            right.plot(xs, peaks, marker="o", label=name)
+        else:
+            right.plot(xs, [p.decode_ms_mean for p in points], marker="o", label=name)
+    x_label = "prompt tokens" if by_length else "batch size"
+    left.set(title="prefill", xlabel=x_label, ylabel="ms")
+    if by_length:
+        kind = records[0].peak_memory_kind if records else ""
+        right.set(title=f"prefill peak memory ({kind})", xlabel=x_label, ylabel="MiB")
+    else:
+        right.set(title="decode (per token)", xlabel=x_label, ylabel="ms / token")
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
@@ -257,9 +278,11 @@ def header(records: List[Measurement], device, dtype, dtype_reason: str, world_s
 
     units = " ".join(cpu_bf16_units()) or "none"
     first = records[0]
+    lengths = sorted({r.input_len for r in records})
+    shown = f"{lengths[0]}" if len(lengths) == 1 else " / ".join(map(str, lengths))
     return (
         f"device: {hardware.device_name} ({device}), dtype {dtype_name(dtype)} ({dtype_reason}), world size "
-        f"{world_size}, input {first.input_len} tokens, {first.new_tokens} new tokens, "
+        f"{world_size}, input {shown} tokens, {first.new_tokens} new tokens, "
         f"{first.iters} timed runs\n"
         f"cpu: {cpu_model()}; bf16 units (AVX512-BF16/AMX): {units}; torch threads per rank: "
         f"{torch.get_num_threads()}\n"

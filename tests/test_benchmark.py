@@ -37,7 +37,7 @@ def test_preset_run_labels_random_weights_and_writes_json_and_plot(capsys, tmp_p
     )
     assert code == 0, err
     assert "RANDOM weights" in out
-    assert "| batch | mode" in out and out.count("| eager ") == 2
+    assert "| batch | prompt | mode" in out and out.count("| eager ") == 2
     payload = json.loads(out_json.read_text())
     assert {"environment", "results", "parameter_bytes_per_rank"} <= set(payload)
     assert payload["environment"]["model"].startswith("preset tiny (RANDOM WEIGHTS")
@@ -534,6 +534,42 @@ def test_invalid_rendezvous_timeout_is_one_line(capsys, monkeypatch, value):
     code, _, err = run_main(capsys, *FAST)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"CHATGLM_DIST_TIMEOUT={value!r} is not a positive number of seconds" in err
+
+
+def test_prompt_length_sweep_reports_peak_memory_per_phase_and_plots_it(capsys, tmp_path):
+    out_json, out_png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    args = [a for a in FAST if a not in ("--input_max_len", "16")]
+    code, out, err = run_main(
+        capsys, *args, "--input_max_len", "8", "64", "--output", str(out_json), "--plot", str(out_png)
+    )
+    assert code == 0, err
+    assert "input 8 / 64 tokens" in out and "prefill peak MiB" in out and "decode peak MiB" in out
+    results = json.loads(out_json.read_text())["results"]
+    assert [r["input_len"] for r in results] == [8, 64]
+    for r in results:
+        # Each phase's own peak (RSS on a CPU, reset between the phases): at least the weights.
+        assert r["prefill_peak_memory_bytes"] > 0 and r["decode_peak_memory_bytes"] > 0
+        assert r["peak_memory_bytes"] == max(r["prefill_peak_memory_bytes"], r["decode_peak_memory_bytes"])
+    assert out_png.stat().st_size > 0
+    code, _, err = run_main(capsys, *args, "--input_max_len", "8", "0")
+    assert code == 2 and "--input_max_len values must be at least 1" in err
+
+
+def test_cpu_peak_memory_is_reset_per_phase():
+    import torch
+
+    from chatglm_bench.measure import peak_memory, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    base, kind = peak_memory(cpu)
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    grown = peak_memory(cpu)[0]
+    del block
+    reset_peak_memory(cpu)
+    after = peak_memory(cpu)[0]
+    assert kind == "peak RSS of the phase"
+    assert grown - base >= 60 * 2**20 and after < grown - 32 * 2**20
 
 
 def test_quantize_sweep_adds_int8_and_int4_rows_with_the_bytes_they_hold(capsys, tmp_path):

@@ -283,9 +283,9 @@ def test_benchmark_under_the_deepspeed_launcher_prints_once_with_per_rank_bytes(
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
-    assert output.count("parameter bytes per rank:") == 1 and output.count("| batch | mode") == 1, output[
-        -3000:
-    ]
+    assert output.count("parameter bytes per rank:") == 1 and output.count("| batch | prompt | mode") == 1, (
+        output[-3000:]
+    )
     payload = json.loads(out.read_text())
     assert payload["environment"]["world_size"] == 2
     per_rank = payload["parameter_bytes_per_rank"]
