@@ -98,7 +98,9 @@ OPTION_CHOICES: Mapping[str, tuple] = MappingProxyType({spec[0]: spec[2] for spe
 PREFILL_CHUNK = 1024
 
 
-def _prefill_chunk_option(config) -> int:
+def resolve_prefill_chunk(config) -> int:
+    """Tokens per prefill chunk for ``config`` (its ``prefill_chunk``, else CHATGLM_PREFILL_CHUNK,
+    else PREFILL_CHUNK; 0 = off)."""
     value, source = getattr(config, "prefill_chunk", None), "config.prefill_chunk"
     if value is None:
         value, source = os.environ.get("CHATGLM_PREFILL_CHUNK"), "CHATGLM_PREFILL_CHUNK"
@@ -153,7 +155,7 @@ class RuntimeOptions:
             values[field] = value
         backend = getattr(config, "graph_backend", None)
         values["graph_backend"] = backend or os.environ.get("CHATGLM_GRAPH_BACKEND") or "auto"
-        values["prefill_chunk"] = _prefill_chunk_option(config)
+        values["prefill_chunk"] = resolve_prefill_chunk(config)
         return cls(**values)
 
 

@@ -75,18 +75,25 @@ def memory_estimate(shape: Dict, n_params: int, dtype, batch: int, tokens: int, 
     """Bytes one rank needs: its weights, its KV cache and the prefill's working set.
 
     KV cache: layers x (K and V) x KV heads x head_dim x tokens x batch. Working set (one
-    layer at a time): the hidden states and the SwiGLU intermediate of the whole prompt, the
-    attention scores of the unfused kernel, and the float32 last-token logits."""
+    layer at a time): the hidden states of the whole prompt (in and out), the SwiGLU
+    intermediate of one prefill chunk (the whole prompt when chunking is off), the attention
+    scores of the unfused kernel over a chunk x the context, and the float32 last-token logits."""
+    import types
+
     import torch
 
+    from modeling_chatglm import resolve_prefill_chunk
+
     width = torch.empty((), dtype=dtype).element_size()
+    chunk = resolve_prefill_chunk(types.SimpleNamespace(prefill_chunk=shape.get("prefill_chunk")))
+    rows = min(chunk, tokens) if chunk else tokens
     groups = (
         shape["multi_query_group_num"] if shape.get("multi_query_attention") else shape["num_attention_heads"]
     )
     kv = shape["num_layers"] * 2 * groups * shape["kv_channels"] * tokens * batch * width
-    prompt = batch * tokens
-    hidden = prompt * (6 * shape["hidden_size"] + 3 * shape["ffn_hidden_size"]) * width
-    scores = batch * shape["num_attention_heads"] * tokens * tokens * 4
+    hidden = batch * (2 * tokens + 4 * rows) * shape["hidden_size"] * width
+    hidden += batch * rows * 3 * shape["ffn_hidden_size"] * width
+    scores = batch * shape["num_attention_heads"] * rows * tokens * 4
     logits = batch * shape["padded_vocab_size"] * 4
     return (n_params * width + kv) // world_size + hidden + scores + logits
 

@@ -47,6 +47,19 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "small-real-vocab": {**CHATGLM3_FLAGS, **_sizes(4, 512, 8, 64, 2, 1376, 65024, 2048)},
     # The real architecture (6.24B parameters).
     "chatglm3-6b": {**CHATGLM3_FLAGS, **_sizes(28, 4096, 32, 128, 2, 13696, 65024, 8192)},
+    # chatglm3-6b-32k: the same weights' shape, a 32768-token context and rope_ratio 50.
+    "chatglm3-6b-32k": {
+        **CHATGLM3_FLAGS,
+        **_sizes(28, 4096, 32, 128, 2, 13696, 65024, 32768),
+        "rope_ratio": 50,
+    },
+    # A long-context model a CPU prefills at 32k in minutes (the long-prompt measurements' shape:
+    # 4 layers, hidden 1024, 16 heads, ffn 2736) with the 32k variant's context and rope_ratio.
+    "small-32k-context": {
+        **CHATGLM3_FLAGS,
+        **_sizes(4, 1024, 16, 64, 2, 2736, 65024, 32768),
+        "rope_ratio": 50,
+    },
 }
 
 # Draws per call of the generator: bounds the float32 scratch memory while filling the 6B model.
