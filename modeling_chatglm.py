@@ -227,8 +227,24 @@ def _require_torch_npu(what: str):
 CAUSAL = "causal"
 
 
+@dataclass
+class PaddedChunk:
+    """The keep-mask of a padded prompt chunk after a past, factored: ``key_keep`` [b, past + c]
+    (which slots hold real tokens), ``slots`` [c] (the chunk's own), ``query_keep`` [b, c]. The
+    dense form is [b, 1, c, past + c]; the CPU kernel never builds it."""
+
+    key_keep: torch.Tensor
+    slots: torch.Tensor
+    query_keep: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return attention_keep_mask(self.slots, self.key_keep, self.query_keep)
+
+
 def _attention_math(q, k, v, keep):
     """Unfused baseline: explicit matmul + fp32 softmax, K/V heads repeated like the original."""
+    if isinstance(keep, PaddedChunk):
+        keep = keep.dense()
     heads, kv_heads, sq, sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     if kv_heads != heads:
         k = k.repeat_interleave(heads // kv_heads, dim=1)
@@ -247,23 +263,42 @@ def _attention_math(q, k, v, keep):
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _attention_chunk_after_past_cpu(q, k, v):
+def _attention_chunk_after_past_cpu(q, k, v, key_keep=None):
     """Causal attention of a prompt chunk ``q`` [b, h, c, d] over ``k``/``v`` [b, g, past + c, d]
-    (the past, then the chunk itself) without a mask: the past with no mask at all (the heads
-    sharing a KV head stacked along the query axis), the chunk over itself with the causal
-    kernel, the two softmaxes merged by their log-sum-exps. A [c, past + c] mask would make SDPA
-    compute every masked pair and add the mask (1.6x slower per chunk, measured at 8k)."""
+    (the past, then the chunk itself) without a [c, past + c] mask: the past with no mask (the
+    heads sharing a KV head stacked along the query axis), the chunk over itself with the causal
+    kernel, the two softmaxes merged by their log-sum-exps. Such a mask would make SDPA compute
+    every masked pair and add the mask (1.6x slower per chunk, measured at 8k).
+
+    ``key_keep`` [b, past + c] (a padded batch): the past part takes a per-key mask [b, 1, 1,
+    past], the chunk part causal & real keys [b, 1, c, c], plus its diagonal, so that a padding
+    query row (never read) still sees one key and stays finite."""
     batch, heads, new, head_dim = q.shape
     groups, past = k.shape[1], k.shape[2] - new
+    past_mask = new_mask = None
+    if key_keep is not None:
+        hidden = torch.zeros((), dtype=q.dtype, device=q.device).fill_(float("-inf"))
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        past_mask = torch.where(key_keep[:, None, None, :past], zero, hidden)
+        slots = torch.arange(new, device=q.device)
+        causal = slots[None, :] <= slots[:, None]
+        own = (causal[None] & key_keep[:, None, past:]) | (slots[None, :] == slots[:, None])[None]
+        new_mask = torch.where(own[:, None], zero, hidden)
     stacked = q.reshape(batch, groups, heads // groups * new, head_dim)
-    out_past, lse_past = _CPU_FLASH(stacked, k[:, :, :past], v[:, :, :past])[:2]
+    out_past, lse_past = _CPU_FLASH(stacked, k[:, :, :past], v[:, :, :past], attn_mask=past_mask)[:2]
+    lse_past = lse_past.reshape(batch, heads, new)
+    if key_keep is not None:  # a row with no real past key: the kernel reports lse 0, not -inf
+        lse_past = lse_past.masked_fill(~key_keep[:, :past].any(-1)[:, None, None], float("-inf"))
     k_new, v_new = k[:, :, past:], v[:, :, past:]
     if groups != heads:
         k_new = k_new.repeat_interleave(heads // groups, dim=1)
         v_new = v_new.repeat_interleave(heads // groups, dim=1)
-    out_new, lse_new = _CPU_FLASH(q, k_new, v_new, 0.0, True)[:2]
+    if new_mask is None:
+        out_new, lse_new = _CPU_FLASH(q, k_new, v_new, 0.0, True)[:2]
+    else:
+        out_new, lse_new = _CPU_FLASH(q, k_new, v_new, attn_mask=new_mask)[:2]
     # softmax over both parts = each part's softmax weighted by its share of the total mass.
-    share = torch.sigmoid(lse_past.reshape(batch, heads, new) - lse_new)[..., None]
+    share = torch.sigmoid(lse_past - lse_new)[..., None]
     out_past = out_past.reshape(batch, heads, new, head_dim)
     return (out_new.float() + (out_past.float() - out_new.float()) * share).to(q.dtype)
 
@@ -272,6 +307,10 @@ def _attention_sdpa(q, k, v, keep):
     """``F.scaled_dot_product_attention`` without materialising repeated K/V heads."""
     batch, heads, sq, head_dim = q.shape
     kv_heads, sk = k.shape[1], k.shape[2]
+    if isinstance(keep, PaddedChunk):
+        if q.device.type == "cpu" and _CPU_FLASH is not None:
+            return _attention_chunk_after_past_cpu(q, k, v, keep.key_keep)
+        keep = keep.dense()
     mask = None if keep is CAUSAL else keep
     if kv_heads != heads and sq == 1:
         # Decode: the query heads sharing a KV head become that head's "sequence" (the mask is
@@ -305,6 +344,8 @@ def _attention_npu(q, k, v, keep):
     otherwise. Both take contiguous BNSD tensors (the aclnn docs reject non-contiguous inputs,
     the mask included), GQA via ``num_key_value_heads`` and a bool mask with True = masked."""
     npu = _require_torch_npu("attention_backend='npu'")
+    if isinstance(keep, PaddedChunk):
+        keep = keep.dense()
     heads, kv_heads, sq = q.shape[1], k.shape[1], q.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -585,7 +626,7 @@ class _Step:
     """What every layer of one forward reads: the cache, the keep-mask, the backends."""
 
     cache: Any  # TupleKVCache or StaticKVCache: update(layer, k, v)
-    keep: Any  # bool [b, 1, s, kv], True = attend, or CAUSAL
+    keep: Any  # bool [b, 1, s, kv], True = attend, or CAUSAL, or a PaddedChunk
     backends: Backends
     decode: bool  # one new token per row after a past
 
@@ -643,7 +684,7 @@ class TupleKVCache:
             keep = attention_mask.bool()[:, None, None, :]
         else:
             mask = attention_mask.bool()
-            keep = attention_keep_mask(slots, mask, mask[:, -new:])
+            keep = PaddedChunk(mask, slots, mask[:, -new:])
         if full_attention_mask is not None:  # the original's form, True = masked
             keep = ~full_attention_mask
         return _Step(self, keep, backends, new == 1 and self.seq_len > 0)
@@ -734,9 +775,9 @@ class StaticKVCache:
                 # Several new tokens after an unpadded past (a prompt chunk): causal over the
                 # filled part of the buffer, no mask (the one sync is on the prompt path).
                 keep, self.attend_len = CAUSAL, total
-            else:  # a padding query row of a later prompt chunk attends everywhere, as on the first
-                query_keep = None if attention_mask is None else attention_mask[:, past:total].bool()
-                keep = attention_keep_mask(slots, self.key_keep, query_keep)
+            else:  # several new tokens after a padded past (e.g. a later chunk of a padded prompt)
+                query_keep = self.key_keep[:, past:total]
+                keep, self.attend_len = PaddedChunk(self.key_keep[:, :total], slots, query_keep), total
         if full_attention_mask is not None:
             # The original's form (True = masked) over past + new positions; over the buffer
             # the unwritten slots beyond them stay hidden.
@@ -2178,6 +2219,10 @@ def _mark_length_dynamic(hidden_states, rotary_pos_emb, step: _Step) -> None:
     if isinstance(step.keep, torch.Tensor):
         mark(step.keep, 2)
         mark(step.keep, 3)
+    if isinstance(step.keep, PaddedChunk):
+        mark(step.keep.key_keep, 1)
+        mark(step.keep.slots, 0)
+        mark(step.keep.query_keep, 1)
     if isinstance(step.cache, TupleKVCache):  # a chunk after a past: any past length, one graph
         for layer in step.cache.layers:
             if layer is not None:
