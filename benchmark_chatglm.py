@@ -23,6 +23,13 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO = Path(__file__).resolve().parent
+# The files a run loads from this repository (inputs no output may overwrite).
+CODE_FILES = (
+    "benchmark_chatglm.py",
+    "modeling_chatglm.py",
+    "configuration_chatglm.py",
+    "tokenization_chatglm.py",
+)
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -182,7 +189,10 @@ def run(args) -> int:
 
     plan.check_numbers(args)
     choices = plan.resolve_choices(args)
-    output, plot = report.check_outputs(args.output, args.plot)
+    read_files = [("--prompts-file", args.prompts_file)] + [
+        ("code file", str(REPO / name)) for name in CODE_FILES
+    ]
+    output, plot = report.check_outputs(args.output, args.plot, read_files, args.model_path)
     directory = checkpoint.check_checkpoint(args.model_path) if args.model_path else None
     if directory is not None and args.baseline:
         checkpoint.check_baseline_source(directory)
