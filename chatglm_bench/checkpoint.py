@@ -8,6 +8,7 @@ safetensors files whose header does not parse or whose size does not match the h
 offsets (an interrupted download), and a ``tokenizer.model`` SentencePiece cannot load.
 """
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -142,6 +143,32 @@ def read_config(directory: Path) -> Dict:
     return config
 
 
+# GLM-4's vocabulary (151552 rows) and tokenizer class: the same model_type "chatglm", another
+# architecture and a tiktoken tokenizer our tokenization_chatglm.py cannot read.
+_GLM4_VOCAB = 151552
+
+
+def architecture_problem(config: Dict, directory: Path) -> str:
+    """What makes a ``model_type: chatglm`` checkpoint one our files cannot run ('' if nothing):
+    chatglm-6b (v1: 2-D position encoding, ``inner_hidden_size``) and GLM-4 share the model type
+    with chatglm2/chatglm3. Standard library only (the installer uses it)."""
+    if "position_encoding_2d" in config or "inner_hidden_size" in config:
+        return (
+            "is a chatglm-6b (v1) checkpoint (2-D position encoding); these files "
+            "run chatglm2-6b and chatglm3-6b only, keep its own modeling_chatglm.py"
+        )
+    tokenizer_class = ""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tokenizer_class = str(tokenizer_config.get("tokenizer_class") or "")
+    if "ChatGLM4" in tokenizer_class or config.get("padded_vocab_size") == _GLM4_VOCAB:
+        return (
+            "is a GLM-4 checkpoint (151552-token tiktoken vocabulary); these files run chatglm2-6b "
+            "and chatglm3-6b only, keep its own modeling_chatglm.py"
+        )
+    return ""
+
+
 def check_directory(directory: Path, expected: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
     """All the cheap checks, in the order a user would fix them."""
     check_symlinks(directory)
@@ -178,6 +205,9 @@ def check_checkpoint(path: str) -> Path:
         check_checkpoint_dir(str(directory))
     except (OSError, ValueError) as error:
         raise UsageError(str(error)) from None
+    problem = architecture_problem(read_config(directory), directory)
+    if problem:
+        raise UsageError(f"{path} {problem}")
     if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
         raise UsageError(f"{path} has no *.safetensors or *.bin weights; the download looks incomplete")
     if not (directory / "tokenizer.model").is_file():

@@ -4,9 +4,10 @@ errors are one line, atomic file replacement, and printing that survives a close
 import argparse
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, List, Tuple, Union
 
 
 class UsageError(ValueError):
@@ -73,6 +74,39 @@ def replacing_file(path: Union[str, Path]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp(?P<suffix>\.[^.]*)?$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Union[str, Path], prefixes: Tuple[str, ...] = ("",)) -> List[Path]:
+    """Delete what :func:`replacing_file` leaves when its process is killed (SIGKILL, power loss):
+    ``.<name>.<pid>.tmp<suffix>`` files in ``directory`` whose ``<name>`` starts with one of
+    ``prefixes`` and whose process is gone (a live run's temporary is left alone). Returns them."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for entry in sorted(directory.iterdir()):
+        match = _TEMPORARY.match(entry.name)
+        if not match or not match["name"].startswith(prefixes) or entry.is_dir():
+            continue
+        if (match["suffix"] or "") != Path(match["name"]).suffix or _process_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
 
 
 def dtype_name(dtype) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -15,11 +16,12 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
+import install_into_checkpoint as inst  # noqa: E402
 import make_tiny_checkpoint as mtc  # noqa: E402
 
 import benchmark_chatglm  # noqa: E402
 
-FAST = ["--input_max_len", "24", "--max_new_tokens", "3", "--iters", "1", "--warmup", "0"]
+FAST = ["--input_max_len", "64", "--max_new_tokens", "3", "--iters", "1", "--warmup", "0"]
 TIMEOUT = 180
 
 
@@ -142,3 +144,172 @@ def test_a_one_rank_run_prints_no_deepspeed_warning(tmp_path):
     assert "Setting accelerator" not in result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout + result.stderr
     assert json.loads((tmp_path / "r.json").read_text())["environment"]["versions"]["deepspeed"]
+
+
+# --- 2. --restore never loses an edit, and says when there is nothing it can restore -----------
+
+ORIGINALS = {name: f"# the checkpoint's original {name}\n".encode() for name in inst.OUR_FILES}
+
+
+@pytest.fixture
+def source_dir(tmp_path) -> Path:
+    src = tmp_path / "ours"
+    src.mkdir()
+    for name in inst.OUR_FILES:
+        (src / name).write_bytes(f"# our fast {name}\n".encode())
+    return src
+
+
+@pytest.fixture
+def plain_checkpoint(tmp_path) -> Path:
+    ckpt = tmp_path / "chatglm3-6b"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "chatglm", "padded_vocab_size": 65024}))
+    for name, data in ORIGINALS.items():
+        (ckpt / name).write_bytes(data)
+    return ckpt
+
+
+def snapshot(directory: Path) -> dict:
+    return {
+        p.name: (os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir")
+        for p in directory.iterdir()
+    }
+
+
+def test_restore_keeps_a_copy_of_every_file_edited_since_the_install(plain_checkpoint, source_dir):
+    inst.install(plain_checkpoint, source_dir=source_dir)
+    edits = {
+        "modeling_chatglm.py": b"# my edit of the installed file\n",
+        "tokenization_chatglm.py": b"# another edit\n",
+    }
+    for name, data in edits.items():
+        (plain_checkpoint / name).write_bytes(data)
+    report = inst.restore(plain_checkpoint, source_dir=source_dir)
+    for name, original in ORIGINALS.items():
+        assert (plain_checkpoint / name).read_bytes() == original
+    for name, data in edits.items():
+        stem = name[: -len(".py")]
+        copies = sorted(plain_checkpoint.glob(f"{stem}_bak-*.py"))
+        assert [c.read_bytes() for c in copies] == [data]
+        assert copies[0].name in " ".join(report)
+    assert not list(plain_checkpoint.glob("configuration_chatglm_bak-*"))  # ours, unedited: no copy
+
+
+@pytest.mark.parametrize("problem", ["removed", "directory", "dangling_link"])
+def test_restore_without_a_usable_backup_fails_and_changes_nothing(
+    tmp_path, plain_checkpoint, source_dir, problem
+):
+    inst.install(plain_checkpoint, source_dir=source_dir)
+    backup = plain_checkpoint / inst.backup_name("configuration_chatglm.py")
+    backup.unlink()
+    if problem == "directory":
+        backup.mkdir()
+    elif problem == "dangling_link":
+        backup.symlink_to(tmp_path / "gone.py")
+    before = snapshot(plain_checkpoint)
+    with pytest.raises(inst.UsageError, match="nothing was changed") as error:
+        inst.restore(plain_checkpoint, source_dir=source_dir)
+    assert backup.name in str(error.value)
+    assert snapshot(plain_checkpoint) == before
+
+
+def test_restore_cli_exits_2_on_one_line_when_the_backups_are_gone(tmp_path, plain_checkpoint):
+    script = REPO / "scripts" / "install_into_checkpoint.py"
+    assert run_process([script, plain_checkpoint], tmp_path).returncode == 0
+    for name in inst.OUR_FILES:
+        (plain_checkpoint / inst.backup_name(name)).unlink()
+    result = run_process([script, plain_checkpoint, "--restore"], tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "no modeling_chatglm_orig.py to restore" in result.stderr
+
+
+# --- 5. The installer refuses other architectures and a file given for the directory -----------
+
+
+@pytest.mark.parametrize(
+    "config, tokenizer_config, message",
+    [
+        ({"position_encoding_2d": True, "vocab_size": 130528}, None, "chatglm-6b (v1)"),
+        ({"inner_hidden_size": 16384, "vocab_size": 130528}, None, "chatglm-6b (v1)"),
+        ({"padded_vocab_size": 151552, "multi_query_group_num": 2}, None, "GLM-4"),
+        ({"padded_vocab_size": 65024}, {"tokenizer_class": "ChatGLM4Tokenizer"}, "GLM-4"),
+    ],
+)
+@pytest.mark.parametrize("action", ["install", "restore", "check"])
+def test_installer_refuses_other_chatglm_architectures(
+    plain_checkpoint, source_dir, config, tokenizer_config, message, action
+):
+    (plain_checkpoint / "config.json").write_text(json.dumps({"model_type": "chatglm", **config}))
+    if tokenizer_config:
+        (plain_checkpoint / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    before = snapshot(plain_checkpoint)
+    with pytest.raises(inst.UsageError, match=re.escape(message)):
+        if action == "check":
+            inst.check(plain_checkpoint, source_dir=source_dir)
+        else:
+            getattr(inst, action)(plain_checkpoint, source_dir=source_dir)
+    assert snapshot(plain_checkpoint) == before
+
+
+def test_installer_given_a_file_says_it_is_a_file(tmp_path, plain_checkpoint):
+    script = REPO / "scripts" / "install_into_checkpoint.py"
+    for target in (plain_checkpoint / "config.json", plain_checkpoint / "modeling_chatglm.py"):
+        result = run_process([script, target], tmp_path)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "is a file, not a directory" in result.stderr
+
+
+def test_benchmark_refuses_a_chatglm_v1_checkpoint_in_one_line(capsys, checkpoint, tmp_path):
+    v1 = copy_checkpoint(checkpoint, tmp_path)
+    config = json.loads((v1 / "config.json").read_text())
+    (v1 / "config.json").write_text(json.dumps({**config, "position_encoding_2d": True}))
+    assert "chatglm-6b (v1)" in one_line_error(capsys, "--model_path", v1, *FAST)
+
+
+# --- 9. Leftovers of a killed run are cleaned up, or never visible ------------------------------
+
+KILL_DURING = """
+import os, signal, sys
+sys.path[:0] = [{repo!r}, {scripts!r}]
+import {module} as target
+real = {patched}
+
+def write_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+{assign} = write_then_die
+target.main({argv!r})
+"""
+
+
+def run_killed(tmp_path, module: str, patched: str, argv) -> None:
+    code = KILL_DURING.format(
+        repo=str(REPO),
+        scripts=str(REPO / "scripts"),
+        module=module,
+        patched=patched,
+        assign=patched,
+        argv=[str(a) for a in argv],
+    )
+    result = run_process(["-c", code], tmp_path)
+    assert result.returncode == -9, result.stderr
+
+
+def hidden(directory: Path) -> list:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_installer_killed_mid_copy_leaves_nothing_after_the_next_run(tmp_path, plain_checkpoint, source_dir):
+    run_killed(tmp_path, "install_into_checkpoint", "target.shutil.copy2", [plain_checkpoint])
+    leftovers = hidden(plain_checkpoint)
+    assert leftovers and all(name.endswith(".tmp.py") for name in leftovers)
+    assert snapshot(plain_checkpoint)["modeling_chatglm.py"] == ORIGINALS["modeling_chatglm.py"]
+    live = plain_checkpoint / ".modeling_chatglm.py.1.tmp.py"  # pid 1 is alive: another run's
+    live.write_bytes(b"another run's copy in progress")
+    inst.install(plain_checkpoint, source_dir=source_dir)
+    assert hidden(plain_checkpoint) == [live.name]
+    live.unlink()
+    inst.restore(plain_checkpoint, source_dir=source_dir)
+    assert hidden(plain_checkpoint) == []
