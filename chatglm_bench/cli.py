@@ -79,7 +79,8 @@ def replacing_file(path: Union[str, Path]) -> Iterator[Path]:
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp(?P<suffix>\.[^.]*)?$")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -101,7 +102,7 @@ def remove_stale_temporaries(directory: Union[str, Path], prefixes: Tuple[str, .
         match = _TEMPORARY.match(entry.name)
         if not match or not match["name"].startswith(prefixes) or entry.is_dir():
             continue
-        if (match["suffix"] or "") != Path(match["name"]).suffix or _process_alive(int(match["pid"])):
+        if (match["suffix"] or "") != Path(match["name"]).suffix or process_alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
             entry.unlink()

@@ -26,6 +26,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -35,7 +36,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from chatglm_bench.cli import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
+from chatglm_bench.cli import (  # noqa: E402  (needs the path set-up above)
+    OneLineArgumentParser,
+    UsageError,
+    process_alive,
+    remove_stale_temporaries,
+)
 from chatglm_bench.presets import CHATGLM3_FLAGS, PRESETS, randomize_  # noqa: E402
 
 CODE_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
@@ -243,23 +249,16 @@ def make_tiny_checkpoint(
     }
     n_params = sum(p.numel() for p in model.parameters())
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     note = f"{RANDOM_NOTE} (preset {preset}, seed {seed})."
-    # Every file goes through replacing_file: written beside its target and renamed over it, so
-    # with --force into an HF-cache snapshot a symlink is replaced, never written through into
-    # the shared blobs/ that other snapshots point at.
-    with replacing_file(out_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    config_data = _config_json(config, list(defaults), dtype, note)
-    _write_text(out_dir / "config.json", json.dumps(config_data, indent=2) + "\n")
-    _write_text(out_dir / "README.md", _readme(preset, seed, dtype, values, n_params))
+    files: Dict[str, Any] = {
+        "model.safetensors": lambda path: save_file(state, str(path), metadata={"format": "pt"}),
+        "README.md": _readme(preset, seed, dtype, values, n_params),
+    }
     for name in CODE_FILES:
         if (REPO_ROOT / name).is_file():
-            with replacing_file(out_dir / name) as tmp:
-                shutil.copyfile(REPO_ROOT / name, tmp)
+            files[name] = REPO_ROOT / name
     if tokenizer_model is not None:
-        with replacing_file(out_dir / "tokenizer.model") as tmp:
-            shutil.copyfile(tokenizer_model, tmp)
+        files["tokenizer.model"] = tokenizer_model
         tokenizer_config = {
             "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
             "tokenizer_class": "ChatGLMTokenizer",
@@ -267,13 +266,59 @@ def make_tiny_checkpoint(
             "clean_up_tokenization_spaces": False,
             "model_max_length": config.seq_length,
         }
-        _write_text(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
+        files["tokenizer_config.json"] = json.dumps(tokenizer_config, indent=2) + "\n"
+    # config.json last: what makes the directory a checkpoint is the last thing to appear.
+    files["config.json"] = json.dumps(_config_json(config, list(defaults), dtype, note), indent=2) + "\n"
+    _write_checkpoint(out_dir, files)
     return out_dir
 
 
-def _write_text(path: Path, text: str) -> None:
-    with replacing_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def _staging_dir(out_dir: Path, pid: int) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{pid}.partial"
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """What a killed run left: its staging directory beside OUT_DIR (and, from older versions,
+    hidden temporaries inside it)."""
+    prefix, suffix = f".{out_dir.name}.", ".partial"
+    if out_dir.parent.is_dir():
+        for entry in out_dir.parent.iterdir():
+            pid = entry.name[len(prefix) : -len(suffix)]
+            if entry.name.startswith(prefix) and entry.name.endswith(suffix) and pid.isdigit():
+                if int(pid) != os.getpid() and not process_alive(int(pid)):
+                    shutil.rmtree(entry, ignore_errors=True)
+    remove_stale_temporaries(out_dir)
+
+
+def _write_checkpoint(out_dir: Path, files: Dict[str, Any]) -> None:
+    """Write every file into a staging directory beside ``out_dir``, then move them in by
+    renames: a run killed while writing (the weights take the time) leaves ``out_dir`` as it was
+    and only the hidden staging directory, which the next run removes. A new ``out_dir`` appears
+    whole (one rename); with --force each file replaces its target, a symlink (an HF-cache
+    snapshot) included, never written through into the shared ``blobs/``. ``files``: name ->
+    text, a source path to copy, or a function writing the path it is given."""
+    _remove_stale_staging(out_dir)
+    stage = _staging_dir(out_dir, os.getpid())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage.mkdir()
+    try:
+        for name, content in files.items():
+            target = stage / name
+            if isinstance(content, str):
+                target.write_text(content, encoding="utf-8")
+            elif isinstance(content, Path):
+                shutil.copyfile(content, target)
+            else:
+                content(target)
+        if out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        if not out_dir.exists():
+            os.rename(stage, out_dir)
+            return
+        for name in files:
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _parse_assignment(text: str) -> tuple:

@@ -313,3 +313,22 @@ def test_installer_killed_mid_copy_leaves_nothing_after_the_next_run(tmp_path, p
     live.unlink()
     inst.restore(plain_checkpoint, source_dir=source_dir)
     assert hidden(plain_checkpoint) == []
+
+
+def test_make_tiny_killed_while_writing_leaves_no_half_checkpoint(tmp_path):
+    out = tmp_path / "tiny"
+    run_killed(tmp_path, "make_tiny_checkpoint", "target.shutil.copyfile", [out])
+    assert not out.exists()  # nothing half-written where the checkpoint goes
+    assert hidden(tmp_path)  # the staging directory of the killed run
+    assert mtc.main([str(out)]) == 0
+    assert hidden(tmp_path) == [] and hidden(out) == []
+    before = snapshot(out)
+    # --force over an existing checkpoint, killed after the weights were written: the old one
+    # stays whole, and the next run removes the staging directory (the weights' size).
+    run_killed(tmp_path, "make_tiny_checkpoint", "target.shutil.copyfile", [out, "--force", "--seed", "1"])
+    assert snapshot(out) == before and hidden(tmp_path)
+    stale = out / ".model.safetensors.999999999.tmp.safetensors"  # an older version's leftover
+    stale.write_bytes(b"half of the weights")
+    assert mtc.main([str(out), "--force", "--seed", "1"]) == 0
+    assert hidden(tmp_path) == [] and hidden(out) == []
+    assert snapshot(out)["model.safetensors"] != before["model.safetensors"]
