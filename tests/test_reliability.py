@@ -332,3 +332,248 @@ def test_make_tiny_killed_while_writing_leaves_no_half_checkpoint(tmp_path):
     assert mtc.main([str(out), "--force", "--seed", "1"]) == 0
     assert hidden(tmp_path) == [] and hidden(out) == []
     assert snapshot(out)["model.safetensors"] != before["model.safetensors"]
+
+
+# --- 3. A tensor missing from the checkpoint is an error, not a random weight -------------------
+
+
+def _rewrite_weights(directory: Path, drop=(), bin_file: bool = False) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v for k, v in load_file(str(directory / "model.safetensors")).items() if k not in drop}
+    (directory / "model.safetensors").unlink()
+    if bin_file:
+        torch.save(state, directory / "pytorch_model.bin")
+    else:
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "drop, bin_file, first",
+    [
+        (["transformer.output_layer.weight"], False, "transformer.output_layer.weight"),
+        (["transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"], False, "layers.1.mlp.dense_4h_to_h"),
+        (
+            ["transformer.encoder.final_layernorm.weight", "transformer.embedding.word_embeddings.weight"],
+            True,
+            "lacks 2 tensor(s)",
+        ),
+    ],
+)
+def test_a_tensor_missing_from_the_checkpoint_is_named_with_the_count(
+    capsys, checkpoint, tmp_path, drop, bin_file, first
+):
+    broken = copy_checkpoint(checkpoint, tmp_path)
+    _rewrite_weights(broken, drop, bin_file)
+    line = one_line_error(capsys, "--model_path", broken, *FAST)
+    assert first in line and f"lacks {len(drop)} tensor(s)" in line, line
+    assert "random" in line
+
+
+def test_a_quantized_checkpoint_missing_its_scales_is_named(capsys, checkpoint, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from modeling_chatglm import ChatGLMForConditionalGeneration
+
+    quantized = copy_checkpoint(checkpoint, tmp_path)
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(quantized), torch_dtype=torch.float32)
+    model.quantize(8)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("weight_scale")}
+    save_file(state, str(quantized / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((quantized / "config.json").read_text())
+    config.update(quantization_bit=8, quantization_group_size=0, quantization_output_layer=True)
+    (quantized / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()  # the loading bar of the model built above
+    line = one_line_error(capsys, "--model_path", quantized, *FAST)
+    assert "weight_scale" in line and "tensor(s)" in line, line
+
+
+# --- 4. Config fields and the tokenizer's vocabulary are checked up front ------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_layers", "2", "num_layers='2' must be a positive integer"),
+        ("num_attention_heads", None, "num_attention_heads=None must be a positive integer"),
+        ("hidden_size", 0, "hidden_size=0 must be a positive integer"),
+        ("seq_length", 2.5, "seq_length=2.5 must be a positive integer"),
+        ("multi_query_group_num", 3, "must be a multiple of multi_query_group_num=3"),
+        ("kv_channels", 18, "kv_channels=18 must be a multiple of 4"),
+        ("multi_query_attention", "yes", "must be true or false"),
+        ("layernorm_epsilon", -1, "layernorm_epsilon=-1 must be a positive number"),
+        ("quantization_bit", 3, "quantization_bit=3 must be 0, 4 or 8"),
+    ],
+)
+def test_a_bad_config_field_is_named_before_anything_loads(
+    capsys, checkpoint, tmp_path, field, value, message
+):
+    edited = copy_checkpoint(checkpoint, tmp_path)
+    config = json.loads((edited / "config.json").read_text())
+    config[field] = value
+    (edited / "config.json").write_text(json.dumps(config))
+    line = one_line_error(capsys, "--model_path", edited, *FAST)
+    assert message in line and "config.json" in line, line
+    assert "damaged" not in line
+
+
+def test_the_model_refuses_a_bad_config_with_a_value_error():
+    from configuration_chatglm import ChatGLMConfig
+    from modeling_chatglm import ChatGLMForConditionalGeneration
+
+    base = dict(num_layers=1, hidden_size=32, ffn_hidden_size=64, kv_channels=16, num_attention_heads=2)
+    for change, message in [
+        ({"num_layers": "1"}, "num_layers"),
+        ({"num_attention_heads": None}, "num_attention_heads"),
+        ({"multi_query_attention": True, "multi_query_group_num": 0}, "multi_query_group_num"),
+        ({"pre_seq_len": -4}, "pre_seq_len"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ChatGLMForConditionalGeneration(ChatGLMConfig(**{**base, **change, "padded_vocab_size": 64}))
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(capsys, checkpoint, tmp_path):
+    edited = copy_checkpoint(checkpoint, tmp_path)
+    config = json.loads((edited / "config.json").read_text())
+    rows = config["padded_vocab_size"]
+    _shrink_vocabulary(edited, config, rows - 128)
+    line = one_line_error(capsys, "--model_path", edited, *FAST)
+    assert f"padded_vocab_size={rows - 128}" in line and "tokenizer.model" in line, line
+
+
+def _shrink_vocabulary(directory: Path, config: dict, rows: int) -> None:
+    """A consistent checkpoint (weights and config) whose embedding is smaller than its tokenizer."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    for name in ("transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight"):
+        state[name] = state[name][:rows].contiguous()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(
+        json.dumps({**config, "padded_vocab_size": rows, "vocab_size": rows})
+    )
+
+
+# --- 7. chat() on a small checkpoint, and chatglm2-style history ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model(checkpoint):
+    from modeling_chatglm import ChatGLMForConditionalGeneration
+    from tokenization_chatglm import ChatGLMTokenizer
+
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
+    return model, ChatGLMTokenizer(str(checkpoint / "tokenizer.model"))
+
+
+def test_chat_default_max_length_is_bounded_by_the_context(chat_model):
+    import torch
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    model, tokenizer = chat_model
+    context = model.config.seq_length
+    assert context == 256
+    stops = [
+        tokenizer.eos_token_id,
+        tokenizer.get_command("<|user|>"),
+        tokenizer.get_command("<|observation|>"),
+    ]
+
+    def never_stop(input_ids, scores):  # the answer runs to max_length
+        scores[:, stops] = -torch.inf
+        return scores
+
+    for call in (
+        lambda: model.chat(
+            tokenizer, "你好", history=[], do_sample=False, logits_processor=LogitsProcessorList([never_stop])
+        ),
+        lambda: list(
+            model.stream_chat(
+                tokenizer,
+                "hello",
+                history=[],
+                do_sample=False,
+                logits_processor=LogitsProcessorList([never_stop]),
+            )
+        )[-1],
+    ):
+        response, history = call()
+        assert history[0]["content"] in ("你好", "hello")
+        assert len(tokenizer.encode(response, add_special_tokens=False)) > context // 2  # it ran to the bound
+
+
+def test_chat_accepts_chatglm2_history_pairs_and_refuses_other_shapes(chat_model):
+    model, tokenizer = chat_model
+    pairs = [("hello", "world"), ("the quick", "brown fox")]
+    turns = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "metadata": "", "content": "world"},
+        {"role": "user", "content": "the quick"},
+        {"role": "assistant", "metadata": "", "content": "brown fox"},
+    ]
+    a = model.chat(tokenizer, "city", history=pairs, max_length=120, do_sample=False)
+    b = model.chat(tokenizer, "city", history=[dict(t) for t in turns], max_length=120, do_sample=False)
+    assert a == b and a[1][:4] == turns
+    assert pairs == [("hello", "world"), ("the quick", "brown fox")]  # the caller's list is unchanged
+    for bad in (["hello"], [("q", "a", "x")], [{"content": "no role"}], "hello", [(1, 2)]):
+        with pytest.raises(ValueError, match="history"):
+            model.chat(tokenizer, "city", history=bad, max_length=60)
+        with pytest.raises(ValueError, match="history"):
+            next(model.stream_chat(tokenizer, "city", history=bad, max_length=60))
+    with pytest.raises(ValueError, match="max_length"):
+        model.chat(tokenizer, "city", max_length=0)
+
+
+# --- 8. Edges of the public API: a ValueError that says what is wrong ---------------------------
+
+
+def test_bad_inputs_to_forward_are_value_errors(chat_model):
+    import torch
+
+    model, _ = chat_model
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    vocab, context = model.config.padded_vocab_size, model.config.seq_length
+    cases = [
+        (dict(input_ids=ids[0]), "input_ids must be \\[batch, seq\\]"),
+        (dict(input_ids=ids[None]), "input_ids must be \\[batch, seq\\]"),
+        (dict(input_ids=ids.float()), "integer token ids"),
+        (dict(input_ids=ids[:, :0]), "empty"),
+        (dict(input_ids=ids, position_ids=torch.arange(4)), "position_ids has shape"),
+        (dict(input_ids=ids, position_ids=torch.arange(4)[None]), "position_ids has shape"),
+        (
+            dict(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, context]] * 2)),
+            "outside the model's positions",
+        ),
+        (
+            dict(input_ids=ids, position_ids=torch.tensor([[-1, 0, 1, 2]] * 2)),
+            "outside the model's positions",
+        ),
+        (dict(input_ids=ids + vocab), f"token id {vocab + 12}"),
+        (
+            dict(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])),
+            "row 1 is all zeros",
+        ),
+        (dict(input_ids=ids, attention_mask=torch.ones(2, 1, 4, 4)), "attention_mask must be"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(**kwargs)
+    assert model(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])).logits.shape[
+        :2
+    ] == (2, 4)
+
+
+def test_quantize_refuses_a_bad_group_size(checkpoint):
+    import torch
+
+    from modeling_chatglm import ChatGLMForConditionalGeneration
+
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(checkpoint), torch_dtype=torch.float32)
+    for group_size in (-32, 32.5, "32", True):
+        with pytest.raises(ValueError, match="group_size"):
+            model.quantize(4, group_size=group_size)
+    assert not model.quantized
+    model.quantize(4, group_size=32)
+    assert model.quantized
