@@ -577,3 +577,57 @@ def test_quantize_refuses_a_bad_group_size(checkpoint):
     assert not model.quantized
     model.quantize(4, group_size=32)
     assert model.quantized
+
+
+# --- 6. Ctrl-C mid-sweep keeps what was measured ------------------------------------------------
+
+INTERRUPT_AT = """
+import os, signal, sys
+sys.path[:0] = [{repo!r}]
+import benchmark_chatglm
+from chatglm_bench import measure
+
+real, calls = measure.measure, []
+
+def measure_until_ctrl_c(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == {at}:
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, as the terminal sends it
+    return real(*args, **kwargs)
+
+measure.measure = measure_until_ctrl_c
+sys.exit(benchmark_chatglm.main({argv!r}))
+"""
+
+
+def run_interrupted(tmp_path, at: int, argv) -> subprocess.CompletedProcess:
+    code = INTERRUPT_AT.format(repo=str(REPO), at=at, argv=[str(a) for a in argv])
+    return run_process(["-c", code], tmp_path)
+
+
+def test_ctrl_c_mid_sweep_writes_the_finished_rows_marked_partial(tmp_path):
+    out, plot = tmp_path / "r.json", tmp_path / "r.png"
+    argv = ["--preset", "tiny", *FAST, "--batch_size", "1", "2", "3", "--output", out]
+    result = run_interrupted(tmp_path, 3, argv + ["--plot", plot])
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"benchmark_chatglm.py: interrupted (Ctrl-C) after 2 of 3 runs; wrote them to {out} marked partial"
+    ]
+    assert "Traceback" not in result.stdout and "PARTIAL" in result.stdout
+    assert result.stdout.count("| eager ") == 2
+    payload = json.loads(out.read_text())
+    assert payload["partial"] is True and [r["batch_size"] for r in payload["results"]] == [1, 2]
+    assert plot.stat().st_size > 1000
+
+
+def test_ctrl_c_before_anything_finished_keeps_the_previous_output(tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text('{"results": "from an earlier run"}')
+    result = run_interrupted(
+        tmp_path, 1, ["--preset", "tiny", *FAST, "--batch_size", "1", "2", "--output", out]
+    )
+    assert result.returncode == 130, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "before any configuration finished" in lines[0], result.stderr
+    assert out.read_text() == '{"results": "from an earlier run"}'
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
