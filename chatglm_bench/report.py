@@ -9,7 +9,7 @@ import platform
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .cli import UsageError, dtype_name, replacing_file
+from .cli import UsageError, dtype_name, remove_stale_temporaries, replacing_file
 from .hardware import HardwareRef, cpu_bf16_units, cpu_model
 from .measure import Measurement
 
@@ -333,6 +333,8 @@ def check_outputs(
     can make, before any work. ``inputs``: (label, path or None) of each file the run reads."""
     for path, option in ((output, "--output"), (plot, "--plot")):
         check_not_an_input(path, option, inputs, checkpoint_dir)
+        if path is not None:  # a killed run's hidden temporary of this file
+            remove_stale_temporaries(Path(path).parent, (Path(path).name,))
     output_path = check_writable(output, "--output")
     plot_path = check_writable(plot, "--plot")
     if output_path and plot_path and output_path.resolve() == plot_path.resolve():

@@ -10,7 +10,11 @@ into the directory. Before a file is replaced, the checkpoint's own copy is kept
 it is the true original from the first install, so installing again (for instance after updating
 this repository) only refreshes our files. A file already byte-identical to ours gets no backup,
 which also means that when a backup is absent the file in place equals the original.
-``--restore`` copies each backup back and deletes the backup only once the copy is verified.
+``--restore`` copies each backup back and deletes the backup only once the copy is verified; a
+file edited since the install is kept as ``<name>_bak-<timestamp>.py`` first, and one of our
+files without a usable backup (removed, a directory, a dangling link) stops it before any change.
+Checkpoints of other architectures sharing ``model_type: chatglm`` (chatglm-6b v1, GLM-4) are
+refused, and a killed run's hidden temporary is removed by the next one.
 A file that is neither ours nor the kept original (the user edited it) is never lost: it is kept
 as ``<name>_bak-<timestamp>.py`` first. Either every file is installed or, after an error
 part-way, every file is put back as it was. Symlinks (an HF-cache snapshot) are replaced by

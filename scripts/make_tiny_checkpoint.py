@@ -8,7 +8,8 @@ The directory gets ``config.json`` (the real checkpoint's ``auto_map``), ``model
 ``configuration_chatglm.py`` and ``tokenization_chatglm.py``, and a README.md, so
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` loads it. With
 ``--tokenizer-model`` (a SentencePiece ``.model``) it also gets ``tokenizer.model`` and
-``tokenizer_config.json`` for ``AutoTokenizer``.
+``tokenizer_config.json`` for ``AutoTokenizer``. The files are written into a hidden staging
+directory beside ``OUT_DIR`` and renamed into place, so a killed run leaves no half checkpoint.
 
 The weights are random: good for tests, demos, timing and bug reports, useless for answers.
 The recipe is the golden fixtures' (``tests/golden/README.md``): the model is built after

@@ -631,3 +631,16 @@ def test_ctrl_c_before_anything_finished_keeps_the_previous_output(tmp_path):
     assert len(lines) == 1 and "before any configuration finished" in lines[0], result.stderr
     assert out.read_text() == '{"results": "from an earlier run"}'
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_benchmark_removes_a_killed_runs_temporary_of_its_output(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    stale = tmp_path / ".r.json.999999999.tmp.json"  # a run killed while writing r.json
+    live = tmp_path / ".r.json.1.tmp.json"  # pid 1 is alive: not ours to remove
+    other = tmp_path / ".notes.txt.999999999.tmp.txt"  # another file's: left alone
+    for path in (stale, live, other):
+        path.write_text("{")
+    code, _, err = run_main(capsys, "--preset", "tiny", *FAST, "--output", out)
+    assert code == 0, err
+    assert json.loads(out.read_text())["results"]
+    assert hidden(tmp_path) == sorted([live.name, other.name])
