@@ -1934,8 +1934,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 f"attention_mask must be [batch, past + seq] (2-D, 1 = token, 0 = padding), got "
                 f"shape {tuple(attention_mask.shape)}"
             )
-        if _normalize_past(past) is not None:
-            return
+        if past is not None and not (_is_hf_cache(past) and past.get_seq_length() == 0):
+            return  # a decode step (or a continued prompt)
         if input_ids is not None and inputs_embeds is None:
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.padded_vocab_size:

@@ -120,6 +120,9 @@ def _sp_vocab_size(tokenizer_model: Path) -> int:
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file; pass a new or empty directory")
+    if out_dir.resolve() == REPO_ROOT.resolve():
+        # --force here would replace this repository's README.md (and the files it copies).
+        raise UsageError(f"{out_dir} is this repository, whose files are the input; pick another OUT_DIR")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"{out_dir} is not empty; pick a new directory or pass --force to overwrite")
 

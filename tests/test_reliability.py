@@ -98,6 +98,14 @@ def test_output_that_is_an_input_of_the_run_is_refused_and_left_intact(capsys, c
     assert not (checkpoint / "results.json").exists() and not (checkpoint / "plot.png").exists()
 
 
+def test_make_tiny_refuses_to_write_into_this_repository(tmp_path):
+    before = {name: (REPO / name).read_bytes() for name in ("README.md", *mtc.CODE_FILES)}
+    for target in (REPO, REPO / "scripts" / ".."):
+        result = run_process([REPO / "scripts" / "make_tiny_checkpoint.py", target, "--force"], tmp_path)
+        assert result.returncode == 2 and "is this repository" in result.stderr, result.stderr
+    assert {name: (REPO / name).read_bytes() for name in before} == before
+
+
 # --- 8. Edges of the command line: repeated options, a BOM, DeepSpeed's start-up warning ----------
 
 
@@ -369,6 +377,18 @@ def test_a_tensor_missing_from_the_checkpoint_is_named_with_the_count(
     line = one_line_error(capsys, "--model_path", broken, *FAST)
     assert first in line and f"lacks {len(drop)} tensor(s)" in line, line
     assert "random" in line
+
+
+def test_a_bin_checkpoint_whose_shapes_differ_from_the_config_names_the_tensor(capsys, checkpoint, tmp_path):
+    edited = copy_checkpoint(checkpoint, tmp_path)
+    _rewrite_weights(edited, bin_file=True)  # .bin: no header to compare before loading
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(
+        json.dumps({**config, "ffn_hidden_size": config["ffn_hidden_size"] * 2})
+    )
+    line = one_line_error(capsys, "--model_path", edited, *FAST)
+    assert "mlp.dense_4h_to_h.weight" in line or "mlp.dense_h_to_4h.weight" in line, line
+    assert "but config.json implies" in line and "above report" not in line
 
 
 def test_a_quantized_checkpoint_missing_its_scales_is_named(capsys, checkpoint, tmp_path):
