@@ -1940,7 +1940,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.padded_vocab_size:
                 raise ValueError(
-                    f"input_ids holds token id {high if high >= 0 else low} but the model's vocabulary "
+                    f"input_ids holds token id {low if low < 0 else high} but the model's vocabulary "
                     f"has ids 0..{self.config.padded_vocab_size - 1} (padded_vocab_size); is the "
                     "tokenizer this checkpoint's?"
                 )

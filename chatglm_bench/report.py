@@ -337,7 +337,11 @@ def check_outputs(
             remove_stale_temporaries(Path(path).parent, (Path(path).name,))
     output_path = check_writable(output, "--output")
     plot_path = check_writable(plot, "--plot")
-    if output_path and plot_path and output_path.resolve() == plot_path.resolve():
+    if (
+        output_path
+        and plot_path
+        and (output_path.resolve() == plot_path.resolve() or _same_file(output_path, plot_path))
+    ):
         raise UsageError(f"--output and --plot both name {output}; give them different files")
     check_plot(plot_path)
     return output_path, plot_path

@@ -78,6 +78,9 @@ def test_output_that_is_an_input_of_the_run_is_refused_and_left_intact(capsys, c
     link.symlink_to(checkpoint / "config.json")
     hard = tmp_path / "hard.json"
     os.link(checkpoint / "model.safetensors", hard)
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text("{}")
+    os.link(earlier, tmp_path / "earlier.png")
     before = {p: p.read_bytes() for p in (checkpoint / "config.json", prompts, REPO / "modeling_chatglm.py")}
     base = ["--model_path", checkpoint, "--prompts-file", prompts, *FAST]
     cases = [
@@ -89,6 +92,7 @@ def test_output_that_is_an_input_of_the_run_is_refused_and_left_intact(capsys, c
         (["--output", prompts], "is the run's --prompts-file"),
         (["--plot", prompts], "is the run's --prompts-file"),
         (["--output", REPO / "modeling_chatglm.py"], "is the run's code file"),
+        (["--output", earlier, "--plot", tmp_path / "earlier.png"], "--output and --plot both name"),
     ]
     for extra, message in cases:
         line = one_line_error(capsys, *base, *extra)
