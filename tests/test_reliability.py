@@ -575,6 +575,7 @@ def test_bad_inputs_to_forward_are_value_errors(chat_model):
             "outside the model's positions",
         ),
         (dict(input_ids=ids + vocab), f"token id {vocab + 12}"),
+        (dict(input_ids=ids - 100), "token id -95"),
         (
             dict(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])),
             "row 1 is all zeros",
