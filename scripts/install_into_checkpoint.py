@@ -247,27 +247,33 @@ def _usable_backup(backup: Path) -> bool:
 def restore(checkpoint_dir: Union[str, Path], *, source_dir: Union[str, Path] = REPO_ROOT) -> List[str]:
     """Put every ``<name>_orig.py`` back as ``<name>.py``; a backup is deleted only after a verified
     copy. A file edited since the install (neither ours nor the original) is first kept as
-    ``<name>_bak-<timestamp>.py``, as install does. One of our files without a backup to restore
-    (removed, a directory, a dangling link) is an error before anything changes. All files or
-    none, like :func:`install`."""
+    ``<name>_bak-<timestamp>.py``, as install does. A backup that cannot be one (a directory, a
+    dangling link), or no backup at all while one of our files is in place (removed backups),
+    is an error before anything changes. Ours without a backup next to restored files is left
+    and said so (install keeps no backup of an original identical to ours). All files or none,
+    like :func:`install`."""
     directory = _check_dir(checkpoint_dir, writable=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    plan = []
-    for name in OUR_FILES:
-        dst, backup = directory / name, directory / backup_name(name)
-        has_backup = _usable_backup(backup)
-        if not has_backup and _same_bytes(dst, Path(source_dir) / name):
-            raise UsageError(
-                f"{dst} is ours but there is no {backup.name} to restore (removed, or the original "
-                "was identical to ours); nothing was changed"
-            )
-        plan.append((name, dst, backup, has_backup))
+    plan = [(name, directory / name, directory / backup_name(name)) for name in OUR_FILES]
+    plan = [(name, dst, backup, _usable_backup(backup)) for name, dst, backup in plan]
+    ours = [name for name, dst, _, has in plan if not has and _same_bytes(dst, Path(source_dir) / name)]
+    if ours and not any(has for *_, has in plan):
+        verb = "is" if len(ours) == 1 else "are"
+        raise UsageError(
+            f"nothing to restore in {directory}: {', '.join(ours)} {verb} ours but there is no "
+            f"{backup_name(ours[0])} (removed, or the original was identical to ours); nothing was changed"
+        )
     journal = _Journal()
     report = []
     try:
         for name, dst, backup, has_backup in plan:
             if not has_backup:
-                if dst.exists():
+                if name in ours:
+                    report.append(
+                        f"{name}: left as is (ours, and no {backup.name}: the original was identical "
+                        "to ours, or its backup was removed)"
+                    )
+                elif dst.exists():
                     report.append(
                         f"{name}: left as is (not ours, no {backup.name}: the original is in place)"
                     )

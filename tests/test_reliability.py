@@ -208,13 +208,15 @@ def test_restore_keeps_a_copy_of_every_file_edited_since_the_install(plain_check
     assert not list(plain_checkpoint.glob("configuration_chatglm_bak-*"))  # ours, unedited: no copy
 
 
-@pytest.mark.parametrize("problem", ["removed", "directory", "dangling_link"])
+@pytest.mark.parametrize("problem", ["all_removed", "directory", "dangling_link"])
 def test_restore_without_a_usable_backup_fails_and_changes_nothing(
     tmp_path, plain_checkpoint, source_dir, problem
 ):
     inst.install(plain_checkpoint, source_dir=source_dir)
-    backup = plain_checkpoint / inst.backup_name("configuration_chatglm.py")
-    backup.unlink()
+    names = inst.OUR_FILES if problem == "all_removed" else ["configuration_chatglm.py"]
+    for name in names:
+        (plain_checkpoint / inst.backup_name(name)).unlink()
+    backup = plain_checkpoint / inst.backup_name(names[0])
     if problem == "directory":
         backup.mkdir()
     elif problem == "dangling_link":
@@ -226,6 +228,16 @@ def test_restore_without_a_usable_backup_fails_and_changes_nothing(
     assert snapshot(plain_checkpoint) == before
 
 
+def test_restore_says_which_file_of_ours_it_left_without_a_backup(plain_checkpoint, source_dir):
+    ours = (source_dir / "tokenization_chatglm.py").read_bytes()
+    (plain_checkpoint / "tokenization_chatglm.py").write_bytes(ours)
+    inst.install(plain_checkpoint, source_dir=source_dir)  # ours already there: no backup of it
+    report = inst.restore(plain_checkpoint, source_dir=source_dir)
+    assert (plain_checkpoint / "modeling_chatglm.py").read_bytes() == ORIGINALS["modeling_chatglm.py"]
+    (line,) = [line for line in report if line.startswith("tokenization_chatglm.py")]
+    assert "left as is (ours, and no tokenization_chatglm_orig.py" in line
+
+
 def test_restore_cli_exits_2_on_one_line_when_the_backups_are_gone(tmp_path, plain_checkpoint):
     script = REPO / "scripts" / "install_into_checkpoint.py"
     assert run_process([script, plain_checkpoint], tmp_path).returncode == 0
@@ -233,7 +245,7 @@ def test_restore_cli_exits_2_on_one_line_when_the_backups_are_gone(tmp_path, pla
         (plain_checkpoint / inst.backup_name(name)).unlink()
     result = run_process([script, plain_checkpoint, "--restore"], tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "no modeling_chatglm_orig.py to restore" in result.stderr
+    assert "nothing to restore" in result.stderr and "no modeling_chatglm_orig.py" in result.stderr
 
 
 # --- 5. The installer refuses other architectures and a file given for the directory -----------
