@@ -504,13 +504,20 @@ def chat_model(checkpoint):
     return model, ChatGLMTokenizer(str(checkpoint / "tokenizer.model"))
 
 
-def test_chat_default_max_length_is_bounded_by_the_context(chat_model):
+def test_chat_default_max_length_is_bounded_by_the_context(tmp_path, sp_model_path):
     import torch
     from transformers.generation.logits_process import LogitsProcessorList
 
-    model, tokenizer = chat_model
+    from modeling_chatglm import ChatGLMForConditionalGeneration
+    from tokenization_chatglm import ChatGLMTokenizer
+
+    short = mtc.make_tiny_checkpoint(
+        tmp_path / "short", preset="tiny", tokenizer_model=sp_model_path, overrides={"seq_length": 64}
+    )
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(short)).eval()
+    tokenizer = ChatGLMTokenizer(str(short / "tokenizer.model"))
     context = model.config.seq_length
-    assert context == 256
+    assert context == 64
     stops = [
         tokenizer.eos_token_id,
         tokenizer.get_command("<|user|>"),
