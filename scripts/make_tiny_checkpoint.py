@@ -130,7 +130,8 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 def resolve_config_values(
     preset: str, overrides: Optional[Dict[str, Any]], defaults: Dict[str, Any]
 ) -> Dict[str, Any]:
-    """The preset's config values with ``overrides`` applied; unknown keys or wrong types are a UsageError."""
+    """The preset's config values with ``overrides`` applied; unknown keys or wrong types are a
+    UsageError (ranges and divisibility are the model's ``config_problem``)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
@@ -144,13 +145,6 @@ def resolve_config_values(
         if expected:
             raise UsageError(f"{key}={value!r} is not valid; expected {expected}")
         values[key] = value
-    heads, groups = values["num_attention_heads"], values["multi_query_group_num"]
-    if values["multi_query_attention"] and (groups < 1 or heads % groups):
-        raise UsageError(f"num_attention_heads={heads} must be a multiple of multi_query_group_num={groups}")
-    if values["kv_channels"] % 4:
-        raise UsageError(
-            f"kv_channels={values['kv_channels']} must be a multiple of 4 (half-dim rotary pairs)"
-        )
     return values
 
 
@@ -240,6 +234,9 @@ def make_tiny_checkpoint(
             values["padded_vocab_size"] = math.ceil(needed / 128) * 128
 
     config = configuration.ChatGLMConfig(**values, torch_dtype=dtype)
+    problem = modeling.config_problem(config)  # ranges and divisibility, as the model checks them
+    if problem:
+        raise UsageError(f"--set: {problem}")
     torch.manual_seed(seed)
     model = modeling.ChatGLMForConditionalGeneration(config, empty_init=False)
     randomize_(model, seed)

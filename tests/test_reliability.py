@@ -470,6 +470,22 @@ def test_the_model_refuses_a_bad_config_with_a_value_error():
             ChatGLMForConditionalGeneration(ChatGLMConfig(**{**base, **change, "padded_vocab_size": 64}))
 
 
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("rope_ratio=-1", "rope_ratio=-1 must be a positive number"),
+        ("quantization_bit=3", "quantization_bit=3 must be 0, 4 or 8"),
+        ("kv_channels=6", "kv_channels=6 must be a multiple of 4"),
+        ("layernorm_epsilon=0", "layernorm_epsilon=0 must be a positive number"),
+    ],
+)
+def test_make_tiny_refuses_a_config_the_model_would_refuse_in_one_line(capsys, tmp_path, assignment, message):
+    assert mtc.main([str(tmp_path / "out"), "--set", assignment]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_tokenizer_larger_than_the_embedding_is_refused(capsys, checkpoint, tmp_path):
     edited = copy_checkpoint(checkpoint, tmp_path)
     config = json.loads((edited / "config.json").read_text())
