@@ -656,6 +656,9 @@ def measure_until_ctrl_c(*args, **kwargs):
     return real(*args, **kwargs)
 
 measure.measure = measure_until_ctrl_c
+# A shell starts background jobs (nohup, CI runners) with SIGINT ignored, and Python keeps that;
+# a terminal's foreground run has Python's own handler, which is what Ctrl-C meets.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(benchmark_chatglm.main({argv!r}))
 """
 
