@@ -23,12 +23,21 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO = Path(__file__).resolve().parent
+# The files a run loads from this repository (inputs no output may overwrite).
+CODE_FILES = (
+    "benchmark_chatglm.py",
+    "modeling_chatglm.py",
+    "configuration_chatglm.py",
+    "tokenization_chatglm.py",
+)
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from chatglm_bench.cli import OneLineArgumentParser, UsageError, dtype_name, launch_rank, say, stdout_gone  # noqa: E402
 from chatglm_bench.plan import ATTENTION, DEVICES, DTYPES, KV_CACHES, MODES, QUANTIZE, RMSNORM  # noqa: E402
 from chatglm_bench.presets import PRESETS  # noqa: E402
+
+INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +180,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.raiseExceptions = False
     try:
         return run(args)
+    except KeyboardInterrupt:  # before any row was measured (loading, compiling, the first row)
+        print(
+            "benchmark_chatglm.py: interrupted (Ctrl-C) before any configuration finished; nothing "
+            "was written (a previous --output/--plot is unchanged)",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     except UsageError as error:
         # Every rank meets the same bad input: rank 0 reports it (a failed rendezvous is each
         # rank's own, so each reports that).
@@ -189,7 +205,10 @@ def run(args) -> int:
 
     plan.check_numbers(args)
     choices = plan.resolve_choices(args)
-    output, plot = report.check_outputs(args.output, args.plot)
+    read_files = [("--prompts-file", args.prompts_file)] + [
+        ("code file", str(REPO / name)) for name in CODE_FILES
+    ]
+    output, plot = report.check_outputs(args.output, args.plot, read_files, args.model_path)
     directory = checkpoint.check_checkpoint(args.model_path) if args.model_path else None
     if directory is not None and args.baseline:
         checkpoint.check_baseline_source(directory)
@@ -270,29 +289,46 @@ def run(args) -> int:
     progress = report.make_progress(
         env.is_rank0, len(batches) * len(entries) * args.iters * (args.max_new_tokens - 1)
     )
-    records, answers = measure.run_plan(
-        entries,
-        source_of,
-        batches,
-        args.max_new_tokens,
-        warmup=args.warmup,
-        iters=args.iters,
-        device=device,
-        progress=progress.update if progress else None,
-    )
-    if progress:
-        progress.close()
+    stopped = None
+    try:
+        records, answers = measure.run_plan(
+            entries,
+            source_of,
+            batches,
+            args.max_new_tokens,
+            warmup=args.warmup,
+            iters=args.iters,
+            device=device,
+            progress=progress.update if progress else None,
+        )
+    except measure.Interrupted as interrupted:
+        if not interrupted.records:
+            raise KeyboardInterrupt from None
+        stopped, records, answers = interrupted, interrupted.records, interrupted.answers
+    finally:
+        if progress:
+            progress.close()
     if not env.is_rank0:
+        if stopped:  # the ranks may not all have stopped at the same row: no barrier
+            return INTERRUPTED
         distributed.close_distributed()
         return 0
+    partial = (
+        f"PARTIAL: interrupted (Ctrl-C) after {len(records)} of {stopped.total} runs" if stopped else None
+    )
 
     # Files first: a closed stdout (``| head``) must not cost the results.
     if output:
         environment = report.environment(args, device, dtype, dtype_reason, env.world_size, source, hardware)
         payload = {"environment": environment, "parameter_bytes_per_rank": per_rank}
+        if stopped:
+            payload.update(partial=True, interrupted=partial)
         report.write_json(output, {**payload, "results": [r.as_dict() for r in records]})
     if plot:
-        report.write_plot(plot, records, f"{source} · {hardware.device_name} · {dtype_name(dtype)}")
+        title = f"{source} · {hardware.device_name} · {dtype_name(dtype)}" + (" · PARTIAL" if stopped else "")
+        report.write_plot(plot, records, title)
+    if partial:
+        say(f"\n{partial}: the rows below are the ones that finished")
     say("\n" + report.header(records, device, dtype, dtype_reason, env.world_size, hardware))
     say(report.latency_table(records, hardware))
     if args.ablation:
@@ -306,6 +342,13 @@ def run(args) -> int:
         say(f"\nwrote {output}")
     if plot:
         say(f"wrote {plot}")
+    if stopped:
+        written = f"; wrote them to {output} marked partial" if output else ""
+        print(
+            f"benchmark_chatglm.py: interrupted (Ctrl-C) after {len(records)} of {stopped.total} runs{written}",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     distributed.close_distributed()
     return 0
 

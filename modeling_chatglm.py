@@ -160,6 +160,77 @@ class RuntimeOptions:
 
 
 # ---------------------------------------------------------------------------------------------
+# Config checks: a hand-edited config.json fails here with the field's name, not in torch.
+# ---------------------------------------------------------------------------------------------
+
+_SIZE_FIELDS = (
+    "num_layers",
+    "padded_vocab_size",
+    "hidden_size",
+    "ffn_hidden_size",
+    "kv_channels",
+    "num_attention_heads",
+    "seq_length",
+)
+_FLAG_FIELDS = (
+    "multi_query_attention",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "post_layer_norm",
+    "apply_residual_connection_post_layernorm",
+)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def config_problem(config) -> Optional[str]:
+    """What is wrong with a ChatGLM config's architecture fields, or None: each size a positive
+    integer, flags true/false, positive epsilon and rope_ratio, query heads a multiple of the KV
+    groups, a head dim the half-dim rotary pairs can split (multiple of 4). A field an older
+    config class lacks (chatglm2 has no rope_ratio) takes its default and is not checked."""
+    present = dict(vars(config))
+
+    for name in _SIZE_FIELDS:
+        value = present.get(name)
+        if not _is_int(value) or value < 1:
+            return f"{name}={value!r} must be a positive integer"
+    for name in _FLAG_FIELDS:
+        if name in present and not isinstance(present[name], bool):
+            return f"{name}={present[name]!r} must be true or false"
+    for name in ("layernorm_epsilon", "rope_ratio"):
+        value = present.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            return f"{name}={value!r} must be a positive number"
+    pre_seq_len = present.get("pre_seq_len")
+    if pre_seq_len is not None and (not _is_int(pre_seq_len) or pre_seq_len < 1):
+        return f"pre_seq_len={pre_seq_len!r} must be null or a positive integer"
+    bits = present.get("quantization_bit") or 0
+    if bits not in (0, 4, 8) or isinstance(bits, bool):
+        return f"quantization_bit={bits!r} must be 0, 4 or 8"
+    group_size = present.get("quantization_group_size")
+    if group_size is not None and (not _is_int(group_size) or group_size < 0):
+        return f"quantization_group_size={group_size!r} must be null or an integer >= 0"
+    heads, groups = present["num_attention_heads"], present.get("multi_query_group_num")
+    if present.get("multi_query_attention"):
+        if not _is_int(groups) or groups < 1:
+            return f"multi_query_group_num={groups!r} must be a positive integer"
+        if heads % groups:
+            return f"num_attention_heads={heads} must be a multiple of multi_query_group_num={groups}"
+    if present["kv_channels"] % 4:
+        return f"kv_channels={present['kv_channels']} must be a multiple of 4 (rotary pairs on half the head)"
+    return None
+
+
+def check_config(config) -> None:
+    """Raise ``ValueError`` naming the first bad architecture field of ``config``."""
+    problem = config_problem(config)
+    if problem:
+        raise ValueError(f"invalid ChatGLM config: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Device capability probe (once, at import, never failing).
 # ---------------------------------------------------------------------------------------------
 
@@ -1909,6 +1980,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     def __init__(self, config, device=None, empty_init=True):
         super().__init__(config)
+        check_config(config)
         build_device = torch.device("meta") if empty_init and device is None else device
         with torch.device(build_device) if build_device is not None else contextlib.nullcontext():
             self.embedding = Embedding(config)
@@ -2100,6 +2172,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         )
         use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        self._check_inputs(input_ids, inputs_embeds, position_ids, attention_mask, past_key_values)
 
         if inputs_embeds is None:
             if input_ids is None:
@@ -2188,6 +2261,66 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if output_hidden_states:
             all_hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*layer_outputs))
         return output, all_hidden_states, cache
+
+    def _check_inputs(self, input_ids, inputs_embeds, position_ids, attention_mask, past) -> None:
+        """Shapes of what the caller passed (always: no sync), and on a prompt (no cache yet) the
+        values: token ids inside the vocabulary, positions inside the context, no all-zero mask
+        row. Decode steps skip the value checks: they would cost a device-to-host sync per token,
+        and their values follow from the prompt's."""
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3:
+                raise ValueError(
+                    f"inputs_embeds must be [seq, batch, hidden] (3-D), got shape {tuple(inputs_embeds.shape)}"
+                )
+            seq_length, batch_size = inputs_embeds.shape[:2]
+        elif input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"input_ids must be [batch, seq] (2-D), got shape {tuple(input_ids.shape)}; "
+                    "for one sequence pass input_ids[None]"
+                )
+            if input_ids.is_floating_point():
+                raise ValueError(f"input_ids must hold integer token ids, not {input_ids.dtype}")
+            batch_size, seq_length = input_ids.shape
+        else:
+            return  # forward says what is missing
+        if seq_length == 0 or batch_size == 0:
+            raise ValueError(f"the input is empty ({batch_size} rows of {seq_length} tokens)")
+        if position_ids is not None and tuple(position_ids.shape) != (batch_size, seq_length):
+            raise ValueError(
+                f"position_ids has shape {tuple(position_ids.shape)} but must be [batch, seq] = "
+                f"[{batch_size}, {seq_length}], like input_ids"
+            )
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be [batch, past + seq] (2-D, 1 = token, 0 = padding), got "
+                f"shape {tuple(attention_mask.shape)}"
+            )
+        hf_cache = past is not None and not isinstance(past, (tuple, list, StaticKVCache))
+        if past is not None and not (hf_cache and past.get_seq_length() == 0):
+            return  # a decode step (or a continued prompt)
+        if input_ids is not None and inputs_embeds is None:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.padded_vocab_size:
+                raise ValueError(
+                    f"input_ids holds token id {low if low < 0 else high} but the model's vocabulary "
+                    f"has ids 0..{self.config.padded_vocab_size - 1} (padded_vocab_size); is the "
+                    "tokenizer this checkpoint's?"
+                )
+        if position_ids is not None:
+            low, high = int(position_ids.min()), int(position_ids.max())
+            if low < 0 or high >= self.seq_length:
+                raise ValueError(
+                    f"position_ids holds {low if low < 0 else high}, outside the model's positions "
+                    f"0..{self.seq_length - 1} (seq_length)"
+                )
+        if attention_mask is not None and attention_mask.shape[-1] == seq_length:
+            empty = (~attention_mask.bool().any(dim=-1)).nonzero()
+            if len(empty):
+                raise ValueError(
+                    f"attention_mask row {int(empty[0, 0])} is all zeros (a prompt with no tokens, only "
+                    "padding); drop that row or give it at least one token"
+                )
 
     def _check_lengths(self, batch_size, seq_length, past_len, attention_mask) -> None:
         total = past_len + seq_length
@@ -2460,6 +2593,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         targets = [
             (block, names) for block in self.transformer.encoder.layers for names in _QUANTIZED_BLOCK_LINEARS
         ]
+        if bits == 4 and group_size is not None and (not _is_int(group_size) or group_size < 0):
+            raise ValueError(
+                f"quantize(4, group_size={group_size!r}): use a positive integer dividing every layer's "
+                "input width (e.g. 128, 64, 32), or 0 for one scale per output channel"
+            )
         for block, (parent_name, name) in targets:
             linear = getattr(getattr(block, parent_name), name)
             if not isinstance(linear, nn.Linear):
@@ -2529,6 +2667,14 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     # --- chat helpers ---------------------------------------------------------------------
 
+    def _chat_max_length(self, max_length: Optional[int]) -> int:
+        # The original's default, 8192, would generate past a shorter context and then fail.
+        if max_length is None:
+            return min(8192, self.config.seq_length)
+        if not _is_int(max_length) or max_length < 1:
+            raise ValueError(f"max_length={max_length!r} must be a positive integer (prompt + answer tokens)")
+        return max_length
+
     def process_response(self, output, history, parse_tool_calls: bool = True):
         """Split the model's answer into (content, history); tool calls become dicts (with
         ``parse_tool_calls=False`` a tool call's text stays text: a call still being streamed
@@ -2559,7 +2705,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         query: str,
         history: List[Dict] = None,
         role: str = "user",
-        max_length: int = 8192,
+        max_length: Optional[int] = None,
         num_beams=1,
         do_sample=True,
         top_p=0.8,
@@ -2567,8 +2713,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         logits_processor=None,
         **kwargs,
     ):
-        """One chat turn: returns (response, history)."""
-        history = [] if history is None else history
+        """One chat turn: returns (response, history). ``max_length`` (prompt + answer) defaults
+        to the original's 8192 bounded by the model's context (``seq_length``); ``history`` takes
+        chatglm3's ``[{"role": ..., "content": ...}]`` or chatglm2's ``[(query, answer)]``."""
+        history = _chat_history(history)
+        max_length = self._chat_max_length(max_length)
         logits_processor = LogitsProcessorList() if logits_processor is None else logits_processor
         logits_processor.append(InvalidScoreLogitsProcessor())
         gen_kwargs = {
@@ -2600,7 +2749,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         history: List[Dict] = None,
         role: str = "user",
         past_key_values=None,
-        max_length: int = 8192,
+        max_length: Optional[int] = None,
         do_sample=True,
         top_p=0.8,
         temperature=0.8,
@@ -2608,8 +2757,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return_past_key_values=False,
         **kwargs,
     ):
-        """Yield (response, history[, past_key_values]) as the answer grows."""
-        history = [] if history is None else history
+        """Yield (response, history[, past_key_values]) as the answer grows (``max_length`` and
+        ``history`` as in :meth:`chat`)."""
+        history = _chat_history(history)
+        max_length = self._chat_max_length(max_length)
         logits_processor = LogitsProcessorList() if logits_processor is None else logits_processor
         logits_processor.append(InvalidScoreLogitsProcessor())
         eos_token_id = [
@@ -2732,6 +2883,31 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 stop = bool(criteria(input_ids, scores).all()) if len(criteria) else False
                 if unfinished.max() == 0 or input_ids.shape[-1] >= max_length or stop:
                     break
+
+
+def _chat_history(history) -> List[Dict]:
+    """chat()'s history as chatglm3 keeps it: None is empty; chatglm2's ``[(query, answer), ...]``
+    pairs become a user and an assistant turn (in a new list); anything else than role/content
+    dicts is a ValueError naming the entry. A chatglm3 list is returned itself, so chat() appends
+    to the caller's list as the original does."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise ValueError(f"history must be a list of turns, got {type(history).__name__}")
+    turns: List[Dict] = []
+    for i, entry in enumerate(history):
+        if isinstance(entry, dict) and isinstance(entry.get("role"), str) and "content" in entry:
+            turns.append(entry)
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(t, str) for t in entry):
+            query, answer = entry
+            turns.append({"role": "user", "content": query})
+            turns.append({"role": "assistant", "metadata": "", "content": answer})
+        else:
+            raise ValueError(
+                f"history[{i}] is {entry!r}; each turn is a dict with 'role' and 'content' "
+                "(chatglm3) or a (query, answer) pair of strings (chatglm2)"
+            )
+    return history if len(turns) == len(history) and isinstance(history, list) else turns
 
 
 @contextlib.contextmanager

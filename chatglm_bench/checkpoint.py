@@ -8,6 +8,7 @@ safetensors files whose header does not parse or whose size does not match the h
 offsets (an interrupted download), and a ``tokenizer.model`` SentencePiece cannot load.
 """
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -105,10 +106,12 @@ def _safetensors_problem(path: Path, parsed: Dict) -> str:
 def check_safetensors(directory: Path, expected: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
     """Headers parse, sizes match the headers, and (given ``expected``: parameter name -> shape
     the config implies) every stored tensor has the shape the model will ask for."""
+    names = set()
     for path in sorted(directory.glob("*.safetensors")):
         header, problem = safetensors_header(path)
         if problem:
             raise UsageError(f"{path} {problem}; {REDOWNLOAD}")
+        names.update(name for name in header if name != "__metadata__")
         for name, info in header.items():
             if expected is None or name not in expected:
                 continue
@@ -119,17 +122,45 @@ def check_safetensors(directory: Path, expected: Optional[Dict[str, Tuple[int, .
                     f"config.json does not match the weights; fix config.json (e.g. hidden_size, "
                     f"ffn_hidden_size, num_layers, padded_vocab_size) or {REDOWNLOAD}"
                 )
+    if expected is not None and names and not any(directory.glob("*.bin")):
+        missing = [name for name in expected if name not in names and name not in DERIVED_TENSORS]
+        if missing:
+            raise UsageError(missing_message(directory, missing))
 
 
-def check_tokenizer_model(path: Path) -> None:
+# Tensors the model derives itself when a checkpoint lacks them (not weights).
+DERIVED_TENSORS = frozenset({"transformer.rotary_pos_emb.inv_freq"})
+
+
+def missing_message(directory: Path, missing: List[str]) -> str:
+    """One line for tensors the model needs and the checkpoint lacks (they would be random)."""
+    first = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    return (
+        f"{directory} lacks {len(missing)} tensor(s) the model needs ({first}), which would be "
+        f"random; if config.json was edited (num_layers, pre_seq_len, quantization_bit) fix it, "
+        f"else {REDOWNLOAD}"
+    )
+
+
+def check_tokenizer_model(path: Path, padded_vocab_size: Optional[int] = None) -> None:
+    """The tokenizer loads, and every id it can produce has a row in the model's embedding."""
     from sentencepiece import SentencePieceProcessor
 
+    from tokenization_chatglm import COMMAND_TOKENS
+
     try:
-        SentencePieceProcessor(model_file=str(path))
+        pieces = SentencePieceProcessor(model_file=str(path)).get_piece_size()
     except (OSError, RuntimeError, ValueError):
         raise UsageError(
             f"{path} is not a SentencePiece model (corrupt or a stray file); {REDOWNLOAD}"
         ) from None
+    ids = pieces + len(COMMAND_TOKENS)
+    if padded_vocab_size is not None and ids > padded_vocab_size:
+        raise UsageError(
+            f"{path} produces {ids} token ids ({pieces} pieces + {len(COMMAND_TOKENS)} command tokens) "
+            f"but config.json has padded_vocab_size={padded_vocab_size} embedding rows; use this "
+            "checkpoint's own tokenizer.model (or fix padded_vocab_size)"
+        )
 
 
 def read_config(directory: Path) -> Dict:
@@ -142,19 +173,82 @@ def read_config(directory: Path) -> Dict:
     return config
 
 
-def check_directory(directory: Path, expected: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
+# GLM-4's vocabulary (151552 rows) and tokenizer class: the same model_type "chatglm", another
+# architecture and a tiktoken tokenizer our tokenization_chatglm.py cannot read.
+_GLM4_VOCAB = 151552
+
+
+def architecture_problem(config: Dict, directory: Path) -> str:
+    """What makes a ``model_type: chatglm`` checkpoint one our files cannot run ('' if nothing):
+    chatglm-6b (v1: 2-D position encoding, ``inner_hidden_size``) and GLM-4 share the model type
+    with chatglm2/chatglm3. Standard library only (the installer uses it)."""
+    if "position_encoding_2d" in config or "inner_hidden_size" in config:
+        return (
+            "is a chatglm-6b (v1) checkpoint (2-D position encoding); these files "
+            "run chatglm2-6b and chatglm3-6b only, keep its own modeling_chatglm.py"
+        )
+    tokenizer_class = ""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tokenizer_class = str(tokenizer_config.get("tokenizer_class") or "")
+    if "ChatGLM4" in tokenizer_class or config.get("padded_vocab_size") == _GLM4_VOCAB:
+        return (
+            "is a GLM-4 checkpoint (151552-token tiktoken vocabulary); these files run chatglm2-6b "
+            "and chatglm3-6b only, keep its own modeling_chatglm.py"
+        )
+    return ""
+
+
+def check_config(directory: Path):
+    """config.json builds a ChatGLM config whose fields are valid (the model's own check), so a
+    hand-edited field is named here rather than failing in torch later."""
+    from configuration_chatglm import ChatGLMConfig
+    from modeling_chatglm import config_problem
+
+    config_file = directory / "config.json"
+    try:
+        config = ChatGLMConfig.from_pretrained(str(directory))
+    except Exception as error:  # whatever transformers raises for a config it cannot read
+        raise UsageError(f"{config_file} is not a usable config ({type(error).__name__}: {error})") from None
+    problem = config_problem(config)
+    if problem:
+        raise UsageError(
+            f"{config_file}: {problem}; fix that field (or re-download config.json if you did not edit it)"
+        )
+    return config
+
+
+def check_directory(
+    directory: Path,
+    expected: Optional[Dict[str, Tuple[int, ...]]] = None,
+    padded_vocab_size: Optional[int] = None,
+) -> None:
     """All the cheap checks, in the order a user would fix them."""
     check_symlinks(directory)
     check_shard_index(directory)
     check_safetensors(directory, expected)
     tokenizer = directory / "tokenizer.model"
     if tokenizer.is_file():
-        check_tokenizer_model(tokenizer)
+        check_tokenizer_model(tokenizer, padded_vocab_size)
+
+
+def loading_problem(directory: Path, info: Dict) -> str:
+    """What transformers' loading info says is wrong ('' if nothing): a stored tensor of another
+    shape than config.json implies, or a tensor the model needs that the checkpoint lacks (left
+    random by the loader)."""
+    for name, stored, wanted in sorted(info.get("mismatched_keys") or ()):
+        return (
+            f"{directory} holds {name} as {list(stored)} but config.json implies {list(wanted)}: "
+            f"config.json does not match the weights; fix config.json or {REDOWNLOAD}"
+        )
+    missing = sorted(name for name in info.get("missing_keys") or () if name not in DERIVED_TENSORS)
+    return missing_message(directory, missing) if missing else ""
 
 
 def load_error_message(directory: Path, error: BaseException) -> str:
     """One line for an exception raised while loading the weights."""
-    text = " ".join(str(error).split())
+    # transformers points at a load report it printed; ours is hidden (one-line errors).
+    text = " ".join(str(error).replace("For details look at the above report!", "").split())
     lines: List[str] = [text[:300] + ("..." if len(text) > 300 else "")]
     if "size mismatch" in text or "shape" in text:
         lines.append(
@@ -178,11 +272,15 @@ def check_checkpoint(path: str) -> Path:
         check_checkpoint_dir(str(directory))
     except (OSError, ValueError) as error:
         raise UsageError(str(error)) from None
+    problem = architecture_problem(read_config(directory), directory)
+    if problem:
+        raise UsageError(f"{path} {problem}")
     if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
         raise UsageError(f"{path} has no *.safetensors or *.bin weights; the download looks incomplete")
     if not (directory / "tokenizer.model").is_file():
         raise UsageError(f"{path} has no tokenizer.model; copy it from the chatglm3-6b release")
-    check_directory(directory, expected_shapes(directory))
+    config = check_config(directory)
+    check_directory(directory, expected_shapes(directory), config.padded_vocab_size)
     return directory
 
 

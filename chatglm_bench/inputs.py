@@ -37,7 +37,8 @@ def read_prompts(prompts: Optional[List[str]], prompts_file: Optional[str], repe
             ) from None
     if prompts_file:
         try:
-            lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt.
+            lines = Path(prompts_file).read_text(encoding="utf-8-sig").splitlines()
         except OSError as error:
             raise UsageError(f"cannot read --prompts-file {prompts_file}: {error.strerror}") from None
         except UnicodeDecodeError as error:

@@ -405,6 +405,14 @@ def measure(
     return record, steady
 
 
+class Interrupted(Exception):
+    """Ctrl-C during :func:`run_plan`: carries what was measured before it (whole rows only)."""
+
+    def __init__(self, records: List["Measurement"], answers: Optional[torch.Tensor], total: int):
+        super().__init__(f"interrupted after {len(records)} of {total} runs")
+        self.records, self.answers, self.total = records, answers, total
+
+
 def run_plan(
     entries,
     model_for,
@@ -418,25 +426,29 @@ def run_plan(
 ) -> Tuple[List[Measurement], Optional[torch.Tensor]]:
     """Every plan entry at every batch size, by the same :func:`measure`. ``model_for(entry)``
     gives the model an entry runs. Returns the records and the tokens of the first steady run
-    (the answers a real checkpoint gives)."""
+    (the answers a real checkpoint gives). Ctrl-C raises :class:`Interrupted` with the rows
+    finished so far."""
     records: List[Measurement] = []
     answers = None
-    for entry in entries:
-        model = model_for(entry)
-        for batch in batches:
-            record, steady = measure(
-                model,
-                batch,
-                new_tokens,
-                label=entry.label,
-                options=entry.ran,
-                warmup=warmup,
-                iters=iters,
-                device=device,
-                progress=progress,
-            )
-            record.quantization = entry.quantization
-            records.append(record)
-            if answers is None:
-                answers = steady.tokens
+    try:
+        for entry in entries:
+            model = model_for(entry)
+            for batch in batches:
+                record, steady = measure(
+                    model,
+                    batch,
+                    new_tokens,
+                    label=entry.label,
+                    options=entry.ran,
+                    warmup=warmup,
+                    iters=iters,
+                    device=device,
+                    progress=progress,
+                )
+                record.quantization = entry.quantization
+                records.append(record)
+                if answers is None:
+                    answers = steady.tokens
+    except KeyboardInterrupt:
+        raise Interrupted(records, answers, len(entries) * len(batches)) from None
     return records, answers

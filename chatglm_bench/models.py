@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
-from .checkpoint import check_baseline_source, load_error_message
+from .checkpoint import check_baseline_source, load_error_message, loading_problem
 from .cli import UsageError, dtype_name
 from .plan import Entry
 from .presets import build_preset_model
@@ -27,13 +27,21 @@ def load_checkpoint_model(directory: Path, dtype):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return ChatGLMForConditionalGeneration.from_pretrained(str(directory), torch_dtype=dtype).eval()
+        # Mismatched sizes are reported in the loading info rather than raised, so that they
+        # and the missing tensors are named here (the loader's report is hidden).
+        model, info = ChatGLMForConditionalGeneration.from_pretrained(
+            str(directory), torch_dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except Exception as error:  # anything from torch/safetensors/transformers: one line, not a traceback
         raise UsageError(load_error_message(directory, error)) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    problem = loading_problem(directory, info)
+    if problem:
+        raise UsageError(problem)
+    return model.eval()
 
 
 def load_original_model(directory: Path, dtype):

@@ -1,6 +1,7 @@
 """Report: tables, JSON and a plot built from measurement records (no timing here)."""
 
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -8,7 +9,7 @@ import platform
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .cli import UsageError, dtype_name, replacing_file
+from .cli import UsageError, dtype_name, remove_stale_temporaries, replacing_file
 from .hardware import HardwareRef, cpu_bf16_units, cpu_model
 from .measure import Measurement
 
@@ -252,10 +253,12 @@ def environment(args, device, dtype, dtype_reason: str, world_size: int, source:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    # From the installed metadata: importing deepspeed on a plain one-rank run would print its
+    # "Setting accelerator to CPU" warning into the benchmark's output.
     for name in ("deepspeed", "torch_npu"):
         try:
-            versions[name] = __import__(name).__version__
-        except Exception:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return {
         "versions": versions,
@@ -317,11 +320,62 @@ def check_writable(path: Optional[str], option: str) -> Optional[Path]:
     return target
 
 
-def check_outputs(output: Optional[str], plot: Optional[str]):
-    """--output and --plot: writable, distinct, and a plot matplotlib can make, before any work."""
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file on disk, through symlinks and hard links (False when either is missing)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_an_input(
+    path: Optional[str], option: str, inputs: Sequence[tuple], checkpoint_dir: Optional[str]
+) -> None:
+    """An output must not be one of the run's inputs (a prompts file, our own code) or anything in
+    the checkpoint directory: ``--output CKPT/config.json`` would replace the checkpoint's config.
+    Compared after following symlinks, and by inode, so a hard link is caught too."""
+    if path is None:
+        return
+    target = Path(path)
+    resolved = target.resolve()
+    if checkpoint_dir is not None:
+        directory = Path(checkpoint_dir).expanduser().resolve()
+        if resolved == directory or directory in resolved.parents:
+            raise UsageError(
+                f"{option} {path} is inside the checkpoint directory {checkpoint_dir}; write the "
+                "results somewhere else (the checkpoint's files are the run's input)"
+            )
+        if target.exists() and directory.is_dir():
+            for entry in sorted(directory.iterdir()):
+                if _same_file(entry, target):
+                    raise UsageError(
+                        f"{option} {path} is the checkpoint's {entry.name} (a link to it); write "
+                        "the results somewhere else"
+                    )
+    for label, source in inputs:
+        if source is not None and (resolved == Path(source).resolve() or _same_file(target, Path(source))):
+            raise UsageError(f"{option} {path} is the run's {label} {source}; give {option} another file")
+
+
+def check_outputs(
+    output: Optional[str],
+    plot: Optional[str],
+    inputs: Sequence[tuple] = (),
+    checkpoint_dir: Optional[str] = None,
+):
+    """--output and --plot: not an input of the run, writable, distinct, and a plot matplotlib
+    can make, before any work. ``inputs``: (label, path or None) of each file the run reads."""
+    for path, option in ((output, "--output"), (plot, "--plot")):
+        check_not_an_input(path, option, inputs, checkpoint_dir)
+        if path is not None:  # a killed run's hidden temporary of this file
+            remove_stale_temporaries(Path(path).parent, (Path(path).name,))
     output_path = check_writable(output, "--output")
     plot_path = check_writable(plot, "--plot")
-    if output_path and plot_path and output_path.resolve() == plot_path.resolve():
+    if (
+        output_path
+        and plot_path
+        and (output_path.resolve() == plot_path.resolve() or _same_file(output_path, plot_path))
+    ):
         raise UsageError(f"--output and --plot both name {output}; give them different files")
     check_plot(plot_path)
     return output_path, plot_path

@@ -10,7 +10,11 @@ into the directory. Before a file is replaced, the checkpoint's own copy is kept
 it is the true original from the first install, so installing again (for instance after updating
 this repository) only refreshes our files. A file already byte-identical to ours gets no backup,
 which also means that when a backup is absent the file in place equals the original.
-``--restore`` copies each backup back and deletes the backup only once the copy is verified.
+``--restore`` copies each backup back and deletes the backup only once the copy is verified; a
+file edited since the install is kept as ``<name>_bak-<timestamp>.py`` first, and one of our
+files without a usable backup (removed, a directory, a dangling link) stops it before any change.
+Checkpoints of other architectures sharing ``model_type: chatglm`` (chatglm-6b v1, GLM-4) are
+refused, and a killed run's hidden temporary is removed by the next one.
 A file that is neither ours nor the kept original (the user edited it) is never lost: it is kept
 as ``<name>_bak-<timestamp>.py`` first. Either every file is installed or, after an error
 part-way, every file is put back as it was. Symlinks (an HF-cache snapshot) are replaced by
@@ -45,7 +49,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from chatglm_bench.cli import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
+from chatglm_bench.checkpoint import architecture_problem  # noqa: E402
+from chatglm_bench.cli import (  # noqa: E402  (needs the path set-up above)
+    OneLineArgumentParser,
+    UsageError,
+    remove_stale_temporaries,
+    replacing_file,
+)
 
 OUR_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
 
@@ -77,6 +87,8 @@ def _check_dir(checkpoint_dir: Union[str, Path], *, writable: bool) -> Path:
     # Standard library only: loading modeling_chatglm.check_checkpoint_dir would import torch and
     # transformers (seconds, and their import-time warnings) into a file-copying script.
     directory = Path(checkpoint_dir)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory} is a file, not a directory; pass the checkpoint folder that holds it")
     if not directory.is_dir():
         raise UsageError(
             f"checkpoint directory {directory} does not exist; pass the downloaded chatglm3 folder"
@@ -85,13 +97,20 @@ def _check_dir(checkpoint_dir: Union[str, Path], *, writable: bool) -> Path:
     if not config_file.is_file():
         raise UsageError(f"{directory} has no config.json; pass the chatglm3 checkpoint folder that holds it")
     try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        model_type = config.get("model_type")
     except (ValueError, OSError, AttributeError) as error:
         raise UsageError(f"{config_file} is not a valid config ({error})") from None
     if model_type != "chatglm":
         raise UsageError(f"{config_file} has model_type={model_type!r}, not 'chatglm'; refusing to touch it")
+    problem = architecture_problem(config, directory)
+    if problem:
+        raise UsageError(f"{directory} {problem}; refusing to touch it")
     if writable and not os.access(directory, os.W_OK):
         raise UsageError(f"{directory} is not writable; fix its permissions or copy the checkpoint first")
+    if writable:
+        # A run killed part-way (SIGKILL) leaves the hidden temporary of its last copy.
+        remove_stale_temporaries(directory, tuple(os.path.splitext(name)[0] for name in OUR_FILES))
     return directory
 
 
@@ -157,6 +176,16 @@ def user_copy_name(name: str, stamp: str) -> str:
     return f"{stem}_bak-{stamp}{suffix}"
 
 
+def _user_copy(directory: Path, name: str, stamp: str) -> Path:
+    """A new name for the copy of a user's file: the stamp, then -2, -3... when it is taken."""
+    keep = directory / user_copy_name(name, stamp)
+    count = 1
+    while keep.exists() or keep.is_symlink():
+        count += 1
+        keep = directory / user_copy_name(name, f"{stamp}-{count}")
+    return keep
+
+
 def install(checkpoint_dir: Union[str, Path], *, source_dir: Union[str, Path] = REPO_ROOT) -> List[str]:
     """Copy our files into ``checkpoint_dir``, keeping each replaced original as ``<name>_orig.py``.
 
@@ -179,7 +208,7 @@ def install(checkpoint_dir: Union[str, Path], *, source_dir: Union[str, Path] = 
             if backup.exists() or backup.is_symlink():
                 action = f"installed ours (kept the existing {backup.name})"
                 if (dst.exists() or dst.is_symlink()) and not _same_bytes(dst, backup):
-                    keep = directory / user_copy_name(src.name, stamp)
+                    keep = _user_copy(directory, src.name, stamp)
                     action = f"installed ours (the file there was neither ours nor the original: kept as {keep.name})"
             elif dst.exists() or dst.is_symlink():
                 keep = backup
@@ -202,26 +231,72 @@ def install(checkpoint_dir: Union[str, Path], *, source_dir: Union[str, Path] = 
     return report
 
 
-def restore(checkpoint_dir: Union[str, Path]) -> List[str]:
+def _usable_backup(backup: Path) -> bool:
+    """True for a backup to restore from, False when there is none; a backup that cannot be
+    one (a directory, a symlink to nothing) is an error, before anything changes."""
+    if backup.is_symlink() and not backup.exists():
+        raise UsageError(
+            f"{backup} is a symlink to a missing file, so the original is gone; nothing was changed "
+            "(copy the original back by hand, e.g. from a fresh download, or delete the link)"
+        )
+    if backup.exists() and not backup.is_file():
+        raise UsageError(f"{backup} is not a file; nothing was changed (move it away and run again)")
+    return backup.is_file()
+
+
+def restore(checkpoint_dir: Union[str, Path], *, source_dir: Union[str, Path] = REPO_ROOT) -> List[str]:
     """Put every ``<name>_orig.py`` back as ``<name>.py``; a backup is deleted only after a verified
-    copy. All files or none, like :func:`install`."""
+    copy. A file edited since the install (neither ours nor the original) is first kept as
+    ``<name>_bak-<timestamp>.py``, as install does. A backup that cannot be one (a directory, a
+    dangling link), or no backup at all while one of our files is in place (removed backups),
+    is an error before anything changes. Ours without a backup next to restored files is left
+    and said so (install keeps no backup of an original identical to ours). All files or none,
+    like :func:`install`."""
     directory = _check_dir(checkpoint_dir, writable=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    plan = [(name, directory / name, directory / backup_name(name)) for name in OUR_FILES]
+    plan = [(name, dst, backup, _usable_backup(backup)) for name, dst, backup in plan]
+    ours = [name for name, dst, _, has in plan if not has and _same_bytes(dst, Path(source_dir) / name)]
+    if ours and not any(has for *_, has in plan):
+        verb = "is" if len(ours) == 1 else "are"
+        raise UsageError(
+            f"nothing to restore in {directory}: {', '.join(ours)} {verb} ours but there is no "
+            f"{backup_name(ours[0])} (removed, or the original was identical to ours); nothing was changed"
+        )
     journal = _Journal()
     report = []
     try:
-        for name in OUR_FILES:
-            dst, backup = directory / name, directory / backup_name(name)
-            if not backup.is_file():
-                if dst.exists():
-                    report.append(f"{name}: left as is (no {backup.name} to restore)")
+        for name, dst, backup, has_backup in plan:
+            if not has_backup:
+                if name in ours:
+                    report.append(
+                        f"{name}: left as is (ours, and no {backup.name}: the original was identical "
+                        "to ours, or its backup was removed)"
+                    )
+                elif dst.exists():
+                    report.append(
+                        f"{name}: left as is (not ours, no {backup.name}: the original is in place)"
+                    )
                 continue
+            action = f"original restored from {backup.name}"
+            if (
+                dst.is_file()
+                and not _same_bytes(dst, backup)
+                and not _same_bytes(dst, Path(source_dir) / name)
+            ):
+                keep = _user_copy(directory, name, stamp)
+                journal.save(keep)
+                _copy_atomically(dst, keep)
+                if not _same_bytes(dst, keep):
+                    raise OSError(errno.EIO, "the backup copy differs from the file", str(keep))
+                action += f" (the file there was edited since the install: kept as {keep.name})"
             journal.save(dst)
             _copy_atomically(backup, dst)
             if not _same_bytes(backup, dst):
                 raise OSError(errno.EIO, "the restored file differs from the backup", str(dst))
             journal.save(backup)
             backup.unlink()
-            report.append(f"{name}: original restored from {backup.name}")
+            report.append(f"{name}: {action}")
     except OSError as error:
         journal.roll_back()
         raise _failed("restore", directory, error) from None

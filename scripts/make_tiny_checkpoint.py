@@ -8,7 +8,8 @@ The directory gets ``config.json`` (the real checkpoint's ``auto_map``), ``model
 ``configuration_chatglm.py`` and ``tokenization_chatglm.py``, and a README.md, so
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` loads it. With
 ``--tokenizer-model`` (a SentencePiece ``.model``) it also gets ``tokenizer.model`` and
-``tokenizer_config.json`` for ``AutoTokenizer``.
+``tokenizer_config.json`` for ``AutoTokenizer``. The files are written into a hidden staging
+directory beside ``OUT_DIR`` and renamed into place, so a killed run leaves no half checkpoint.
 
 The weights are random: good for tests, demos, timing and bug reports, useless for answers.
 The recipe is the golden fixtures' (``tests/golden/README.md``): the model is built after
@@ -29,6 +30,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,7 +40,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from chatglm_bench.cli import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
+from chatglm_bench.cli import (  # noqa: E402  (needs the path set-up above)
+    OneLineArgumentParser,
+    UsageError,
+    process_alive,
+    remove_stale_temporaries,
+)
 from chatglm_bench.presets import CHATGLM3_FLAGS, PRESETS  # noqa: E402
 
 CODE_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
@@ -116,6 +123,9 @@ def _sp_vocab_size(tokenizer_model: Path) -> int:
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file; pass a new or empty directory")
+    if out_dir.resolve() == REPO_ROOT.resolve():
+        # --force here would replace this repository's README.md (and the files it copies).
+        raise UsageError(f"{out_dir} is this repository, whose files are the input; pick another OUT_DIR")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"{out_dir} is not empty; pick a new directory or pass --force to overwrite")
 
@@ -123,7 +133,8 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 def resolve_config_values(
     preset: str, overrides: Optional[Dict[str, Any]], defaults: Dict[str, Any]
 ) -> Dict[str, Any]:
-    """The preset's config values with ``overrides`` applied; unknown keys or wrong types are a UsageError."""
+    """The preset's config values with ``overrides`` applied; unknown keys or wrong types are a
+    UsageError (ranges and divisibility are the model's ``config_problem``)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
@@ -137,13 +148,6 @@ def resolve_config_values(
         if expected:
             raise UsageError(f"{key}={value!r} is not valid; expected {expected}")
         values[key] = value
-    heads, groups = values["num_attention_heads"], values["multi_query_group_num"]
-    if values["multi_query_attention"] and (groups < 1 or heads % groups):
-        raise UsageError(f"num_attention_heads={heads} must be a multiple of multi_query_group_num={groups}")
-    if values["kv_channels"] % 4:
-        raise UsageError(
-            f"kv_channels={values['kv_channels']} must be a multiple of 4 (half-dim rotary pairs)"
-        )
     return values
 
 
@@ -232,29 +236,25 @@ def make_tiny_checkpoint(
             values["padded_vocab_size"] = math.ceil(needed / 128) * 128
 
     config = configuration.ChatGLMConfig(**values, torch_dtype=dtype)
+    problem = modeling.config_problem(config)  # ranges and divisibility, as the model checks them
+    if problem:
+        raise UsageError(f"--set: {problem}")
     torch.manual_seed(seed)
     # Shapes and names only: the weights are drawn tensor by tensor while the file is written.
     with torch.device("meta"):
         model = modeling.ChatGLMForConditionalGeneration(config, empty_init=True)
     n_params = sum(p.numel() for p in model.parameters())
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     note = f"{RANDOM_NOTE} (preset {preset}, seed {seed})."
-    # Every file goes through replacing_file: written beside its target and renamed over it, so
-    # with --force into an HF-cache snapshot a symlink is replaced, never written through into
-    # the shared blobs/ that other snapshots point at.
-    with replacing_file(out_dir / "model.safetensors") as tmp:
-        write_random_safetensors(model, seed, getattr(torch, dtype), tmp)
-    config_data = _config_json(config, list(defaults), dtype, note)
-    _write_text(out_dir / "config.json", json.dumps(config_data, indent=2) + "\n")
-    _write_text(out_dir / "README.md", _readme(preset, seed, dtype, values, n_params))
+    files: Dict[str, Any] = {
+        "model.safetensors": lambda path: write_random_safetensors(model, seed, getattr(torch, dtype), path),
+        "README.md": _readme(preset, seed, dtype, values, n_params),
+    }
     for name in CODE_FILES:
         if (REPO_ROOT / name).is_file():
-            with replacing_file(out_dir / name) as tmp:
-                shutil.copyfile(REPO_ROOT / name, tmp)
+            files[name] = REPO_ROOT / name
     if tokenizer_model is not None:
-        with replacing_file(out_dir / "tokenizer.model") as tmp:
-            shutil.copyfile(tokenizer_model, tmp)
+        files["tokenizer.model"] = tokenizer_model
         tokenizer_config = {
             "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
             "tokenizer_class": "ChatGLMTokenizer",
@@ -262,7 +262,10 @@ def make_tiny_checkpoint(
             "clean_up_tokenization_spaces": False,
             "model_max_length": config.seq_length,
         }
-        _write_text(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
+        files["tokenizer_config.json"] = json.dumps(tokenizer_config, indent=2) + "\n"
+    # config.json last: what makes the directory a checkpoint is the last thing to appear.
+    files["config.json"] = json.dumps(_config_json(config, list(defaults), dtype, note), indent=2) + "\n"
+    _write_checkpoint(out_dir, files)
     return out_dir
 
 
@@ -318,9 +321,52 @@ def write_random_safetensors(model, seed: int, dtype, path: Path) -> None:
                 handle.write(data.contiguous().view(torch.uint8).numpy())
 
 
-def _write_text(path: Path, text: str) -> None:
-    with replacing_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def _staging_dir(out_dir: Path, pid: int) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{pid}.partial"
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """What a killed run left: its staging directory beside OUT_DIR (and, from older versions,
+    hidden temporaries inside it)."""
+    prefix, suffix = f".{out_dir.name}.", ".partial"
+    if out_dir.parent.is_dir():
+        for entry in out_dir.parent.iterdir():
+            pid = entry.name[len(prefix) : -len(suffix)]
+            if entry.name.startswith(prefix) and entry.name.endswith(suffix) and pid.isdigit():
+                if int(pid) != os.getpid() and not process_alive(int(pid)):
+                    shutil.rmtree(entry, ignore_errors=True)
+    remove_stale_temporaries(out_dir)
+
+
+def _write_checkpoint(out_dir: Path, files: Dict[str, Any]) -> None:
+    """Write every file into a staging directory beside ``out_dir``, then move them in by
+    renames: a run killed while writing (the weights take the time) leaves ``out_dir`` as it was
+    and only the hidden staging directory, which the next run removes. A new ``out_dir`` appears
+    whole (one rename); with --force each file replaces its target, a symlink (an HF-cache
+    snapshot) included, never written through into the shared ``blobs/``. ``files``: name ->
+    text, a source path to copy, or a function writing the path it is given."""
+    _remove_stale_staging(out_dir)
+    stage = _staging_dir(out_dir, os.getpid())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage.mkdir()
+    try:
+        for name, content in files.items():
+            target = stage / name
+            if isinstance(content, str):
+                target.write_text(content, encoding="utf-8")
+            elif isinstance(content, Path):
+                shutil.copyfile(content, target)
+            else:
+                content(target)
+        if out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        if not out_dir.exists():
+            os.rename(stage, out_dir)
+            return
+        for name in files:
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _parse_assignment(text: str) -> tuple:

@@ -393,12 +393,12 @@ def test_restore_brings_back_originals_byte_for_byte(checkpoint, source_dir):
     inst.install(checkpoint, source_dir=source_dir)
     (source_dir / "modeling_chatglm.py").write_bytes(b"# a newer version of ours\n")
     inst.install(checkpoint, source_dir=source_dir)
-    inst.restore(checkpoint)
+    inst.restore(checkpoint, source_dir=source_dir)
     for name, original in ORIGINALS.items():
         assert (checkpoint / name).read_bytes() == original
         assert not _backup(checkpoint, name).exists()
     assert {s.state for s in inst.check(checkpoint, source_dir=source_dir)} == {"original"}
-    assert all("left as is" in line for line in inst.restore(checkpoint))
+    assert all("left as is" in line for line in inst.restore(checkpoint, source_dir=source_dir))
 
 
 def test_check_reports_ours_original_other_and_missing(checkpoint, source_dir):
