@@ -12,7 +12,7 @@ The directory gets ``config.json`` (the real checkpoint's ``auto_map``), ``model
 
 The weights are random: good for tests, demos, timing and bug reports, useless for answers.
 The recipe is the golden fixtures' (``tests/golden/README.md``): the model is built after
-``torch.manual_seed(seed)``, then ``chatglm_bench.presets.randomize_`` draws every parameter, in
+``torch.manual_seed(seed)``, then ``chatglm_protocol.randomize_`` draws every parameter, in
 ``named_parameters()`` order, from ``torch.Generator().manual_seed(seed)`` as ``randn * 0.02``
 (plus 1 for the RMSNorm weights, so the norms do not squash activations to zero). The presets
 are the benchmark's table (``chatglm_bench/presets.py``). Draws are made in float32 and then
@@ -36,7 +36,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from chatglm_bench.cli import OneLineArgumentParser, UsageError, replacing_file  # noqa: E402  (needs the path set-up above)
-from chatglm_bench.presets import CHATGLM3_FLAGS, PRESETS, randomize_  # noqa: E402
+from chatglm_bench.presets import CHATGLM3_FLAGS, PRESETS  # noqa: E402
+from chatglm_protocol import randomize_  # noqa: E402
 
 CODE_FILES = ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py")
 DTYPES = ("float32", "bfloat16", "float16")
