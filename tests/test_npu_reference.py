@@ -523,6 +523,8 @@ def test_the_stand_in_modules_exist_only_while_installed():
 
 
 def test_compiler_config_defaults_and_rejects_misspelt_options():
+    # torchair's defaults; frozen_parameter off by default is what lets the model's test of it
+    # (tests/test_fast_paths.py, frozen parameters) fail when the model stops setting it.
     config = ref.CompilerConfig()
     assert config.experimental_config.frozen_parameter is False and config.mode == "max-autotune"
     with pytest.raises(AttributeError):
