@@ -1,10 +1,12 @@
-"""Random-weight architectures (one table for the benchmark, make_tiny_checkpoint.py and the
-tests) and the one recipe that fills a model with random weights.
+"""Random-weight architectures (one table for the benchmark and make_tiny_checkpoint.py); the
+recipe that fills a model with random weights is ``chatglm_protocol.randomize_`` (re-exported).
 
 The weights are random: good for timing, tests and bug reports, useless for answers.
 """
 
 from typing import Any, Dict
+
+from chatglm_protocol import randomize_
 
 # The chatglm3-6b architecture flags (grouped KV heads, biased QKV, RMSNorm, half-dim rotary),
 # shared by every preset; the presets only change the sizes.
@@ -62,9 +64,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     },
 }
 
-# Draws per call of the generator: bounds the float32 scratch memory while filling the 6B model.
-_CHUNK = 1 << 24
-
 
 def preset_params(name: str) -> int:
     """Parameter count of a preset, without building it."""
@@ -73,37 +72,6 @@ def preset_params(name: str) -> int:
     qkv = c["num_attention_heads"] * c["kv_channels"] + 2 * c["multi_query_group_num"] * c["kv_channels"]
     per_layer = h * qkv + qkv + c["num_attention_heads"] * c["kv_channels"] * h + 3 * h * ffn + 2 * h
     return layers * per_layer + 2 * vocab * h + h
-
-
-def random_chunks(name: str, numel: int, generator, scale: float = 0.02):
-    """The float32 values :func:`randomize_` gives parameter ``name`` (``numel`` elements), as
-    consecutive flat chunks of at most ``_CHUNK``, drawn from ``generator`` exactly as it does.
-    Called for each parameter in ``named_parameters()`` order with one generator, it yields the
-    same model piece by piece (``scripts/make_tiny_checkpoint.py`` writes big checkpoints so)."""
-    import torch
-
-    for start in range(0, numel, _CHUNK):
-        values = torch.randn(min(_CHUNK, numel - start), generator=generator, dtype=torch.float32)
-        values.mul_(scale)
-        if name.endswith("layernorm.weight"):
-            values += 1.0
-        yield values
-
-
-def randomize_(model, seed: int, scale: float = 0.02):
-    """Overwrite every parameter, in ``named_parameters()`` order, with ``randn * scale`` drawn in
-    float32 from a generator seeded with ``seed`` (RMSNorm weights: 1 + that, so the norms do not
-    squash activations to zero), as the golden fixtures were made. Returns ``model``."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            flat, start = param.view(-1), 0
-            for values in random_chunks(name, param.numel(), generator, scale):
-                flat[start : start + values.numel()].copy_(values)
-                start += values.numel()
-    return model
 
 
 def build_preset_model(name: str, dtype, seed: int, context: int = 0):

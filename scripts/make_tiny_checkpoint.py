@@ -13,7 +13,7 @@ directory beside ``OUT_DIR`` and renamed into place, so a killed run leaves no h
 
 The weights are random: good for tests, demos, timing and bug reports, useless for answers.
 The recipe is the golden fixtures' (``tests/golden/README.md``): the model is built after
-``torch.manual_seed(seed)``, then ``chatglm_bench.presets.randomize_`` draws every parameter, in
+``torch.manual_seed(seed)``, then ``chatglm_protocol.randomize_`` draws every parameter, in
 ``named_parameters()`` order, from ``torch.Generator().manual_seed(seed)`` as ``randn * 0.02``
 (plus 1 for the RMSNorm weights, so the norms do not squash activations to zero). The presets
 are the benchmark's table (``chatglm_bench/presets.py``). Draws are made in float32 and then
@@ -274,14 +274,14 @@ _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "
 
 def write_random_safetensors(model, seed: int, dtype, path: Path) -> None:
     """``model``'s state_dict (a model on the meta device: names and shapes) as a safetensors file
-    whose parameters are :func:`chatglm_bench.presets.randomize_`'s values for ``seed``, drawn and
+    whose parameters are :func:`chatglm_protocol.randomize_`'s values for ``seed``, drawn and
     written chunk by chunk: peak memory is one chunk, not the model (a chatglm3-6b-sized file is
     12 GB in bf16). Buffers (the rotary ``inv_freq``, kept in checkpoints like the originals') are
     computed on the CPU. Floating tensors are cast to ``dtype`` (the P-tuning prefix encoder too,
     which the model builds in float32)."""
     import torch
 
-    from chatglm_bench.presets import random_chunks
+    from chatglm_protocol import random_chunks
 
     parameters = dict(model.named_parameters())
     buffers = {}

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import modeling_chatglm as M  # noqa: E402
-from chatglm_bench.presets import randomize_  # noqa: E402
+from chatglm_protocol import randomize_  # noqa: E402
 
 SMALL = {
     "num_layers": 4,

@@ -8,7 +8,7 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import load_file
 
-from chatglm_bench.measure import decode
+from chatglm_protocol import decode
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 FIXTURES = ("tiny-chatglm3", "tiny-chatglm3-32k")

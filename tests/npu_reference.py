@@ -8,6 +8,14 @@ here too. Each op is registered as an opaque ``torch.library`` custom op, exactl
 torch_npu ops are, so ``torch.compile(..., fullgraph=True)`` traces *over* it instead of into it:
 shape and dtype checks run at trace time (in the fake kernel), value checks at run time.
 
+Only the call surface modeling_chatglm.py uses is modelled (``_attention_npu``, ``_rmsnorm_npu``,
+``_cache_write_npu``, ``_NpuKernel``): the two attention kernels in the BNSD layout with an
+explicit bool mask (True = masked) or the compressed causal mode ``sparse_mode=3``, GQA through
+``num_key_value_heads``, ``scale_value`` and the ``pre_tokens``/``next_tokens`` band;
+``npu_rms_norm``; ``scatter_update_`` with one start per batch row; ``npu_weight_quant_batchmatmul``
+and ``npu_convert_weight_to_int4pack``. Any other argument is a TypeError (an unknown keyword) or
+a NotImplementedError naming it, so a new call in the model has to extend this file first.
+
 Sources (read 2026-11; Chinese API pages of torch_npu, identical in substance across versions
 except where noted):
 
@@ -27,69 +35,55 @@ except where noted):
 
 Ambiguities and the reading chosen here:
 
-1. PFA band anchoring when S_q != S_kv. sparse_mode 0 (and 2) anchor the diagonal at the TOP-LEFT
+1. PFA band anchoring when S_q != S_kv. sparse_mode 0 anchors the diagonal at the TOP-LEFT
    corner: query row i may see key column j iff ``i - pre_tokens <= j <= i + next_tokens``.
-   sparse_mode 3 and 4 anchor it at the BOTTOM-RIGHT (offset ``S_kv - S_q`` per batch, from the
-   actual lengths). Evidence: the PFA doc's interception rules for int8 output say some rows get
-   nothing to attend to when ``actual_seq_lengths - actual_seq_lengths_kv - pre_tokens > 0 or
-   next_tokens < 0`` (sparse_mode 0) but when ``pre_tokens < 0 or next_tokens +
-   actual_seq_lengths_kv - actual_seq_lengths < 0`` (sparse_mode 4); those are exactly the empty
-   row conditions of a top-left and a bottom-right band. sparse_mode 2 is "leftUpCausal", 3 is
-   "rightDownCausal (以右顶点为划分的下三角)". Consequence for callers: with a KV cache longer than
-   the query (prefill after a prefix), ``next_tokens=0`` under sparse_mode 0 hides the cache
-   from row 0; pass a full mask with ``next_tokens=INT_MAX``, or use sparse_mode 3.
+   sparse_mode 3 ("rightDownCausal", 以右顶点为划分的下三角) anchors it at the BOTTOM-RIGHT: row i
+   sees j iff ``j <= i + S_kv - S_q``, so a chunk after a past sees the whole past. Evidence: the
+   PFA doc's interception rules for int8 output give exactly the empty-row conditions of a
+   top-left band for sparse_mode 0 and of a bottom-right band for sparse_mode 4. Consequence for
+   callers: under sparse_mode 0 with a KV cache longer than the query, ``next_tokens=0`` hides
+   the cache from row 0; pass a full mask with ``next_tokens=INT_MAX``, or use sparse_mode 3.
 2. PFA with sparse_mode 0 and NO atten_mask ignores pre_tokens/next_tokens ("内部赋值为INT_MAX"):
    the default ``next_tokens=0`` is *not* causal on its own. Causality needs a mask.
-3. With a mask under sparse_mode 0 both apply: a position is attended iff the mask says 0/False
-   AND it lies inside the pre/next band AND inside the actual lengths.
-4. atten_mask True/1 = masked (not attended), documented for IFA and implied for PFA by its
-   formula (mask is added, upper triangle = -inf). int8/uint8 masks must hold only 0 and 1 here.
-5. Mask shapes. PFA: (S_q, S_kv), (B, S_q, S_kv), (1, S_q, S_kv),
-   (B, 1, S_q, S_kv), (1, 1, S_q, S_kv). IFA: (B, S_kv), (B, 1, S_kv),
-   (B, 1, 1, S_kv). The docs allow the trailing dims to be padded up (for alignment), so a mask
-   dim may exceed S_q / S_kv; only its leading [:S_q, :S_kv] part is read. Other shapes (e.g. a
-   per-head mask) are rejected. sparse_mode 2/3/4 need the 2048x2048 "compressed" triangle
-   (shape (2048, 2048), (1, 2048, 2048) or (1, 1, 2048, 2048), True above the diagonal); its
-   content is checked and the real band is generated.
-6. A row with nothing to attend to (fully masked, or a query row beyond actual_seq_lengths, or an
-   empty left-padding window) outputs zeros. The docs leave this to "row-invalid correction"
-   (inner_precise 2/3 of the fused attention kernels) and say an empty key/value gives an all-zero output; zeros is that
-   reading. The model must not depend on such rows.
+3. With a mask under sparse_mode 0 both apply: a position is attended iff the mask says False AND
+   it lies inside the pre/next band.
+4. atten_mask True = masked (not attended), documented for IFA and implied for PFA by its
+   formula (mask is added, upper triangle = -inf). The docs also allow int8/uint8 masks; the
+   model passes bool, so only bool is modelled.
+5. Mask shapes. PFA: (S_q, S_kv), (B, S_q, S_kv), (1, S_q, S_kv), (B, 1, S_q, S_kv),
+   (1, 1, S_q, S_kv). IFA: (B, S_kv), (B, 1, S_kv), (B, 1, 1, S_kv). The docs allow the trailing
+   dims to be padded up (for alignment), so a mask dim may exceed S_q / S_kv; only its leading
+   [:S_q, :S_kv] part is read. Other shapes (e.g. a per-head mask) are rejected. sparse_mode 3
+   needs the 2048x2048 "compressed" triangle (shape (2048, 2048), (1, 2048, 2048) or
+   (1, 1, 2048, 2048), True above the diagonal); its content is checked and the real band made.
+6. A row with nothing to attend to (fully masked) outputs zeros. The docs leave this to
+   "row-invalid correction" (inner_precise 2/3 of the fused attention kernels) and say an empty
+   key/value gives an all-zero output; zeros is that reading. The model must not depend on such
+   rows.
 7. GQA: KV head ``h // (num_heads // num_key_value_heads)`` serves query head h (consecutive
    query heads share a KV head), as ``repeat_interleave`` on the head axis.
 8. Softmax and both matmuls run in float32; the output is cast to the query's dtype. On the
    device fp16 "high performance" mode (IFA inner_precise=1) may be less precise; tests compare
    with tolerances.
-9. actual_seq_lengths (PFA: query) and actual_seq_lengths_kv (PFA) are host int
-   lists; length 1 broadcasts to every batch, length >= B uses the first B (PFA doc), other
-   lengths are rejected. For IFA, actual_seq_lengths are the KV lengths and must have length 1
-   or B. Valid positions are at the START (right padding) unless kv_padding_size is given
-   together with the lengths: then the valid window is ``[S - pad - L_b, S - pad)`` (left
-   padding); a negative pad counts as 0; a window starting or ending below 0 gives zeros.
-   kv_padding_size is read as one int64 value for the whole batch.
-10. PFA's next_tokens defaults to 0 (see 2).
-11. dtypes: the kernels take float16/bfloat16 (int8 only with quantisation, not modelled).
-    ``ALLOW_FP32`` (a test convenience, see below) also lets float32 through so the CPU tests
-    can compare against float32 goldens; npu_rms_norm accepts float32 anyway.
-12. Contiguity: PFA says "不支持非连续的Tensor" for query/key/value and atten_mask; that is
+9. dtypes: the kernels take float16/bfloat16 (int8 only with quantisation, not modelled).
+   ``ALLOW_FP32`` (a test convenience, see below) also lets float32 through so the CPU tests
+   can compare against float32 goldens; npu_rms_norm accepts float32 anyway.
+10. Contiguity: PFA says "不支持非连续的Tensor" for query/key/value and atten_mask; that is
     enforced. The torch_npu IFA page says nothing, but the kernel behind it (CANN ops-transformer
     ``aclnnIncreFlashAttentionV4``, parameter table) marks attenMask "Non-contiguous Tensor: ×",
     so IFA rejects a non-contiguous mask.
-13. D alignment: PFA "暂不支持D不对齐场景"; so
-    PFA needs head_dim % 16 == 0 (tiny test models must use head_dim 16, 32, ...).
-14. npu_rms_norm normalises over the trailing ``gamma.dim()`` axes (gamma has the shape of x's
+11. D alignment: PFA "暂不支持D不对齐场景"; so PFA needs head_dim % 16 == 0 (tiny test models must
+    use head_dim 16, 32, ...).
+12. npu_rms_norm normalises over the trailing ``gamma.dim()`` axes (gamma has the shape of x's
     last dims); rstd has x's leading dims and 1 for each normalised dim, float32. y is
     ``x * rstd * gamma`` computed in float32, cast to x's dtype once at the end. gamma must have
     x's dtype ("数据类型需要和self保持一致").
-15. scatter_update_ with 1-D indices of length n: batch i of ``updates`` (its dim 0) is written
+13. scatter_update_ with 1-D indices of length n: batch i of ``updates`` (its dim 0) is written
     into batch i of ``data`` at offset ``indices[i]`` along ``axis``, for the whole extent of
     updates along axis: ``data[i, ..., indices[i] + k, ...] = updates[i, ..., k, ...]``. 0-D
     indices act like shape (1,). The semantics of 2-D indices (shape (n, 2)) are not written
     down anywhere (CANN ops-nn issue #5483 says so), so they raise NotImplementedError. The
     device does not check bounds; the reference does, and raises.
-
-Not modelled (raise NotImplementedError when passed): pse_shift, quantisation and antiquant
-arguments, page attention (block_table), shared prefixes, rope inputs, TND layouts.
 """
 
 from __future__ import annotations
@@ -101,7 +95,7 @@ import itertools
 import math
 import sys
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -118,11 +112,7 @@ COMPRESSED_MASK_SIZE = 2048
 MAX_HEADS = 256
 MAX_HEAD_DIM = 512
 MAX_GQA_RATIO = 64
-ATTENTION_LAYOUTS = {
-    "npu_prompt_flash_attention": ("BSH", "BSND", "BNSD", "BNSD_BSND"),
-    "npu_incre_flash_attention": ("BSH", "BSND", "BNSD"),
-}
-MASK_DTYPES = (torch.bool, torch.int8, torch.uint8)
+SPARSE_MODES = (0, 3)  # the explicit mask / the compressed rightDownCausal triangle
 
 # One library namespace per import name, so importing this file twice under different module
 # names does not register the same op twice.
@@ -160,47 +150,20 @@ def _kernel_dtypes() -> tuple[torch.dtype, ...]:
     return (torch.float16, torch.bfloat16) + ((torch.float32,) if ALLOW_FP32 else ())
 
 
-def _host_lengths(op: str, name: str, lengths: Optional[Sequence[int]]) -> Optional[list[int]]:
-    if lengths is None:
-        return None
-    _require(
-        isinstance(lengths, (list, tuple)) and all(isinstance(n, (int, torch.SymInt)) for n in lengths),
-        f"{op}: {name} must be a host list of ints, got {type(lengths).__name__}",
-    )
-    return list(lengths)
+# -------------------------------------------------------------------------- attention: checks
 
 
-# --------------------------------------------------------------------------- attention: geometry
+def _check_layout(op: str, input_layout: str) -> None:
+    if input_layout != "BNSD":
+        raise NotImplementedError(
+            f"{op}: input_layout {input_layout!r} is not modelled (the model passes BNSD)"
+        )
 
 
-@dataclass(frozen=True)
-class _Geometry:
-    batch: int
-    heads: int
-    kv_heads: int
-    q_len: int
-    kv_len: int
-    head_dim: int
-    layout: str  # the input layout (BNSD for BNSD_BSND)
-    out_layout: str
-
-
-def _geometry(
-    op: str,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    num_heads: int,
-    num_key_value_heads: int,
-    input_layout: str,
-) -> _Geometry:
-    layouts = ATTENTION_LAYOUTS[op]
-    _require(input_layout in layouts, f"{op}: input_layout must be one of {layouts}, got {input_layout!r}")
-    layout, _, out_layout = input_layout.partition("_")
-    out_layout = out_layout or layout
-    rank = 3 if layout == "BSH" else 4
+def _check_qkv(op: str, query, key, value, num_heads: int, num_key_value_heads: int) -> None:
+    """BNSD query [B, N, S_q, D], key/value [B, N_kv, S_kv, D]: dtypes, heads and limits."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        _require(t.dim() == rank, f"{op}: {name} must be {rank}-D for layout {layout}, got {tuple(t.shape)}")
+        _require(t.dim() == 4, f"{op}: {name} must be 4-D (BNSD), got {tuple(t.shape)}")
     _require(key.shape == value.shape, f"{op}: key and value must have the same shape")
     dtypes = _kernel_dtypes()
     _require(query.dtype in dtypes, f"{op}: query dtype must be one of {dtypes}, got {query.dtype}")
@@ -208,149 +171,100 @@ def _geometry(
         key.dtype == query.dtype and value.dtype == query.dtype,
         f"{op}: query, key and value must share one dtype (int8 KV needs antiquant, not modelled)",
     )
-    _require(num_heads >= 1, f"{op}: num_heads must be >= 1")
     kv_heads = num_key_value_heads or num_heads
+    _require(num_heads >= 1, f"{op}: num_heads must be >= 1")
     _require(
         num_heads % kv_heads == 0,
         f"{op}: num_heads ({num_heads}) must be divisible by num_key_value_heads ({kv_heads})",
     )
+    _require(num_heads // kv_heads <= MAX_GQA_RATIO, f"{op}: num_heads / num_key_value_heads must be <= 64")
     _require(
-        num_heads // kv_heads <= MAX_GQA_RATIO,
-        f"{op}: num_heads / num_key_value_heads must be <= {MAX_GQA_RATIO}",
+        query.shape[1] == num_heads,
+        f"{op}: num_heads ({num_heads}) must equal the query's N axis ({query.shape[1]})",
     )
-    if layout == "BSH":
-        batch, q_len, hidden = query.shape
-        _require(hidden % num_heads == 0, f"{op}: query H ({hidden}) must be divisible by num_heads")
-        head_dim = hidden // num_heads
-        kv_batch, kv_len, kv_hidden = key.shape
-        _require(
-            kv_hidden == kv_heads * head_dim,
-            f"{op}: key H ({kv_hidden}) must equal num_key_value_heads * D ({kv_heads} * {head_dim})",
-        )
-    else:
-        n_axis, s_axis = (1, 2) if layout == "BNSD" else (2, 1)
-        batch, q_len, head_dim = query.shape[0], query.shape[s_axis], query.shape[3]
-        _require(
-            query.shape[n_axis] == num_heads,
-            f"{op}: num_heads ({num_heads}) must equal the query's N axis ({query.shape[n_axis]})",
-        )
-        _require(
-            key.shape[n_axis] == kv_heads,
-            f"{op}: num_key_value_heads ({kv_heads}) must equal the key's N axis ({key.shape[n_axis]})",
-        )
-        _require(key.shape[3] == head_dim, f"{op}: key D must equal query D")
-        kv_batch, kv_len = key.shape[0], key.shape[s_axis]
-    _require(kv_batch == batch, f"{op}: key batch ({kv_batch}) must equal query batch ({batch})")
+    _require(
+        key.shape[1] == kv_heads,
+        f"{op}: num_key_value_heads ({kv_heads}) must equal the key's N axis ({key.shape[1]})",
+    )
+    _require(key.shape[0] == query.shape[0], f"{op}: key batch must equal query batch")
+    _require(key.shape[3] == query.shape[3], f"{op}: key D must equal query D")
     _require(num_heads <= MAX_HEADS, f"{op}: N must be <= {MAX_HEADS}, got {num_heads}")
-    _require(head_dim <= MAX_HEAD_DIM, f"{op}: D must be <= {MAX_HEAD_DIM}, got {head_dim}")
-    return _Geometry(batch, num_heads, kv_heads, q_len, kv_len, head_dim, layout, out_layout)
+    _require(query.shape[3] <= MAX_HEAD_DIM, f"{op}: D must be <= {MAX_HEAD_DIM}, got {query.shape[3]}")
 
 
-def _check_prompt_limits(op: str, g: _Geometry, tensors: Sequence[Optional[torch.Tensor]]) -> None:
-    _require(g.batch <= 65536, f"{op}: B must be <= 65536")
-    _require(g.head_dim % 16 == 0, f"{op}: D must be a multiple of 16 (32-byte aligned), got {g.head_dim}")
-    if g.layout in ("BSH", "BSND"):
-        _require(g.heads * g.head_dim < 65535, f"{op}: N * D must be < 65535 for BSH/BSND")
-    for t in tensors:
-        _require(
-            t is None or t.is_contiguous(), f"{op}: non-contiguous query/key/value/atten_mask not supported"
+def _check_mask(op: str, mask: torch.Tensor, batch: int, q_len: int, kv_len: int, decode: bool) -> None:
+    if mask.dtype != torch.bool:
+        raise NotImplementedError(
+            f"{op}: atten_mask dtype {mask.dtype} is not modelled (the model passes bool)"
         )
-
-
-def _check_decode_limits(op: str, g: _Geometry) -> None:
-    _require(g.q_len == 1, f"{op}: the query's S must be 1 (decode kernel), got {g.q_len}")
-    _require(g.batch <= 65535, f"{op}: B must be <= 65535")
-    _require(g.kv_len <= 262144, f"{op}: KV S must be <= 262144")
-
-
-def _to_bnsd(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
-    if layout == "BSH":
-        batch, seq, hidden = x.shape
-        return x.reshape(batch, seq, heads, hidden // heads).transpose(1, 2)
-    if layout == "BSND":
-        return x.transpose(1, 2)
-    return x
-
-
-def _from_bnsd(out: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "BSH":
-        batch, heads, seq, dim = out.shape
-        return out.transpose(1, 2).reshape(batch, seq, heads * dim)
-    if layout == "BSND":
-        return out.transpose(1, 2).contiguous()
-    return out.contiguous()
-
-
-def _output_shape(g: _Geometry) -> tuple[int, ...]:
-    if g.out_layout == "BSH":
-        return (g.batch, g.q_len, g.heads * g.head_dim)
-    if g.out_layout == "BSND":
-        return (g.batch, g.q_len, g.heads, g.head_dim)
-    return (g.batch, g.heads, g.q_len, g.head_dim)
-
-
-# ----------------------------------------------------------------------------- attention: masks
-
-
-def _check_lengths(
-    op: str, name: str, lengths: Optional[list[int]], batch: int, limit: int, exact: bool
-) -> None:
-    """exact: length 1 or B (IFA); otherwise length 1 or at least B, the first B used (PFA)."""
-    if lengths is None:
-        return
-    fits = len(lengths) in (1, batch) if exact else (len(lengths) == 1 or len(lengths) >= batch)
-    _require(
-        fits,
-        f"{op}: {name} must have length 1 or {'' if exact else 'at least '}B={batch}, got {len(lengths)}",
-    )
-    used = _per_batch(lengths, batch, limit)
-    _require(
-        all(0 <= n <= limit for n in used), f"{op}: every {name} entry must lie in [0, {limit}], got {used}"
-    )
-
-
-def _per_batch(lengths: Optional[list[int]], batch: int, full: int) -> list[int]:
-    if lengths is None:
-        return [full] * batch
-    return lengths * batch if len(lengths) == 1 else lengths[:batch]
-
-
-def _check_mask(op: str, mask: torch.Tensor, g: _Geometry, decode: bool) -> None:
-    _require(
-        mask.dtype in MASK_DTYPES, f"{op}: atten_mask dtype must be bool, int8 or uint8, got {mask.dtype}"
-    )
+    _require(mask.is_contiguous(), f"{op}: non-contiguous atten_mask not supported")
     shape = tuple(mask.shape)
     if decode:
-        ok = mask.dim() in (2, 3, 4) and shape[0] == g.batch and all(d == 1 for d in shape[1:-1])
-        ok = ok and shape[-1] >= g.kv_len
+        ok = mask.dim() in (2, 3, 4) and shape[0] == batch and all(d == 1 for d in shape[1:-1])
+        ok = ok and shape[-1] >= kv_len
         expected = "(B, S_kv), (B, 1, S_kv) or (B, 1, 1, S_kv)"
     else:
-        ok = mask.dim() in (2, 3, 4) and shape[-2] >= g.q_len and shape[-1] >= g.kv_len
+        ok = mask.dim() in (2, 3, 4) and shape[-2] >= q_len and shape[-1] >= kv_len
         if mask.dim() >= 3:
-            ok = ok and shape[0] in (1, g.batch) and (mask.dim() == 3 or shape[1] == 1)
+            ok = ok and shape[0] in (1, batch) and (mask.dim() == 3 or shape[1] == 1)
         expected = "(S_q, S_kv), (B|1, S_q, S_kv) or (B|1, 1, S_q, S_kv)"
     _require(
-        ok,
-        f"{op}: atten_mask shape must be {expected}, got {shape} (B={g.batch}, S_q={g.q_len}, S_kv={g.kv_len})",
+        ok, f"{op}: atten_mask shape must be {expected}, got {shape} (B={batch}, S_q={q_len}, S_kv={kv_len})"
     )
 
 
-def _masked_4d(mask: torch.Tensor, g: _Geometry, decode: bool) -> torch.Tensor:
-    """The mask as bool [B or 1, 1, S_q, S_kv], True = masked, alignment padding cut off."""
-    if decode:
-        mask = mask.reshape(g.batch, 1, 1, mask.shape[-1])
-    elif mask.dim() == 2:
-        mask = mask[None, None]
-    elif mask.dim() == 3:
-        mask = mask[:, None]
-    return mask[..., : g.q_len, : g.kv_len] != 0
+def _check_compressed_mask(op: str, mask: Optional[torch.Tensor]) -> None:
+    size = COMPRESSED_MASK_SIZE
+    _require(
+        mask is not None
+        and mask.dtype == torch.bool
+        and tuple(mask.shape) in ((size, size), (1, size, size), (1, 1, size, size)),
+        f"{op}: sparse_mode 3 needs the compressed bool atten_mask of shape (2048, 2048),"
+        " (1, 2048, 2048) or (1, 1, 2048, 2048)",
+    )
+    _require(mask.is_contiguous(), f"{op}: non-contiguous atten_mask not supported")
 
 
-def _check_mask_values(op: str, mask: torch.Tensor) -> None:
-    if mask.dtype != torch.bool:
+def _pfa_static(
+    query, key, value, atten_mask, num_heads, pre_tokens, next_tokens, num_key_value_heads, sparse_mode
+):
+    op = "npu_prompt_flash_attention"
+    _check_qkv(op, query, key, value, num_heads, num_key_value_heads)
+    _require(query.shape[0] <= 65536, f"{op}: B must be <= 65536")
+    _require(
+        query.shape[3] % 16 == 0, f"{op}: D must be a multiple of 16 (32-byte aligned), got {query.shape[3]}"
+    )
+    _require(
+        all(t.is_contiguous() for t in (query, key, value)),
+        f"{op}: non-contiguous query/key/value not supported",
+    )
+    if sparse_mode not in SPARSE_MODES:
+        raise NotImplementedError(f"{op}: sparse_mode {sparse_mode} is not modelled (only {SPARSE_MODES})")
+    if sparse_mode == 3:
+        _check_compressed_mask(op, atten_mask)
+    elif atten_mask is not None:
+        _check_mask(op, atten_mask, query.shape[0], query.shape[2], key.shape[2], decode=False)
+        _require(pre_tokens + next_tokens >= 0, f"{op}: pre_tokens + next_tokens must be >= 0 (empty band)")
         _require(
-            bool(((mask == 0) | (mask == 1)).all()), f"{op}: an int8/uint8 atten_mask may only hold 0 and 1"
+            next_tokens >= 0 or -next_tokens < key.shape[2],
+            f"{op}: |next_tokens| must be < S_kv when negative",
         )
+        _require(
+            pre_tokens >= 0 or -pre_tokens < query.shape[2], f"{op}: |pre_tokens| must be < S_q when negative"
+        )
+
+
+def _ifa_static(query, key, value, atten_mask, num_heads, num_key_value_heads):
+    op = "npu_incre_flash_attention"
+    _check_qkv(op, query, key, value, num_heads, num_key_value_heads)
+    _require(query.shape[2] == 1, f"{op}: the query's S must be 1 (decode kernel), got {query.shape[2]}")
+    _require(query.shape[0] <= 65535, f"{op}: B must be <= 65535")
+    _require(key.shape[2] <= 262144, f"{op}: KV S must be <= 262144")
+    if atten_mask is not None:
+        _check_mask(op, atten_mask, query.shape[0], 1, key.shape[2], decode=True)
+
+
+# ---------------------------------------------------------------------------- attention: core
 
 
 def _band(q_len: int, kv_len: int, pre_tokens: int, next_tokens: int, offset: int) -> torch.Tensor:
@@ -360,24 +274,20 @@ def _band(q_len: int, kv_len: int, pre_tokens: int, next_tokens: int, offset: in
     return (col >= row - pre_tokens) & (col <= row + next_tokens)
 
 
-def _valid_positions(lengths: list[int], size: int, start: Optional[list[int]] = None) -> torch.Tensor:
-    """bool [B, size]: True on [start_b, start_b + length_b)."""
-    starts = torch.tensor(start if start is not None else [0] * len(lengths)).unsqueeze(1)
-    pos = torch.arange(size).unsqueeze(0)
-    return (pos >= starts) & (pos < starts + torch.tensor(lengths).unsqueeze(1))
+def _kept(mask: torch.Tensor, q_len: int, kv_len: int, decode: bool) -> torch.Tensor:
+    """~mask as bool [B or 1, 1, S_q, S_kv], alignment padding cut off."""
+    if decode:
+        mask = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
+    elif mask.dim() == 2:
+        mask = mask[None, None]
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    return ~mask[..., :q_len, :kv_len]
 
 
-# ------------------------------------------------------------------------------ attention: core
-
-
-def _softmax_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B,N,Sq,D], k/v [B,Nkv,Skv,D], allowed bool broadcastable to [B,N,Sq,Skv].
-
-    Returns the float32 output [B,N,Sq,D] (zero on rows with nothing to attend to) and the
-    float32 log-sum-exp [B,N,Sq,1] of the scaled, masked scores.
-    """
+def _softmax_attention(q, k, v, allowed, scale):
+    """q [B,N,Sq,D], k/v [B,Nkv,Skv,D], allowed bool broadcastable to [B,N,Sq,Skv]; float32 out,
+    zero on rows with nothing to attend to."""
     group = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
     v = v.float().repeat_interleave(group, dim=1)
@@ -385,169 +295,24 @@ def _softmax_attention(
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.where(allowed, torch.exp(scores - lse), 0.0)
-    return torch.matmul(probs, v), lse
+    return torch.matmul(probs, v)
 
 
-def _prompt_allowed(
-    op: str,
-    g: _Geometry,
-    atten_mask: Optional[torch.Tensor],
-    q_lengths: list[int],
-    kv_lengths: list[int],
-    pre_tokens: int,
-    next_tokens: int,
-    sparse_mode: int,
-) -> torch.Tensor:
-    """bool [B, 1, S_q, S_kv]: which (query, key) pairs take part, per the sparse_mode rules."""
-    inside = (
-        _valid_positions(q_lengths, g.q_len)[:, None, :, None]
-        & _valid_positions(kv_lengths, g.kv_len)[:, None, None, :]
-    )
-    if sparse_mode == 0:
-        if atten_mask is None:
-            return inside
-        _check_mask_values(op, atten_mask)
-        return (
-            inside
-            & ~_masked_4d(atten_mask, g, decode=False)
-            & _band(g.q_len, g.kv_len, pre_tokens, next_tokens, 0)
-        )
-    if sparse_mode == 1:
-        _check_mask_values(op, atten_mask)
-        return inside & ~_masked_4d(atten_mask, g, decode=False)
-    triangle = torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool).triu(1)
-    _require(
-        torch.equal(atten_mask.reshape(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE) != 0, triangle),
-        f"{op}: sparse_mode {sparse_mode} needs the compressed mask triu(ones(2048, 2048), 1)",
-    )
-    if sparse_mode == 2:
-        return inside & _band(g.q_len, g.kv_len, INT_MAX, 0, 0)
-    pre, nxt = (INT_MAX, 0) if sparse_mode == 3 else (pre_tokens, next_tokens)
-    bands = [_band(g.q_len, g.kv_len, pre, nxt, kv - q) for q, kv in zip(q_lengths, kv_lengths)]
-    return inside & torch.stack(bands)[:, None]
-
-
-def _check_prompt_arguments(
-    op: str,
-    g: _Geometry,
-    atten_mask: Optional[torch.Tensor],
-    q_lengths: Optional[list[int]],
-    kv_lengths: Optional[list[int]],
-    pre_tokens: int,
-    next_tokens: int,
-    sparse_mode: int,
-) -> None:
-    _check_lengths(op, "actual_seq_lengths", q_lengths, g.batch, g.q_len, exact=False)
-    _check_lengths(op, "actual_seq_lengths_kv", kv_lengths, g.batch, g.kv_len, exact=False)
-    _require(sparse_mode in (0, 1, 2, 3, 4), f"{op}: sparse_mode must be 0, 1, 2, 3 or 4, got {sparse_mode}")
-    if sparse_mode == 0 and atten_mask is not None:
-        _check_mask(op, atten_mask, g, decode=False)
-        _require(pre_tokens + next_tokens >= 0, f"{op}: pre_tokens + next_tokens must be >= 0 (empty band)")
+def _prompt_allowed(atten_mask, q_len, kv_len, pre_tokens, next_tokens, sparse_mode) -> torch.Tensor:
+    """bool broadcastable to [B, 1, S_q, S_kv]: which (query, key) pairs take part."""
+    if sparse_mode == 3:
+        triangle = torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool).triu(1)
         _require(
-            next_tokens >= 0 or -next_tokens < g.kv_len, f"{op}: |next_tokens| must be < S_kv when negative"
+            torch.equal(atten_mask.reshape(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE), triangle),
+            "npu_prompt_flash_attention: sparse_mode 3 needs the compressed mask triu(ones(2048, 2048), 1)",
         )
-        _require(pre_tokens >= 0 or -pre_tokens < g.q_len, f"{op}: |pre_tokens| must be < S_q when negative")
-    elif sparse_mode == 1:
-        _require(atten_mask is not None, f"{op}: sparse_mode 1 (allMask) needs a full atten_mask")
-        _check_mask(op, atten_mask, g, decode=False)
-    elif sparse_mode in (2, 3, 4):
-        size = COMPRESSED_MASK_SIZE
-        _require(
-            atten_mask is not None
-            and atten_mask.dtype in MASK_DTYPES
-            and tuple(atten_mask.shape) in ((size, size), (1, size, size), (1, 1, size, size)),
-            f"{op}: sparse_mode {sparse_mode} needs the compressed atten_mask of shape (2048, 2048),"
-            " (1, 2048, 2048) or (1, 1, 2048, 2048)",
-        )
+        return _band(q_len, kv_len, INT_MAX, 0, kv_len - q_len)
+    if atten_mask is None:
+        return torch.ones(q_len, kv_len, dtype=torch.bool)
+    return _kept(atten_mask, q_len, kv_len, decode=False) & _band(q_len, kv_len, pre_tokens, next_tokens, 0)
 
 
-def _prompt_attention(
-    op: str,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    g: _Geometry,
-    atten_mask: Optional[torch.Tensor],
-    q_lengths: Optional[list[int]],
-    kv_lengths: Optional[list[int]],
-    scale: float,
-    pre_tokens: int,
-    next_tokens: int,
-    sparse_mode: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    allowed = _prompt_allowed(
-        op,
-        g,
-        atten_mask,
-        _per_batch(q_lengths, g.batch, g.q_len),
-        _per_batch(kv_lengths, g.batch, g.kv_len),
-        pre_tokens,
-        next_tokens,
-        sparse_mode,
-    )
-    out, lse = _softmax_attention(
-        _to_bnsd(query, g.layout, g.heads),
-        _to_bnsd(key, g.layout, g.kv_heads),
-        _to_bnsd(value, g.layout, g.kv_heads),
-        allowed,
-        scale,
-    )
-    return _from_bnsd(out.to(query.dtype), g.out_layout), lse
-
-
-def _decode_attention(
-    op: str,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    g: _Geometry,
-    atten_mask: Optional[torch.Tensor],
-    kv_lengths: Optional[list[int]],
-    kv_padding_size: Optional[torch.Tensor],
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = _per_batch(kv_lengths, g.batch, g.kv_len)
-    starts = None
-    if kv_padding_size is not None and kv_lengths is not None:
-        # Left padding: the valid window ends `pad` short of S; a window reaching below 0 is empty.
-        end = g.kv_len - max(int(kv_padding_size.reshape(()).item()), 0)
-        starts = [max(end - n, 0) for n in lengths]
-        lengths = [n if end - n >= 0 else 0 for n in lengths]
-    allowed = _valid_positions(lengths, g.kv_len, starts)[:, None, None, :]
-    if atten_mask is not None:
-        _check_mask_values(op, atten_mask)
-        allowed = allowed & ~_masked_4d(atten_mask, g, decode=True)
-    out, lse = _softmax_attention(
-        _to_bnsd(query, g.layout, g.heads),
-        _to_bnsd(key, g.layout, g.kv_heads),
-        _to_bnsd(value, g.layout, g.kv_heads),
-        allowed,
-        scale,
-    )
-    return _from_bnsd(out.to(query.dtype), g.out_layout), lse
-
-
-def _check_decode_arguments(
-    op: str,
-    g: _Geometry,
-    atten_mask: Optional[torch.Tensor],
-    kv_lengths: Optional[list[int]],
-    kv_padding_size: Optional[torch.Tensor],
-    exact: bool,
-) -> None:
-    _check_decode_limits(op, g)
-    name = "actual_seq_lengths" if exact else "actual_seq_lengths_kv"
-    _check_lengths(op, name, kv_lengths, g.batch, g.kv_len, exact=exact)
-    if atten_mask is not None:
-        _check_mask(op, atten_mask, g, decode=True)
-    if kv_padding_size is not None:
-        _require(
-            kv_padding_size.dtype == torch.int64 and kv_padding_size.numel() == 1,
-            f"{op}: kv_padding_size must be a one-element int64 tensor",
-        )
-
-
-# -------------------------------------------------------------------- attention: registered ops
+# ------------------------------------------------------------------- attention: registered ops
 
 
 @torch.library.custom_op(f"{_NS}::prompt_flash_attention", mutates_args=())
@@ -556,34 +321,20 @@ def _pfa_op(
     key: torch.Tensor,
     value: torch.Tensor,
     atten_mask: Optional[torch.Tensor],
-    actual_seq_lengths: Optional[list[int]],
-    actual_seq_lengths_kv: Optional[list[int]],
     num_heads: int,
     scale_value: float,
     pre_tokens: int,
     next_tokens: int,
-    input_layout: str,
     num_key_value_heads: int,
     sparse_mode: int,
 ) -> torch.Tensor:
     op = "npu_prompt_flash_attention"
-    g = _pfa_static(
-        query,
-        key,
-        value,
-        atten_mask,
-        actual_seq_lengths,
-        actual_seq_lengths_kv,
-        num_heads,
-        pre_tokens,
-        next_tokens,
-        input_layout,
-        num_key_value_heads,
-        sparse_mode,
+    _pfa_static(
+        query, key, value, atten_mask, num_heads, pre_tokens, next_tokens, num_key_value_heads, sparse_mode
     )
     _record(
         op,
-        input_layout=input_layout,
+        input_layout="BNSD",
         query_shape=tuple(query.shape),
         key_shape=tuple(key.shape),
         num_heads=num_heads,
@@ -594,42 +345,8 @@ def _pfa_op(
         next_tokens=next_tokens,
         scale_value=scale_value,
     )
-    out, _ = _prompt_attention(
-        op,
-        query,
-        key,
-        value,
-        g,
-        atten_mask,
-        actual_seq_lengths,
-        actual_seq_lengths_kv,
-        scale_value,
-        pre_tokens,
-        next_tokens,
-        sparse_mode,
-    )
-    return out
-
-
-def _pfa_static(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    atten_mask: Optional[torch.Tensor],
-    q_lengths: Optional[list[int]],
-    kv_lengths: Optional[list[int]],
-    num_heads: int,
-    pre_tokens: int,
-    next_tokens: int,
-    input_layout: str,
-    num_key_value_heads: int,
-    sparse_mode: int,
-) -> _Geometry:
-    op = "npu_prompt_flash_attention"
-    g = _geometry(op, query, key, value, num_heads, num_key_value_heads, input_layout)
-    _check_prompt_limits(op, g, (query, key, value, atten_mask))
-    _check_prompt_arguments(op, g, atten_mask, q_lengths, kv_lengths, pre_tokens, next_tokens, sparse_mode)
-    return g
+    allowed = _prompt_allowed(atten_mask, query.shape[2], key.shape[2], pre_tokens, next_tokens, sparse_mode)
+    return _softmax_attention(query, key, value, allowed, scale_value).to(query.dtype)
 
 
 @_pfa_op.register_fake
@@ -638,31 +355,17 @@ def _pfa_fake(
     key,
     value,
     atten_mask,
-    actual_seq_lengths,
-    actual_seq_lengths_kv,
     num_heads,
     scale_value,
     pre_tokens,
     next_tokens,
-    input_layout,
     num_key_value_heads,
     sparse_mode,
 ):
-    g = _pfa_static(
-        query,
-        key,
-        value,
-        atten_mask,
-        actual_seq_lengths,
-        actual_seq_lengths_kv,
-        num_heads,
-        pre_tokens,
-        next_tokens,
-        input_layout,
-        num_key_value_heads,
-        sparse_mode,
+    _pfa_static(
+        query, key, value, atten_mask, num_heads, pre_tokens, next_tokens, num_key_value_heads, sparse_mode
     )
-    return query.new_empty(_output_shape(g))
+    return torch.empty_like(query)
 
 
 @torch.library.custom_op(f"{_NS}::incre_flash_attention", mutates_args=())
@@ -671,87 +374,31 @@ def _ifa_op(
     key: torch.Tensor,
     value: torch.Tensor,
     atten_mask: Optional[torch.Tensor],
-    actual_seq_lengths: Optional[list[int]],
-    kv_padding_size: Optional[torch.Tensor],
     num_heads: int,
     scale_value: float,
-    input_layout: str,
     num_key_value_heads: int,
 ) -> torch.Tensor:
     op = "npu_incre_flash_attention"
-    g = _ifa_static(
-        query,
-        key,
-        value,
-        atten_mask,
-        actual_seq_lengths,
-        kv_padding_size,
-        num_heads,
-        input_layout,
-        num_key_value_heads,
-    )
+    _ifa_static(query, key, value, atten_mask, num_heads, num_key_value_heads)
     _record(
         op,
-        input_layout=input_layout,
+        input_layout="BNSD",
         query_shape=tuple(query.shape),
         key_shape=tuple(key.shape),
         num_heads=num_heads,
         num_key_value_heads=num_key_value_heads,
         atten_mask_shape=None if atten_mask is None else tuple(atten_mask.shape),
-        actual_seq_lengths=actual_seq_lengths,
         scale_value=scale_value,
     )
-    out, _ = _decode_attention(
-        op, query, key, value, g, atten_mask, actual_seq_lengths, kv_padding_size, scale_value
-    )
-    return out
-
-
-def _ifa_static(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    atten_mask: Optional[torch.Tensor],
-    kv_lengths: Optional[list[int]],
-    kv_padding_size: Optional[torch.Tensor],
-    num_heads: int,
-    input_layout: str,
-    num_key_value_heads: int,
-) -> _Geometry:
-    op = "npu_incre_flash_attention"
-    g = _geometry(op, query, key, value, num_heads, num_key_value_heads, input_layout)
-    _check_decode_arguments(op, g, atten_mask, kv_lengths, kv_padding_size, exact=True)
-    _require(
-        atten_mask is None or atten_mask.is_contiguous(), f"{op}: non-contiguous atten_mask not supported"
-    )
-    return g
+    allowed = True if atten_mask is None else _kept(atten_mask, 1, key.shape[2], decode=True)
+    allowed = torch.as_tensor(allowed)
+    return _softmax_attention(query, key, value, allowed, scale_value).to(query.dtype)
 
 
 @_ifa_op.register_fake
-def _ifa_fake(
-    query,
-    key,
-    value,
-    atten_mask,
-    actual_seq_lengths,
-    kv_padding_size,
-    num_heads,
-    scale_value,
-    input_layout,
-    num_key_value_heads,
-):
-    g = _ifa_static(
-        query,
-        key,
-        value,
-        atten_mask,
-        actual_seq_lengths,
-        kv_padding_size,
-        num_heads,
-        input_layout,
-        num_key_value_heads,
-    )
-    return query.new_empty(_output_shape(g))
+def _ifa_fake(query, key, value, atten_mask, num_heads, scale_value, num_key_value_heads):
+    _ifa_static(query, key, value, atten_mask, num_heads, num_key_value_heads)
+    return torch.empty_like(query)
 
 
 # ------------------------------------------------------------------------ attention: public API
@@ -762,51 +409,29 @@ def npu_prompt_flash_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    pse_shift: Optional[torch.Tensor] = None,
-    padding_mask: Optional[torch.Tensor] = None,
     atten_mask: Optional[torch.Tensor] = None,
-    actual_seq_lengths: Optional[Sequence[int]] = None,
-    deq_scale1: Optional[torch.Tensor] = None,
-    quant_scale1: Optional[torch.Tensor] = None,
-    deq_scale2: Optional[torch.Tensor] = None,
-    quant_scale2: Optional[torch.Tensor] = None,
-    quant_offset2: Optional[torch.Tensor] = None,
     num_heads: int = 1,
     scale_value: float = 1.0,
     pre_tokens: int = 2147473647,
     next_tokens: int = 0,
     input_layout: str = "BSH",
     num_key_value_heads: int = 0,
-    actual_seq_lengths_kv: Optional[Sequence[int]] = None,
     sparse_mode: int = 0,
 ) -> torch.Tensor:
-    """Prefill ("full") flash attention: softmax(scale * Q K^T + mask) V, output shaped like query.
+    """Prefill ("full") flash attention: softmax(scale * Q K^T + mask) V, BNSD, shaped like query.
 
-    See the module docstring for the band, mask and length rules.
+    See the module docstring for the band and mask rules; the defaults are the documented ones.
     """
-    op = "npu_prompt_flash_attention"
-    _require(padding_mask is None, f"{op}: padding_mask is a reserved, unused parameter; pass None")
-    _unsupported(
-        op,
-        pse_shift=pse_shift,
-        deq_scale1=deq_scale1,
-        quant_scale1=quant_scale1,
-        deq_scale2=deq_scale2,
-        quant_scale2=quant_scale2,
-        quant_offset2=quant_offset2,
-    )
+    _check_layout("npu_prompt_flash_attention", input_layout)
     return _pfa_op(
         query,
         key,
         value,
         atten_mask,
-        _host_lengths(op, "actual_seq_lengths", actual_seq_lengths),
-        _host_lengths(op, "actual_seq_lengths_kv", actual_seq_lengths_kv),
         num_heads,
         float(scale_value),
         pre_tokens,
         next_tokens,
-        input_layout,
         num_key_value_heads,
         sparse_mode,
     )
@@ -817,57 +442,15 @@ def npu_incre_flash_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    padding_mask: Optional[torch.Tensor] = None,
-    pse_shift: Optional[torch.Tensor] = None,
     atten_mask: Optional[torch.Tensor] = None,
-    actual_seq_lengths: Optional[Sequence[int]] = None,
-    dequant_scale1: Optional[torch.Tensor] = None,
-    quant_scale1: Optional[torch.Tensor] = None,
-    dequant_scale2: Optional[torch.Tensor] = None,
-    quant_scale2: Optional[torch.Tensor] = None,
-    quant_offset2: Optional[torch.Tensor] = None,
-    antiquant_scale: Optional[torch.Tensor] = None,
-    antiquant_offset: Optional[torch.Tensor] = None,
-    block_table: Optional[torch.Tensor] = None,
-    kv_padding_size: Optional[torch.Tensor] = None,
     num_heads: int = 1,
     scale_value: float = 1.0,
     input_layout: str = "BSH",
     num_key_value_heads: int = 0,
-    block_size: int = 0,
-    inner_precise: int = 1,
 ) -> torch.Tensor:
-    """Decode ("incremental") flash attention for a query of sequence length 1."""
-    op = "npu_incre_flash_attention"
-    _require(padding_mask is None, f"{op}: padding_mask is a reserved, unused parameter; pass None")
-    _unsupported(
-        op,
-        pse_shift=pse_shift,
-        dequant_scale1=dequant_scale1,
-        quant_scale1=quant_scale1,
-        dequant_scale2=dequant_scale2,
-        quant_scale2=quant_scale2,
-        quant_offset2=quant_offset2,
-        antiquant_scale=antiquant_scale,
-        antiquant_offset=antiquant_offset,
-        block_table=block_table,
-    )
-    _require(block_size == 0, f"{op}: block_size only applies to page attention, which is not modelled")
-    _require(
-        inner_precise in (0, 1), f"{op}: inner_precise must be 0 (high precision) or 1 (high performance)"
-    )
-    return _ifa_op(
-        query,
-        key,
-        value,
-        atten_mask,
-        _host_lengths(op, "actual_seq_lengths", actual_seq_lengths),
-        kv_padding_size,
-        num_heads,
-        float(scale_value),
-        input_layout,
-        num_key_value_heads,
-    )
+    """Decode ("incremental") flash attention for a query of sequence length 1, BNSD."""
+    _check_layout("npu_incre_flash_attention", input_layout)
+    return _ifa_op(query, key, value, atten_mask, num_heads, float(scale_value), num_key_value_heads)
 
 
 # ------------------------------------------------------------------------------------- RMSNorm

@@ -45,7 +45,11 @@ def test_preset_run_labels_random_weights_and_writes_json_and_plot(capsys, tmp_p
     results = payload["results"]
     assert [r["batch_size"] for r in results] == [1, 2]
     for r in results:
-        assert r["prefill_ms"] > 0 and r["decode_ms_mean"] > 0
+        # The derived figures follow from the measured ones (3 decode steps after the prefill).
+        assert r["prefill_ms"] > 0 and r["ttft_ms"] == r["prefill_ms"]
+        per_s = r["batch_size"] * 1e3 / r["decode_ms_mean"]
+        assert r["decode_tokens_per_s"] == pytest.approx(per_s, rel=1e-3)
+        assert r["e2e_ms"] == pytest.approx(r["prefill_ms"] + 3 * r["decode_ms_mean"], rel=1e-3)
         assert r["decode_ms_p50"] <= r["decode_ms_p90"] <= r["decode_ms_p99"]
         assert r["new_tokens"] == 4 and r["input_len"] == 16
     assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -650,10 +654,11 @@ def test_random_preset_is_built_with_the_context_the_run_needs():
 
     from chatglm_bench.presets import PRESETS, build_preset_model
 
-    assert PRESETS["tiny"]["seq_length"] == 256
-    model = build_preset_model("tiny", torch.float32, seed=0, context=2048)
-    assert model.config.seq_length == 2048 and model.transformer.seq_length == 2048
-    assert build_preset_model("tiny", torch.float32, seed=0).config.seq_length == 256
+    base = PRESETS["tiny"]["seq_length"]
+    model = build_preset_model("tiny", torch.float32, seed=0, context=8 * base)
+    assert model.config.seq_length == 8 * base and model.transformer.seq_length == 8 * base
+    assert build_preset_model("tiny", torch.float32, seed=0).config.seq_length == base
+    assert build_preset_model("tiny", torch.float32, seed=0, context=base // 2).config.seq_length == base
 
 
 def test_bandwidth_yardstick_reads_at_least_a_gib_and_the_working_set_and_keeps_the_best(monkeypatch):

@@ -11,13 +11,13 @@ from golden_protocol import (
     run_protocol,
     variant_inputs,
 )
+from helpers import CountingBackend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from npu_reference import import_model_module, install_fake_torch_npu
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from chatglm_bench.measure import decode
-from chatglm_bench.presets import randomize_
+from chatglm_protocol import decode, randomize_
 
 
 @pytest.fixture(autouse=True)
@@ -120,12 +120,7 @@ def test_chunked_prefill_equals_one_pass_on_every_kernel_and_cache(npu_module, c
 
 @pytest.mark.parametrize("kv_cache", ["tuple", "static"])
 def test_chunked_prefill_in_graph_mode_compiles_a_bounded_number_of_graphs(kv_cache):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    backend = CountingBackend()
     model = build_golden_model(
         "tiny-chatglm3", exe_mode="dynamo", graph_backend=backend, kv_cache=kv_cache, prefill_chunk=3
     )
@@ -134,10 +129,10 @@ def test_chunked_prefill_in_graph_mode_compiles_a_bounded_number_of_graphs(kv_ca
     compare_to_golden(result, expected, "nopad_", atol=1e-5)
     # The first chunk (causal, no past), the later chunks (after a past: the first length, then
     # one graph for all), and the decode graph(s) of the cache.
-    assert len(graphs) <= 4
-    compiled = len(graphs)
+    assert backend.count <= 4
+    compiled = backend.count
     run_protocol(model, *variant_inputs(expected, "nopad_"))
-    assert len(graphs) == compiled
+    assert backend.count == compiled
 
 
 class LargestTensor(TorchDispatchMode):

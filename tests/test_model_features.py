@@ -28,7 +28,7 @@ def _config(**changes):
 
 def _random_model(seed=0, cls_name="ChatGLMForConditionalGeneration", **changes):
     import modeling_chatglm
-    from chatglm_bench.presets import randomize_
+    from chatglm_protocol import randomize_
 
     torch.manual_seed(seed)
     model = getattr(modeling_chatglm, cls_name)(_config(**changes), empty_init=False)

@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from npu_reference import import_model_module, install_fake_torch_npu
 
-from chatglm_bench.measure import decode
-from chatglm_bench.presets import randomize_
+from chatglm_protocol import decode, randomize_
 
 sys.path.insert(0, str(REPO / "scripts"))
 

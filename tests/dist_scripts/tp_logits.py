@@ -38,7 +38,7 @@ DECODE_STEPS = 3
 
 def build_tiny_model(seed: int = 0, **changes):
     """A tiny chatglm3-shaped model (8 query heads, 2 KV groups) with seeded random weights."""
-    from chatglm_bench.presets import randomize_
+    from chatglm_protocol import randomize_
     from configuration_chatglm import ChatGLMConfig
     from modeling_chatglm import ChatGLMForConditionalGeneration
 
@@ -61,7 +61,7 @@ def tiny_inputs(batch: int = 2, length: int = 8, pad: int = 3, seed: int = 1):
 
 def run_logits(model, kv_cache: str) -> torch.Tensor:
     """Prefill logits [b, s, V] and the decode steps' [b, 1, V], concatenated on the sequence."""
-    from chatglm_bench.measure import decode
+    from chatglm_protocol import decode
 
     model.transformer.set_runtime_options(kv_cache=kv_cache)
     input_ids, mask, positions, decode_ids = tiny_inputs()
