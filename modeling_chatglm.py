@@ -2172,7 +2172,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         )
         use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        self._check_inputs(input_ids, inputs_embeds, position_ids, attention_mask, past_key_values)
+        decode_shaped = past_key_values is not None and input_ids is not None and input_ids.dim() == 2
+        if not (decode_shaped and input_ids.shape[1] == 1):  # a decode step: _check_lengths only
+            self._check_inputs(input_ids, inputs_embeds, position_ids, attention_mask, past_key_values)
 
         if inputs_embeds is None:
             if input_ids is None:
@@ -2193,7 +2195,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         cache = self.open_cache(past_key_values, batch_size, seq_length, dtype, device, use_cache)
         past_len = cache.seq_len
-        self._check_lengths(batch_size, seq_length, past_len, attention_mask)
+        self._check_lengths(batch_size, seq_length, past_len, attention_mask, position_ids)
         if position_ids is None:
             offset = past_len - (self.pre_seq_len or 0)
             position_ids = (
@@ -2322,8 +2324,15 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                     "padding); drop that row or give it at least one token"
                 )
 
-    def _check_lengths(self, batch_size, seq_length, past_len, attention_mask) -> None:
+    def _check_lengths(self, batch_size, seq_length, past_len, attention_mask, position_ids=None) -> None:
+        """The lengths every forward must agree on (no device sync): the context, the mask over
+        past + new tokens, the positions of the new tokens."""
         total = past_len + seq_length
+        if position_ids is not None and tuple(position_ids.shape) != (batch_size, seq_length):
+            raise ValueError(
+                f"position_ids has shape {tuple(position_ids.shape)} but must be [batch, seq] = "
+                f"[{batch_size}, {seq_length}], like input_ids"
+            )
         if total > self.seq_length:
             raise ValueError(
                 f"input of {seq_length} tokens after {past_len} cached ones needs {total} positions, "
