@@ -79,3 +79,14 @@ def sp_model_path(tmp_path_factory) -> Path:
         minloglevel=2,
     )
     return out / "tiny.model"
+
+
+@pytest.fixture(scope="module")
+def npu_module():
+    """A separately imported modeling_chatglm that saw the torch_npu stand-in (tests/npu_reference.py)."""
+    from npu_reference import import_model_module, install_fake_torch_npu
+
+    monkeypatch = pytest.MonkeyPatch()
+    install_fake_torch_npu(monkeypatch)
+    yield import_model_module()
+    monkeypatch.undo()

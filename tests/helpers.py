@@ -14,3 +14,16 @@ class CountingBackend:
     @property
     def count(self):
         return len(self.graphs)
+
+
+def installer_originals(names) -> dict:
+    """What a checkpoint's own copies of our files hold in the installer tests (name -> bytes)."""
+    return {name: f"# the checkpoint's original {name}\n".encode() for name in names}
+
+
+def write_our_stand_ins(directory, names):
+    """Stand-ins for our files, so the installer tests do not depend on the real ones' contents."""
+    directory.mkdir()
+    for name in names:
+        (directory / name).write_bytes(f"# our fast {name}\n".encode())
+    return directory

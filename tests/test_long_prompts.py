@@ -14,7 +14,6 @@ from golden_protocol import (
 from helpers import CountingBackend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from npu_reference import import_model_module, install_fake_torch_npu
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chatglm_protocol import decode, randomize_
@@ -83,14 +82,6 @@ def cases(draw):
     length = draw(st.integers(2, 20))
     pads = [draw(st.integers(0, length - 1)) for _ in range(draw(st.integers(1, 3)))]
     return config, length, pads, draw(st.integers(2, 7)), draw(st.integers(0, 2**31 - 1))
-
-
-@pytest.fixture(scope="module")
-def npu_module():
-    monkeypatch = pytest.MonkeyPatch()
-    install_fake_torch_npu(monkeypatch)
-    yield import_model_module()
-    monkeypatch.undo()
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -3,12 +3,10 @@ math/eager/tuple baseline (prefill and several decode steps, padded rows include
 
 import sys
 
-import pytest
 import torch
 from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from npu_reference import import_model_module, install_fake_torch_npu
 
 from chatglm_protocol import decode, randomize_
 
@@ -58,14 +56,6 @@ def trace(model, ids, mask, steps):
     feed = (3 + torch.arange(steps))[:, None].expand(steps, ids.shape[0])
     run = decode(model, ids, mask, None, steps, feed=feed, keep_logits=True)
     return [run.prefill_logits, *run.step_logits]
-
-
-@pytest.fixture(scope="module")
-def npu_module():
-    monkeypatch = pytest.MonkeyPatch()
-    install_fake_torch_npu(monkeypatch)
-    yield import_model_module()
-    monkeypatch.undo()
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

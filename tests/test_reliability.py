@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers import installer_originals, write_our_stand_ins
 
 sys.path.insert(0, str(REPO / "scripts"))
 import install_into_checkpoint as inst  # noqa: E402
@@ -160,16 +161,12 @@ def test_a_one_rank_run_prints_no_deepspeed_warning(tmp_path):
 
 # --- 2. --restore never loses an edit, and says when there is nothing it can restore -----------
 
-ORIGINALS = {name: f"# the checkpoint's original {name}\n".encode() for name in inst.OUR_FILES}
+ORIGINALS = installer_originals(inst.OUR_FILES)
 
 
 @pytest.fixture
 def source_dir(tmp_path) -> Path:
-    src = tmp_path / "ours"
-    src.mkdir()
-    for name in inst.OUR_FILES:
-        (src / name).write_bytes(f"# our fast {name}\n".encode())
-    return src
+    return write_our_stand_ins(tmp_path / "ours", inst.OUR_FILES)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import installer_originals, write_our_stand_ins
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -319,17 +320,12 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, needles):
 
 # ---- install_into_checkpoint ------------------------------------------------------------------
 
-ORIGINALS = {name: f"# the checkpoint's original {name}\n".encode() for name in inst.OUR_FILES}
+ORIGINALS = installer_originals(inst.OUR_FILES)
 
 
 @pytest.fixture
 def source_dir(tmp_path) -> Path:
-    """Stand-ins for our files, so the tests do not depend on the real ones' contents."""
-    src = tmp_path / "ours"
-    src.mkdir()
-    for name in inst.OUR_FILES:
-        (src / name).write_bytes(f"# our fast {name}\n".encode())
-    return src
+    return write_our_stand_ins(tmp_path / "ours", inst.OUR_FILES)
 
 
 @pytest.fixture
