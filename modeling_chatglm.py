@@ -78,7 +78,7 @@ logger = logging.get_logger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# Run-time options: config field > environment variable > default.
+# Run-time options: config field > environment variable > default; the config's own checks.
 # ---------------------------------------------------------------------------------------------
 
 _OPTION_SPECS = (
@@ -90,8 +90,6 @@ _OPTION_SPECS = (
     ("quant_kernel", "CHATGLM_QUANT_KERNEL", ("auto", "cpu", "cpu_w8a8", "cuda", "npu", "math"), "auto"),
 )
 OPTION_CHOICES: Mapping[str, tuple] = MappingProxyType({spec[0]: spec[2] for spec in _OPTION_SPECS})
-
-
 # A prompt longer than this runs through the cache in chunks of this many tokens: every prompt
 # temporary (MLP intermediate, QKV, attention mask) is then bounded by chunk x context instead of
 # growing with the prompt. Measured on the small preset (bf16, 2-core Xeon): see README "Long prompts".
@@ -158,10 +156,6 @@ class RuntimeOptions:
         values["prefill_chunk"] = resolve_prefill_chunk(config)
         return cls(**values)
 
-
-# ---------------------------------------------------------------------------------------------
-# Config checks: a hand-edited config.json fails here with the field's name, not in torch.
-# ---------------------------------------------------------------------------------------------
 
 _SIZE_FIELDS = (
     "num_layers",
@@ -252,7 +246,6 @@ def torch_npu_present() -> bool:
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 _HAS_F_RMS_NORM = hasattr(F, "rms_norm")
-
 # Dynamo's per-function limit on compiled variants; the config key was renamed in torch 2.6.
 _RECOMPILE_LIMIT_NAME = (
     "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
@@ -260,7 +253,6 @@ _RECOMPILE_LIMIT_NAME = (
 GRAPH_RECOMPILE_LIMIT = 64
 # The static cache's first capacity bucket; larger ones double it (up to seq_length).
 STATIC_CACHE_MIN_LEN = 256
-
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The fused NPU kernels compute in half precision only.
 _NPU_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -296,6 +288,22 @@ def _require_torch_npu(what: str):
 # ---------------------------------------------------------------------------------------------
 
 CAUSAL = "causal"
+
+
+def attention_keep_mask(query_slots, key_keep, query_keep=None):
+    """The explicit keep-mask: bool ``[b, 1, s, kv]``, True = attend.
+
+    ``query_slots`` [s]: the cache slot of each new token; ``key_keep`` [b, kv]: which slots hold
+    real tokens. Causality compares slot numbers, which is a slice of the causal table
+    ``slot <= query_slot`` without storing a ``max_len x max_len`` table (1 GiB at 32k).
+    ``query_keep`` [b, s] (prompts without past only): a padding query row attends everywhere,
+    as in the original, which keeps its softmax finite.
+    """
+    slots = torch.arange(key_keep.shape[1], device=key_keep.device)
+    keep = (slots[None, :] <= query_slots[:, None])[None, None] & key_keep[:, None, None, :]
+    if query_keep is not None:
+        keep = keep | ~query_keep[:, None, :, None]
+    return keep
 
 
 @dataclass
@@ -474,6 +482,10 @@ def _cache_write_npu(buffer, dim, slots, update):
     starts = slots[:1].expand(buffer.shape[0]).contiguous()
     _require_torch_npu("kv_cache='static' on NPU").scatter_update_(buffer, starts, update.contiguous(), dim)
 
+
+# ---------------------------------------------------------------------------------------------
+# The op tables and the one resolver: what runs a forward on a device and dtype.
+# ---------------------------------------------------------------------------------------------
 
 # The one place device kernels are chosen from (read-only: no module-level mutable state).
 ATTENTION_BACKENDS: Mapping[str, Callable] = MappingProxyType(
@@ -684,6 +696,298 @@ class RotaryEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Modules in call order (names and parameters exactly as in the original checkpoints).
+# ---------------------------------------------------------------------------------------------
+
+
+def _config_dtype(config) -> Optional[torch.dtype]:
+    """The checkpoint's dtype from ``config.torch_dtype`` (``config.dtype`` in transformers 5)."""
+    for name in ("dtype", "torch_dtype"):
+        value = config.__dict__.get(name)
+        if isinstance(value, str):
+            value = getattr(torch, value, None)
+        if isinstance(value, torch.dtype):
+            return value
+    return None
+
+
+def _config_to_kwargs(config):
+    dtype = _config_dtype(config)
+    return {} if dtype is None else {"dtype": dtype}
+
+
+class Embedding(nn.Module):
+    """Word embeddings, ``[batch, seq] -> [seq, batch, hidden]`` like the original, or
+    ``[batch, seq, hidden]`` (our internal layout, no copy) with ``batch_first=True``."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.word_embeddings = nn.Embedding(
+            config.padded_vocab_size, self.hidden_size, device=device, **_config_to_kwargs(config)
+        )
+        self.fp32_residual_connection = config.fp32_residual_connection
+
+    def forward(self, input_ids, batch_first: bool = False):
+        embeddings = self.word_embeddings(input_ids)
+        if not batch_first:
+            embeddings = embeddings.transpose(0, 1).contiguous()
+        return embeddings.float() if self.fp32_residual_connection else embeddings
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, normalized_shape, eps=1e-5, device=None, dtype=None, **kwargs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(normalized_shape, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor, kernel: Callable = _rmsnorm_math):
+        """``kernel``: the model's ``backends.normalize`` (the original's arithmetic by default)."""
+        return kernel(hidden_states, (hidden_states.shape[-1],), self.weight, self.eps)
+
+
+class _LayerNorm(LayerNorm):
+    """LayerNorm for configs with ``rmsnorm=False``; takes (and ignores) RMSNorm's kernel."""
+
+    def forward(self, hidden_states: torch.Tensor, kernel: Optional[Callable] = None):
+        return super().forward(hidden_states)
+
+
+class CoreAttention(nn.Module):
+    """Softmax attention through the kernel the model's backends chose for the device."""
+
+    def __init__(self, config, layer_number):
+        super().__init__()
+        self.apply_query_key_layer_scaling = config.apply_query_key_layer_scaling
+        self.attention_softmax_in_fp32 = config.attention_softmax_in_fp32
+        if self.apply_query_key_layer_scaling:
+            self.attention_softmax_in_fp32 = True
+        self.layer_number = max(1, layer_number)
+        # The original's attributes, kept for code (and DeepSpeed's update_mp_params) that reads or
+        # rewrites them; forward derives sizes from the tensors. Attention dropout is not applied
+        # (every released config sets attention_dropout = 0.0).
+        projection_size = config.kv_channels * config.num_attention_heads
+        self.hidden_size_per_partition = projection_size
+        self.hidden_size_per_attention_head = projection_size // config.num_attention_heads
+        self.num_attention_heads_per_partition = config.num_attention_heads
+        coeff = self.layer_number if self.apply_query_key_layer_scaling else None
+        self.norm_factor = math.sqrt(self.hidden_size_per_attention_head) * (coeff or 1)
+        self.coeff = coeff
+        self.attention_dropout = nn.Dropout(config.attention_dropout)
+
+    def forward(self, query_layer, key_layer, value_layer, keep, kernel: Callable = _attention_math):
+        # q [b, heads, sq, d]; k, v [b, kv_heads, sk, d]; keep [b, 1, sq, sk] (True = attend) or
+        # CAUSAL; kernel: the model's backends.attend -> context [b, sq, heads * d]
+        context = kernel(query_layer, key_layer, value_layer, keep)
+        b, heads, sq, d = context.shape
+        return context.transpose(1, 2).reshape(b, sq, heads * d)
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection, rotary embedding, KV cache update, attention, output projection."""
+
+    def __init__(self, config, layer_number, device=None):
+        super().__init__()
+        self.layer_number = max(1, layer_number)
+        self.projection_size = config.kv_channels * config.num_attention_heads
+        self.hidden_size_per_attention_head = self.projection_size // config.num_attention_heads
+        self.num_attention_heads_per_partition = config.num_attention_heads
+        self.multi_query_attention = config.multi_query_attention
+        self.qkv_hidden_size = 3 * self.projection_size
+        self.num_multi_query_groups_per_partition = config.num_attention_heads
+        if self.multi_query_attention:
+            self.num_multi_query_groups_per_partition = config.multi_query_group_num
+            self.qkv_hidden_size = (
+                self.projection_size + 2 * self.hidden_size_per_attention_head * config.multi_query_group_num
+            )
+        self.query_key_value = nn.Linear(
+            config.hidden_size,
+            self.qkv_hidden_size,
+            bias=config.add_bias_linear or config.add_qkv_bias,
+            device=device,
+            **_config_to_kwargs(config),
+        )
+        self.core_attention = CoreAttention(config, self.layer_number)
+        self.dense = nn.Linear(
+            self.projection_size,
+            config.hidden_size,
+            bias=config.add_bias_linear,
+            device=device,
+            **_config_to_kwargs(config),
+        )
+
+    def forward(self, hidden_states, rotary_pos_emb, step: "_Step"):
+        """``hidden_states`` [b, s, h]; ``rotary_pos_emb`` [b, s, rot/2, 2]; ``step.cache`` stores
+        the new K/V and returns everything to attend to under ``step.keep``."""
+        b, s, _ = hidden_states.shape
+        d = self.hidden_size_per_attention_head
+        heads = self.num_attention_heads_per_partition
+        groups = self.num_multi_query_groups_per_partition
+        mixed = self.query_key_value(hidden_states)
+        query, key, value = mixed.split([heads * d, groups * d, groups * d], dim=-1)
+        query = query.view(b, s, heads, d)
+        key = key.view(b, s, groups, d)
+        value = value.view(b, s, groups, d)
+        if rotary_pos_emb is not None:
+            query = apply_rotary_pos_emb(query, rotary_pos_emb)
+            key = apply_rotary_pos_emb(key, rotary_pos_emb)
+        query = query.transpose(1, 2)  # [b, heads, s, d]
+        key, value = key.transpose(1, 2), value.transpose(1, 2)  # [b, groups, s, d]
+        key, value = step.cache.update(self.layer_number - 1, key, value)
+        context = self.core_attention(query, key, value, step.keep, step.backends.attend)
+        return self.dense(context)
+
+    @torch.no_grad()
+    def replicate_kv_groups(self, groups: int) -> None:
+        """Give this layer ``groups`` KV groups, each a copy of the group its query heads read,
+        so the layer computes exactly the same function (the tensor-parallel contract: with
+        more ranks than KV groups every rank still owns whole groups).
+
+        New group ``j`` copies old group ``j // (groups // old)``; query head ``h`` reads new
+        group ``h // (heads // groups)``, which is the old group ``h // (heads // old)`` it read
+        before. Call on the unsharded layer."""
+        old, heads = self.num_multi_query_groups_per_partition, self.num_attention_heads_per_partition
+        if groups % old or heads % groups:
+            raise ValueError(f"cannot turn {old} KV groups into {groups} for {heads} query heads")
+        repeat, d = groups // old, self.hidden_size_per_attention_head
+        linear = self.query_key_value
+        for name in ("weight", "bias"):
+            param = getattr(linear, name)
+            if param is None:
+                continue
+            q, k, v = param.split([heads * d, old * d, old * d], dim=0)
+            k, v = (t.unflatten(0, (old, d)).repeat_interleave(repeat, dim=0).flatten(0, 1) for t in (k, v))
+            setattr(linear, name, nn.Parameter(torch.cat([q, k, v]), requires_grad=param.requires_grad))
+        linear.out_features = linear.weight.shape[0]
+        self.num_multi_query_groups_per_partition = groups
+        self.qkv_hidden_size = linear.out_features
+
+
+class MLP(nn.Module):
+    """SwiGLU: h -> 2 * ffn (gate, up) -> silu(gate) * up -> h."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.add_bias = config.add_bias_linear
+        self.dense_h_to_4h = nn.Linear(
+            config.hidden_size,
+            config.ffn_hidden_size * 2,
+            bias=self.add_bias,
+            device=device,
+            **_config_to_kwargs(config),
+        )
+        self.dense_4h_to_h = nn.Linear(
+            config.ffn_hidden_size,
+            config.hidden_size,
+            bias=self.add_bias,
+            device=device,
+            **_config_to_kwargs(config),
+        )
+
+    def forward(self, hidden_states):
+        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    """Pre-norm transformer layer: RMSNorm -> attention -> residual -> RMSNorm -> MLP -> residual."""
+
+    def __init__(self, config, layer_number, device=None):
+        super().__init__()
+        self.layer_number = layer_number
+        self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
+        norm_class = RMSNorm if config.rmsnorm else _LayerNorm
+        self.input_layernorm = norm_class(
+            config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
+        )
+        self.self_attention = SelfAttention(config, layer_number, device=device)
+        self.hidden_dropout = config.hidden_dropout
+        self.post_attention_layernorm = norm_class(
+            config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
+        )
+        self.mlp = MLP(config, device=device)
+
+    def forward(self, hidden_states, rotary_pos_emb, step: "_Step"):
+        normed = self.input_layernorm(hidden_states, step.backends.normalize)
+        attention_output = self.self_attention(normed, rotary_pos_emb, step)
+        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
+        hidden_states = residual + F.dropout(attention_output, p=self.hidden_dropout, training=self.training)
+        normed = self.post_attention_layernorm(hidden_states, step.backends.normalize)
+        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
+        mlp_output = self.mlp(normed)
+        return residual + F.dropout(mlp_output, p=self.hidden_dropout, training=self.training)
+
+
+class GLMTransformer(nn.Module):
+    """The stack of ``GLMBlock`` layers plus the final RMSNorm."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.post_layer_norm = config.post_layer_norm
+        self.num_layers = config.num_layers
+        self.layers = nn.ModuleList([GLMBlock(config, i + 1, device=device) for i in range(self.num_layers)])
+        if self.post_layer_norm:
+            norm_class = RMSNorm if config.rmsnorm else _LayerNorm
+            self.final_layernorm = norm_class(
+                config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
+            )
+        self.gradient_checkpointing = False
+
+    def _get_layer(self, layer_number):
+        return self.layers[layer_number]
+
+    def forward(self, hidden_states, rotary_pos_emb, step: "_Step", output_hidden_states: bool = False):
+        """``hidden_states`` [b, s, h] -> (hidden [b, s, h], every layer's input + the output, or None)."""
+        all_hidden_states = () if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+            if checkpointing:
+                hidden_states = torch.utils.checkpoint.checkpoint(
+                    layer, hidden_states, rotary_pos_emb, step, use_reentrant=False
+                )
+            else:
+                hidden_states = layer(hidden_states, rotary_pos_emb, step)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states + (hidden_states,)
+        if self.post_layer_norm:
+            hidden_states = self.final_layernorm(hidden_states, step.backends.normalize)
+        return hidden_states, all_hidden_states
+
+
+def _mark_fresh(module: nn.Module) -> None:
+    """Mark a module whose weights no released checkpoint carries (a new P-tuning prefix, a new
+    classification head): ``_init_weights`` gives it torch's default initialisation, so it is
+    the same on every transformers version (5.x builds modules on the meta device and leaves
+    anything ``_init_weights`` skips as uninitialised memory)."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            sub._chatglm_fresh = True
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2 prefix: ``[batch, pre_seq_len] -> [batch, pre_seq_len, layers * 2 * kv_heads * d]``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.prefix_projection = config.prefix_projection
+        kv_size = config.num_layers * config.kv_channels * config.multi_query_group_num * 2
+        self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+        if self.prefix_projection:
+            self.trans = nn.Sequential(
+                nn.Linear(kv_size, config.hidden_size),
+                nn.Tanh(),
+                nn.Linear(config.hidden_size, kv_size),
+            )
+        _mark_fresh(self)
+
+    def forward(self, prefix: torch.Tensor):
+        past = self.embedding(prefix)
+        return self.trans(past) if self.prefix_projection else past
+
+
+# ---------------------------------------------------------------------------------------------
 # KV caches and the step. A forward opens the cache (ChatGLMModel.open_cache, the one place
 # that tells the legacy tuple, a transformers Cache and the static cache apart), ``begin``s a
 # step (the keep-mask, built once, outside the compiled region), every attention layer calls
@@ -700,22 +1004,6 @@ class _Step:
     keep: Any  # bool [b, 1, s, kv], True = attend, or CAUSAL, or a PaddedChunk
     backends: Backends
     decode: bool  # one new token per row after a past
-
-
-def attention_keep_mask(query_slots, key_keep, query_keep=None):
-    """The explicit keep-mask: bool ``[b, 1, s, kv]``, True = attend.
-
-    ``query_slots`` [s]: the cache slot of each new token; ``key_keep`` [b, kv]: which slots hold
-    real tokens. Causality compares slot numbers, which is a slice of the causal table
-    ``slot <= query_slot`` without storing a ``max_len x max_len`` table (1 GiB at 32k).
-    ``query_keep`` [b, s] (prompts without past only): a padding query row attends everywhere,
-    as in the original, which keeps its softmax finite.
-    """
-    slots = torch.arange(key_keep.shape[1], device=key_keep.device)
-    keep = (slots[None, :] <= query_slots[:, None])[None, None] & key_keep[:, None, None, :]
-    if query_keep is not None:
-        keep = keep | ~query_keep[:, None, :, None]
-    return keep
 
 
 def _prompt_keep(slots, attention_mask):
@@ -936,9 +1224,568 @@ class StaticKVCache:
         return (self[i] for i in range(len(self)))
 
 
+def _legacy_from_hf(past):
+    """A transformers ``Cache`` object as the legacy tuple cache (None when empty)."""
+    if past.get_seq_length() == 0:
+        return None
+    if hasattr(past, "to_legacy_cache"):
+        return tuple((k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)) for k, v in past.to_legacy_cache())
+    raise TypeError(
+        f"past_key_values of type {type(past).__name__} is not supported by ChatGLM; pass the "
+        "tuple returned in outputs.past_key_values"
+    )
+
+
+def _mark_length_dynamic(hidden_states, rotary_pos_emb, step: "_Step") -> None:
+    """Mark the new tokens' length (and a padded prompt's mask) dynamic, so that the first
+    prefill graph serves every prompt length (unmarked, dynamo specialises on the first length
+    and generalises only at the second). Marking only these dims, not ``dynamic=True``, keeps a
+    length that happens to equal a model size (2 KV groups, head_dim, hidden) from being fused
+    with it and specialised."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    mark(hidden_states, 1)
+    mark(rotary_pos_emb, 1)
+    slots = getattr(step.cache, "slots", None)
+    if slots is not None:
+        mark(slots, 0)
+    if isinstance(step.keep, torch.Tensor):
+        mark(step.keep, 2)
+        mark(step.keep, 3)
+    if isinstance(step.keep, PaddedChunk):
+        mark(step.keep.key_keep, 1)
+        mark(step.keep.slots, 0)
+        mark(step.keep.query_keep, 1)
+    if isinstance(step.cache, TupleKVCache):  # a chunk after a past: any past length, one graph
+        for layer in step.cache.layers:
+            if layer is not None:
+                mark(layer[0], 0)
+                mark(layer[1], 0)
+
+
 # ---------------------------------------------------------------------------------------------
-# Modules (names and parameters exactly as in the original checkpoints).
+# Graph-mode compile settings, per phase (prefill: dynamic length; decode: static shapes).
 # ---------------------------------------------------------------------------------------------
+
+
+def _raise_recompile_limit() -> None:
+    """Raise dynamo's per-function limit on compiled variants once, process-wide (batch sizes,
+    cache lengths and model instances each add a graph; the default 8 would turn a long-running
+    process into a hard error under ``fullgraph=True``). Never lowers a limit set by the user."""
+    config = torch._dynamo.config
+    if getattr(config, _RECOMPILE_LIMIT_NAME) < GRAPH_RECOMPILE_LIMIT:
+        setattr(config, _RECOMPILE_LIMIT_NAME, GRAPH_RECOMPILE_LIMIT)
+
+
+def _torchair_backend(static_decode: bool):
+    _require_torch_npu("the torchair graph backend")
+    torchair = _optional_import("torchair")
+    if torchair is None:
+        raise RuntimeError(
+            "EXE_MODE=dynamo on NPU needs torchair (shipped with torch_npu); reinstall torch_npu "
+            "or set CHATGLM_GRAPH_BACKEND=eager"
+        )
+    config = torchair.CompilerConfig()
+    # Ascend's own LLM recipes (torchair's npu_tuned_model/llm samples), for every phase: weights
+    # (and, on torch >= 2.6, the mark_static_address'd KV buffers) at fixed addresses, which cuts
+    # per-step input dispatch.
+    config.experimental_config.frozen_parameter = True
+    if static_decode and hasattr(config.experimental_config, "tiling_schedule_optimize"):
+        # Those recipes' decode setting: with static shapes, tiling is computed on the device
+        # (AI CPU) instead of by the host before every launch (torchair versions without the
+        # option skip it).
+        config.experimental_config.tiling_schedule_optimize = True
+    return torchair.get_npu_backend(compiler_config=config)
+
+
+def compile_kwargs(options: RuntimeOptions, device, phase: str = "prefill") -> Dict[str, Any]:
+    """``torch.compile`` settings of one phase ("prefill" or "decode") on ``device`` (a
+    ``torch.device`` or its type name), from one place. Decode over the static cache has static
+    shapes (batch, capacity); the other phases let dynamo generalise what changes (the forward
+    marks the prompt length dynamic before the first prefill: see _mark_length_dynamic)."""
+    kind = device if isinstance(device, str) else device.type
+    static_decode = phase == "decode" and options.cache_kind == "static"
+    backend = options.graph_backend
+    shapes = {"dynamic": False} if static_decode else {}
+    if callable(backend):
+        return {"backend": backend, **shapes}
+    backend = str(backend)
+    if backend == "auto":
+        backend = "torchair" if kind == "npu" else "inductor"
+    if backend == "torchair":
+        return {"backend": _torchair_backend(static_decode), **shapes}
+    if backend == "inductor" and kind == "cpu":
+        # Freezing folds the weights into the graph and lets inductor prepack them for oneDNN.
+        return {"backend": "inductor", "options": {"freezing": True}, **shapes}
+    if backend == "inductor" and kind == "cuda" and static_decode:
+        # CUDA graphs: one launch replays the whole decode step (inputs at fixed addresses:
+        # the parameters and the static cache, marked with mark_static_address).
+        return {"backend": "inductor", "mode": "reduce-overhead", **shapes}
+    return {"backend": backend, **shapes}
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformers face: the pre-trained base, ChatGLMModel, the heads, chat helpers.
+# ---------------------------------------------------------------------------------------------
+
+# transformers 5 renamed the outputs' ``past_key_values`` field to ``cache`` (keeping a deprecated
+# alias); we fill whichever field this version has.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def check_checkpoint_dir(path) -> None:
+    """Clear errors for the local directories users point us at (hub ids pass through)."""
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        return
+    directory = Path(path)
+    if not directory.exists():
+        if os.path.isabs(path) or str(path).startswith("."):
+            raise FileNotFoundError(
+                f"checkpoint directory {path} does not exist; pass the folder holding the "
+                "downloaded chatglm3-6b files (config.json, *.safetensors or *.bin)"
+            )
+        return
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that contains it")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{path} has no config.json; pass the chatglm3-6b checkpoint directory (the one with "
+            "config.json and the weight shards)"
+        )
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error}); re-download the checkpoint") from None
+    if model_type != "chatglm":
+        raise ValueError(
+            f"{config_file} has model_type={model_type!r}, not 'chatglm'; this file only runs "
+            "ChatGLM2/ChatGLM3 checkpoints"
+        )
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    """Weights loading and configuration shared by the ChatGLM heads."""
+
+    is_parallelizable = False
+    supports_gradient_checkpointing = True
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["GLMBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        """Checkpoint weights are never initialised (as in the original: they are loaded). Only
+        what checkpoints lack is: the derived rotary buffer, and modules marked fresh."""
+        if isinstance(module, RotaryEmbedding):
+            module.reset_inv_freq()
+        elif getattr(module, "_chatglm_fresh", False) and module.weight.device.type != "meta":
+            module.reset_parameters()
+
+    def _set_gradient_checkpointing(self, module=None, value=False, **kwargs):
+        # transformers < 4.35 passes (module, value); newer ones (enable=..., gradient_checkpointing_func=...)
+        enable = kwargs.get("enable", value)
+        for sub in self.modules():
+            if isinstance(sub, GLMTransformer):
+                sub.gradient_checkpointing = bool(enable)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # We keep our own caches (legacy tuple or StaticKVCache); generate() must not make one.
+        return False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        check_checkpoint_dir(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def get_masks(self, input_ids, past_key_values, padding_mask=None):
+        """The original's mask, bool ``[b, 1, seq, past + seq]`` with True = masked (kept for code
+        that calls it; the model itself uses :func:`attention_keep_mask`)."""
+        batch, seq = input_ids.shape
+        past_len = 0 if past_key_values is None else len(past_key_values[0][0])
+        mask = torch.ones(batch, seq, seq, device=input_ids.device).tril_()
+        if past_len:
+            mask = torch.cat((torch.ones(batch, seq, past_len, device=input_ids.device), mask), dim=-1)
+        if padding_mask is not None:
+            mask = mask * padding_mask.unsqueeze(1)
+            if not past_len:
+                mask -= padding_mask.unsqueeze(-1) - 1
+        return (mask < 0.5).bool().unsqueeze(1)
+
+    def get_position_ids(self, input_ids, device):
+        batch_size, seq_length = input_ids.shape
+        return torch.arange(seq_length, dtype=torch.long, device=device).unsqueeze(0).repeat(batch_size, 1)
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    """The ChatGLM transformer (embedding, layers, final norm) with the output projection attached."""
+
+    def __init__(self, config, device=None, empty_init=True):
+        super().__init__(config)
+        check_config(config)
+        build_device = torch.device("meta") if empty_init and device is None else device
+        with torch.device(build_device) if build_device is not None else contextlib.nullcontext():
+            self.embedding = Embedding(config)
+            self.num_layers = config.num_layers
+            self.multi_query_group_num = config.multi_query_group_num
+            self.kv_channels = config.kv_channels
+            self.seq_length = config.seq_length
+            rotary_dim = (
+                config.hidden_size // config.num_attention_heads
+                if config.kv_channels is None
+                else config.kv_channels
+            )
+            self.rotary_pos_emb = RotaryEmbedding(
+                rotary_dim // 2,
+                rope_ratio=getattr(config, "rope_ratio", 1),
+                original_impl=getattr(config, "original_rope", True),
+                dtype=_config_dtype(config),
+            )
+            self.encoder = GLMTransformer(config)
+            self.output_layer = nn.Linear(
+                config.hidden_size, config.padded_vocab_size, bias=False, **_config_to_kwargs(config)
+            )
+        # Like the original's skip_init: allocate without initialising. Inside an ambient meta
+        # context (transformers' empty-weight loading) stay on meta: the loader fills the weights.
+        if build_device is not None and build_device.type == "meta" and torch.empty(()).device.type != "meta":
+            self.to_empty(device="cpu")
+            self.rotary_pos_emb.reset_inv_freq()
+        self.pre_seq_len = config.pre_seq_len
+        self.prefix_projection = config.prefix_projection
+        if self.pre_seq_len is not None:
+            for param in self.parameters():
+                param.requires_grad = False
+            self.prefix_encoder = PrefixEncoder(config)
+            self.dropout = nn.Dropout(0.1)
+        self.options = RuntimeOptions.from_config(config)
+        # The static cache's smallest capacity bucket (None: STATIC_CACHE_MIN_LEN); its buffers
+        # (_kv_store) stay with the instance between generations and grow by bucket.
+        self.static_cache_len: Optional[int] = None
+        self._kv_store: Optional[StaticKVCache] = None
+        self._reserve: Optional[int] = None  # positions the running generate() will reach
+        self._backend_key = None  # (device, dtype) that _backends, _rope and _phases serve
+        self._backends: Optional[Backends] = None
+        self._phases: Dict[str, Callable] = {}
+        self._graphs: Dict[str, Callable] = {}  # the compiled phases (graph mode only)
+        self._rope = None
+
+    @property
+    def prefix_tokens(self) -> torch.Tensor:
+        # Made where it is used: a tensor built in __init__ would be a meta tensor under
+        # transformers 5's empty-weight init, which no loader fills.
+        return torch.arange(self.pre_seq_len, device=self.prefix_encoder.embedding.weight.device)
+
+    def get_input_embeddings(self):
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embedding.word_embeddings = value
+
+    def get_prompt(self, batch_size, device, dtype=torch.half):
+        prefix_tokens = self.prefix_tokens.unsqueeze(0).expand(batch_size, -1).to(device)
+        past_key_values = self.prefix_encoder(prefix_tokens).type(dtype)
+        past_key_values = past_key_values.view(
+            batch_size, self.pre_seq_len, self.num_layers * 2, self.multi_query_group_num, self.kv_channels
+        )
+        past_key_values = self.dropout(past_key_values)
+        return past_key_values.permute([2, 1, 0, 3, 4]).split(2)
+
+    # --- backends, graphs and the static cache's capacity: state of this instance -----------
+
+    def set_runtime_options(self, **changes) -> None:
+        """Change fast-path switches of a built model (e.g. ``exe_mode="dynamo"``) for ablations.
+
+        Takes the config field names; validates like the config; leaves ``self.config`` (and so
+        what ``save_pretrained`` writes) untouched; drops compiled graphs, the static cache and
+        the resolved backends."""
+        fields = RuntimeOptions.__dataclass_fields__
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown runtime option(s) {unknown}; use: {', '.join(fields)}")
+        merged = types.SimpleNamespace(**{**vars(self.options), **changes})
+        self.options = RuntimeOptions.from_config(merged)
+        self._backend_key = None
+        self._graphs = {}
+        self._kv_store = None
+
+    @property
+    def backends(self) -> Backends:
+        """What runs this model on its weights' device and dtype (resolved now if not yet)."""
+        weight = self.embedding.word_embeddings.weight
+        if self._backend_key != (weight.device, weight.dtype):
+            self._resolve(weight.device, weight.dtype)
+        return self._backends
+
+    def _resolve(self, device: torch.device, dtype: torch.dtype) -> Backends:
+        """Resolve the backends for ``device``/``dtype`` and set up what depends on them: the
+        quantized layers' kernels, the rotary table, the phase functions (compiled in graph
+        mode: one per phase and instance, each with its phase's settings)."""
+        backends = resolve_backends(self.options, device, dtype, bits=self.config.quantization_bit or 0)
+        for module in self.modules():
+            if isinstance(module, QuantizedLinear):
+                module.select_kernel(device, dtype, backends.quant_kernel)
+        self._rope = self.rotary_pos_emb(self.seq_length)
+        self._phases = {"prefill": self.prefill, "decode": self.decode_one_token}
+        self._graphs = {}
+        if backends.compile is not None:
+            _raise_recompile_limit()
+            self._graphs = {
+                phase: torch.compile(fn, fullgraph=True, **backends.compile[phase])
+                for phase, fn in self._phases.items()
+            }
+            self._phases = self._graphs
+        self._backends, self._backend_key = backends, (device, dtype)
+        return backends
+
+    def _capacity(self, needed: int) -> int:
+        """The static cache's capacity bucket for ``needed`` positions: ``static_cache_len``
+        (default 256) doubled until it holds them, at most ``seq_length``."""
+        capacity = self.static_cache_len or STATIC_CACHE_MIN_LEN
+        while capacity < needed:
+            capacity *= 2
+        return min(capacity, self.seq_length)
+
+    def open_cache(self, past, batch_size: int, new_tokens: int, dtype, device, use_cache: bool):
+        """The cache a forward of ``new_tokens`` per row continues: the only place that tells the
+        legacy tuple, a transformers ``Cache`` and a :class:`StaticKVCache` apart."""
+        if past is not None and not isinstance(past, (tuple, list, StaticKVCache)):
+            past = _legacy_from_hf(past)
+        if isinstance(past, StaticKVCache):
+            if past._buffers.newest is not past:
+                raise ValueError(
+                    f"this static KV cache holds {past.seq_len} positions but its buffers were already "
+                    "advanced by another call (static caches are written in place); continue from the "
+                    "newest past_key_values, or use kv_cache='tuple' to branch several continuations "
+                    "from one past"
+                )
+            if past.seq_len + new_tokens > past.max_len:
+                past = self._kv_store = past.grown(self._capacity(past.seq_len + new_tokens))
+            return past
+        past_len = 0 if past is None else len(past[0][0])
+        if self._backends.kv_cache != "static" or not use_cache:
+            return TupleKVCache(list(past) if past is not None else [None] * self.num_layers, past_len)
+        needed = min(max(past_len + new_tokens, self._reserve or 0), self.seq_length)
+        attention = self.encoder.layers[0].self_attention
+        shape = (
+            self.num_layers,
+            batch_size,
+            attention.num_multi_query_groups_per_partition,
+            attention.hidden_size_per_attention_head,
+        )
+        store, writer = self._kv_store, self._backends.write
+        if store is None or not store.matches(*shape, dtype, device, writer) or store.max_len < needed:
+            self._kv_store = store = None  # frees the old buffers before allocating new ones
+            layers, batch, kv_heads, head_dim = shape
+            capacity = self._capacity(needed)
+            store = StaticKVCache(layers, batch, kv_heads, capacity, head_dim, dtype, device, writer)
+            self._kv_store = store
+        return store.copy_from_legacy(past) if past is not None else store.view(0)
+
+    # --- the two phases (the compiled regions: pure tensor math) ---------------------------
+
+    def prefill(self, hidden_states, rotary_pos_emb, step: "_Step", output_hidden_states: bool = False):
+        """A prompt (or a chunk after a past), ``hidden_states`` [b, s, h], through every layer,
+        writing its K/V. Compiled with a dynamic length: one graph serves every prompt length."""
+        return self.encoder(hidden_states, rotary_pos_emb, step, output_hidden_states)
+
+    def decode_one_token(self, hidden_states, rotary_pos_emb, step: "_Step"):
+        """One new token per row, ``hidden_states`` [b, 1, h], after a past. Over the static cache
+        every shape is fixed by (batch, capacity), so one graph is replayed every step."""
+        hidden_states, _ = self.encoder(hidden_states, rotary_pos_emb, step)
+        return hidden_states
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.BoolTensor] = None,
+        full_attention_mask: Optional[torch.BoolTensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        """Embed -> open the cache -> begin the step -> prefill or decode_one_token -> end."""
+        output_hidden_states = bool(
+            output_hidden_states
+            if output_hidden_states is not None
+            else getattr(self.config, "output_hidden_states", False)
+        )
+        use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        decode_shaped = past_key_values is not None and input_ids is not None and input_ids.dim() == 2
+        if not (decode_shaped and input_ids.shape[1] == 1):  # a decode step: _check_lengths only
+            self._check_inputs(input_ids, inputs_embeds, position_ids, attention_mask, past_key_values)
+
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (or inputs_embeds)")
+            hidden_states = self.embedding(input_ids, batch_first=True)  # [b, s, h]
+        else:
+            hidden_states = inputs_embeds.transpose(0, 1)  # public layout is [s, b, h]
+        batch_size, seq_length = hidden_states.shape[:2]
+        device, dtype = hidden_states.device, hidden_states.dtype
+        backends = self._backends if self._backend_key == (device, dtype) else self._resolve(device, dtype)
+        if self.pre_seq_len is not None:
+            if past_key_values is None:
+                past_key_values = self.get_prompt(batch_size, device, dtype)
+            if attention_mask is not None:
+                attention_mask = torch.cat(
+                    [attention_mask.new_ones((batch_size, self.pre_seq_len)), attention_mask], dim=-1
+                )
+
+        cache = self.open_cache(past_key_values, batch_size, seq_length, dtype, device, use_cache)
+        past_len = cache.seq_len
+        self._check_lengths(batch_size, seq_length, past_len, attention_mask, position_ids)
+        if position_ids is None:
+            offset = past_len - (self.pre_seq_len or 0)
+            position_ids = (
+                torch.arange(offset, offset + seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
+            )
+        # Gathered here, not in the graph: a fresh tensor, so the decode graph never guards on
+        # the strides of the caller's position_ids (a slice of a growing tensor in generate()).
+        rotary_pos_emb = self._rope[position_ids]  # [b, s, rot/2, 2]
+        chunk = self.options.prefill_chunk
+        if chunk and seq_length > chunk and full_attention_mask is None and not self.training:
+            hidden_states, all_hidden_states, cache = self._prefill_chunks(
+                hidden_states, rotary_pos_emb, cache, attention_mask, chunk, output_hidden_states
+            )
+        else:
+            slots = torch.arange(past_len, past_len + seq_length, device=device)
+            step = cache.begin(slots, attention_mask, backends, full_attention_mask)
+            all_hidden_states = None
+            if step.decode and not output_hidden_states:
+                hidden_states = self._phases["decode"](hidden_states, rotary_pos_emb, step)
+            else:
+                if self._graphs:
+                    _mark_length_dynamic(hidden_states, rotary_pos_emb, step)
+                hidden_states, all_hidden_states = self._phases["prefill"](
+                    hidden_states, rotary_pos_emb, step, output_hidden_states
+                )
+
+        presents = cache.end() if use_cache else None
+        hidden_states = hidden_states.transpose(0, 1)  # public layout [s, b, h]
+        if all_hidden_states is not None:
+            all_hidden_states = tuple(h.transpose(0, 1) for h in all_hidden_states)
+        if not return_dict:
+            return tuple(v for v in [hidden_states, presents, all_hidden_states, None] if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=None,
+            **{_CACHE_FIELD: presents},
+        )
+
+    def _prefill_chunks(
+        self, hidden_states, rotary_pos_emb, cache, attention_mask, chunk, output_hidden_states
+    ):
+        """A long prompt ``hidden_states`` [b, s, h], ``chunk`` tokens at a time through the cache:
+        each chunk attends to the cache (the chunks before it) plus itself, so the result equals
+        one pass while every temporary is bounded by chunk x context. Returns (hidden [b, s, h],
+        every layer's input + the output or None, the cache after the last chunk)."""
+        seq_length, past_len = hidden_states.shape[1], cache.seq_len
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # unpadded: every chunk is causal, with no mask at all
+        output, layer_outputs = torch.empty_like(hidden_states), []
+        for start in range(0, seq_length, chunk):
+            stop = min(start + chunk, seq_length)
+            if start:
+                cache = cache.resume()
+            slots = torch.arange(past_len + start, past_len + stop, device=hidden_states.device)
+            mask = None if attention_mask is None else attention_mask[:, : past_len + stop]
+            step = cache.begin(slots, mask, self._backends)
+            part, rope = hidden_states[:, start:stop], rotary_pos_emb[:, start:stop]
+            if self._graphs:
+                _mark_length_dynamic(part, rope, step)
+            part, all_hidden = self._phases["prefill"](part, rope, step, output_hidden_states)
+            output[:, start:stop] = part
+            layer_outputs.append(all_hidden)
+        all_hidden_states = None
+        if output_hidden_states:
+            all_hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*layer_outputs))
+        return output, all_hidden_states, cache
+
+    def _check_inputs(self, input_ids, inputs_embeds, position_ids, attention_mask, past) -> None:
+        """Shapes of what the caller passed (always: no sync), and on a prompt (no cache yet) the
+        values: token ids inside the vocabulary, positions inside the context, no all-zero mask
+        row. Decode steps skip the value checks: they would cost a device-to-host sync per token,
+        and their values follow from the prompt's."""
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3:
+                raise ValueError(
+                    f"inputs_embeds must be [seq, batch, hidden] (3-D), got shape {tuple(inputs_embeds.shape)}"
+                )
+            seq_length, batch_size = inputs_embeds.shape[:2]
+        elif input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"input_ids must be [batch, seq] (2-D), got shape {tuple(input_ids.shape)}; "
+                    "for one sequence pass input_ids[None]"
+                )
+            if input_ids.is_floating_point():
+                raise ValueError(f"input_ids must hold integer token ids, not {input_ids.dtype}")
+            batch_size, seq_length = input_ids.shape
+        else:
+            return  # forward says what is missing
+        if seq_length == 0 or batch_size == 0:
+            raise ValueError(f"the input is empty ({batch_size} rows of {seq_length} tokens)")
+        if position_ids is not None and tuple(position_ids.shape) != (batch_size, seq_length):
+            raise ValueError(
+                f"position_ids has shape {tuple(position_ids.shape)} but must be [batch, seq] = "
+                f"[{batch_size}, {seq_length}], like input_ids"
+            )
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be [batch, past + seq] (2-D, 1 = token, 0 = padding), got "
+                f"shape {tuple(attention_mask.shape)}"
+            )
+        hf_cache = past is not None and not isinstance(past, (tuple, list, StaticKVCache))
+        if past is not None and not (hf_cache and past.get_seq_length() == 0):
+            return  # a decode step (or a continued prompt)
+        if input_ids is not None and inputs_embeds is None:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.padded_vocab_size:
+                raise ValueError(
+                    f"input_ids holds token id {low if low < 0 else high} but the model's vocabulary "
+                    f"has ids 0..{self.config.padded_vocab_size - 1} (padded_vocab_size); is the "
+                    "tokenizer this checkpoint's?"
+                )
+        if position_ids is not None:
+            low, high = int(position_ids.min()), int(position_ids.max())
+            if low < 0 or high >= self.seq_length:
+                raise ValueError(
+                    f"position_ids holds {low if low < 0 else high}, outside the model's positions "
+                    f"0..{self.seq_length - 1} (seq_length)"
+                )
+        if attention_mask is not None and attention_mask.shape[-1] == seq_length:
+            empty = (~attention_mask.bool().any(dim=-1)).nonzero()
+            if len(empty):
+                raise ValueError(
+                    f"attention_mask row {int(empty[0, 0])} is all zeros (a prompt with no tokens, only "
+                    "padding); drop that row or give it at least one token"
+                )
+
+    def _check_lengths(self, batch_size, seq_length, past_len, attention_mask, position_ids=None) -> None:
+        """The lengths every forward must agree on (no device sync): the context, the mask over
+        past + new tokens, the positions of the new tokens."""
+        total = past_len + seq_length
+        if position_ids is not None and tuple(position_ids.shape) != (batch_size, seq_length):
+            raise ValueError(
+                f"position_ids has shape {tuple(position_ids.shape)} but must be [batch, seq] = "
+                f"[{batch_size}, {seq_length}], like input_ids"
+            )
+        if total > self.seq_length:
+            raise ValueError(
+                f"input of {seq_length} tokens after {past_len} cached ones needs {total} positions, "
+                f"more than the model's context (seq_length={self.seq_length}); shorten the prompt or "
+                "max_new_tokens, or use a longer-context checkpoint (e.g. chatglm3-6b-32k)"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, total):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but must be "
+                f"[batch, past + seq] = [{batch_size}, {total}]; pass the mask of the whole sequence so far"
+            )
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):
@@ -949,195 +1796,518 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         return scores
 
 
-class PrefixEncoder(nn.Module):
-    """P-tuning v2 prefix: ``[batch, pre_seq_len] -> [batch, pre_seq_len, layers * 2 * kv_heads * d]``."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.prefix_projection = config.prefix_projection
-        kv_size = config.num_layers * config.kv_channels * config.multi_query_group_num * 2
-        self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
-        if self.prefix_projection:
-            self.trans = nn.Sequential(
-                nn.Linear(kv_size, config.hidden_size),
-                nn.Tanh(),
-                nn.Linear(config.hidden_size, kv_size),
+def _chat_history(history) -> List[Dict]:
+    """chat()'s history as chatglm3 keeps it: None is empty; chatglm2's ``[(query, answer), ...]``
+    pairs become a user and an assistant turn (in a new list); anything else than role/content
+    dicts is a ValueError naming the entry. A chatglm3 list is returned itself, so chat() appends
+    to the caller's list as the original does."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise ValueError(f"history must be a list of turns, got {type(history).__name__}")
+    turns: List[Dict] = []
+    for i, entry in enumerate(history):
+        if isinstance(entry, dict) and isinstance(entry.get("role"), str) and "content" in entry:
+            turns.append(entry)
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(t, str) for t in entry):
+            query, answer = entry
+            turns.append({"role": "user", "content": query})
+            turns.append({"role": "assistant", "metadata": "", "content": answer})
+        else:
+            raise ValueError(
+                f"history[{i}] is {entry!r}; each turn is a dict with 'role' and 'content' "
+                "(chatglm3) or a (query, answer) pair of strings (chatglm2)"
             )
-        _mark_fresh(self)
-
-    def forward(self, prefix: torch.Tensor):
-        past = self.embedding(prefix)
-        return self.trans(past) if self.prefix_projection else past
+    return history if len(turns) == len(history) and isinstance(history, list) else turns
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, normalized_shape, eps=1e-5, device=None, dtype=None, **kwargs):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(normalized_shape, device=device, dtype=dtype))
-        self.eps = eps
-
-    def forward(self, hidden_states: torch.Tensor, kernel: Callable = _rmsnorm_math):
-        """``kernel``: the model's ``backends.normalize`` (the original's arithmetic by default)."""
-        return kernel(hidden_states, (hidden_states.shape[-1],), self.weight, self.eps)
-
-
-class _LayerNorm(LayerNorm):
-    """LayerNorm for configs with ``rmsnorm=False``; takes (and ignores) RMSNorm's kernel."""
-
-    def forward(self, hidden_states: torch.Tensor, kernel: Optional[Callable] = None):
-        return super().forward(hidden_states)
+@contextlib.contextmanager
+def _static_cache_reserve(transformer, length: int):
+    """Tell the model how many positions one generation reaches, restoring the previous value."""
+    previous = transformer._reserve
+    transformer._reserve = length
+    try:
+        yield
+    finally:
+        transformer._reserve = previous
 
 
-class CoreAttention(nn.Module):
-    """Softmax attention through the kernel the model's backends chose for the device."""
-
-    def __init__(self, config, layer_number):
-        super().__init__()
-        self.apply_query_key_layer_scaling = config.apply_query_key_layer_scaling
-        self.attention_softmax_in_fp32 = config.attention_softmax_in_fp32
-        if self.apply_query_key_layer_scaling:
-            self.attention_softmax_in_fp32 = True
-        self.layer_number = max(1, layer_number)
-        # The original's attributes, kept for code (and DeepSpeed's update_mp_params) that reads or
-        # rewrites them; forward derives sizes from the tensors. Attention dropout is not applied
-        # (every released config sets attention_dropout = 0.0).
-        projection_size = config.kv_channels * config.num_attention_heads
-        self.hidden_size_per_partition = projection_size
-        self.hidden_size_per_attention_head = projection_size // config.num_attention_heads
-        self.num_attention_heads_per_partition = config.num_attention_heads
-        coeff = self.layer_number if self.apply_query_key_layer_scaling else None
-        self.norm_factor = math.sqrt(self.hidden_size_per_attention_head) * (coeff or 1)
-        self.coeff = coeff
-        self.attention_dropout = nn.Dropout(config.attention_dropout)
-
-    def forward(self, query_layer, key_layer, value_layer, keep, kernel: Callable = _attention_math):
-        # q [b, heads, sq, d]; k, v [b, kv_heads, sk, d]; keep [b, 1, sq, sk] (True = attend) or
-        # CAUSAL; kernel: the model's backends.attend -> context [b, sq, heads * d]
-        context = kernel(query_layer, key_layer, value_layer, keep)
-        b, heads, sq, d = context.shape
-        return context.transpose(1, 2).reshape(b, sq, heads * d)
+def _requested_length(model, args, kwargs) -> int:
+    """Total sequence length a ``generate`` call can reach (prompt + new tokens)."""
+    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if input_ids is None:
+        input_ids = kwargs.get("inputs")
+    prompt = input_ids.shape[-1] if input_ids is not None else 0
+    config = kwargs.get("generation_config") or model.generation_config
+    max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if max_new is not None:
+        return prompt + max_new
+    return kwargs.get("max_length", getattr(config, "max_length", None) or model.config.seq_length)
 
 
-class SelfAttention(nn.Module):
-    """Fused QKV projection, rotary embedding, KV cache update, attention, output projection."""
+def _parse_tool_call(code: str) -> Dict[str, Any]:
+    """Parse ``tool_call(a=1, b="x")`` safely (the original ran ``eval`` on model output)."""
+    try:
+        tree = ast.parse(code.strip(), mode="eval")
+    except SyntaxError as error:
+        raise ValueError(f"the model's tool call is not valid Python: {code!r} ({error.msg})") from None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "tool_call" and not call.args):
+        raise ValueError(f"expected tool_call(name=value, ...) in the model's answer, got {code!r}")
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
 
-    def __init__(self, config, layer_number, device=None):
-        super().__init__()
-        self.layer_number = max(1, layer_number)
-        self.projection_size = config.kv_channels * config.num_attention_heads
-        self.hidden_size_per_attention_head = self.projection_size // config.num_attention_heads
-        self.num_attention_heads_per_partition = config.num_attention_heads
-        self.multi_query_attention = config.multi_query_attention
-        self.qkv_hidden_size = 3 * self.projection_size
-        self.num_multi_query_groups_per_partition = config.num_attention_heads
-        if self.multi_query_attention:
-            self.num_multi_query_groups_per_partition = config.multi_query_group_num
-            self.qkv_hidden_size = (
-                self.projection_size + 2 * self.hidden_size_per_attention_head * config.multi_query_group_num
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    """ChatGLM with its language-model head (``transformer.output_layer``), ``generate`` and chat."""
+
+    def __init__(self, config, empty_init=True, device=None):
+        super().__init__(config)
+        self.max_sequence_length = getattr(config, "max_length", None) or config.seq_length
+        self.transformer = ChatGLMModel(config, empty_init=empty_init, device=device)
+        self.config = config
+        self.quantized = False
+        if self.config.quantization_bit:
+            # As the original: a checkpoint saved quantized is built quantized (empty int8
+            # storage the loader fills). Absent fields mean THUDM's layout: blocks only, int4
+            # with one scale per output channel.
+            self.quantize(
+                self.config.quantization_bit,
+                empty_init=True,
+                output_layer=bool(getattr(config, "quantization_output_layer", None)),
+                group_size=getattr(config, "quantization_group_size", None) or 0,
             )
-        self.query_key_value = nn.Linear(
-            config.hidden_size,
-            self.qkv_hidden_size,
-            bias=config.add_bias_linear or config.add_qkv_bias,
-            device=device,
-            **_config_to_kwargs(config),
-        )
-        self.core_attention = CoreAttention(config, self.layer_number)
-        self.dense = nn.Linear(
-            self.projection_size,
-            config.hidden_size,
-            bias=config.add_bias_linear,
-            device=device,
-            **_config_to_kwargs(config),
-        )
+        self.post_init()
 
-    def forward(self, hidden_states, rotary_pos_emb, step: _Step):
-        """``hidden_states`` [b, s, h]; ``rotary_pos_emb`` [b, s, rot/2, 2]; ``step.cache`` stores
-        the new K/V and returns everything to attend to under ``step.keep``."""
-        b, s, _ = hidden_states.shape
-        d = self.hidden_size_per_attention_head
-        heads = self.num_attention_heads_per_partition
-        groups = self.num_multi_query_groups_per_partition
-        mixed = self.query_key_value(hidden_states)
-        query, key, value = mixed.split([heads * d, groups * d, groups * d], dim=-1)
-        query = query.view(b, s, heads, d)
-        key = key.view(b, s, groups, d)
-        value = value.view(b, s, groups, d)
-        if rotary_pos_emb is not None:
-            query = apply_rotary_pos_emb(query, rotary_pos_emb)
-            key = apply_rotary_pos_emb(key, rotary_pos_emb)
-        query = query.transpose(1, 2)  # [b, heads, s, d]
-        key, value = key.transpose(1, 2), value.transpose(1, 2)  # [b, groups, s, d]
-        key, value = step.cache.update(self.layer_number - 1, key, value)
-        context = self.core_attention(query, key, value, step.keep, step.backends.attend)
-        return self.dense(context)
+    # --- generation plumbing (independent of the transformers version) ---------------------
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs, is_encoder_decoder=False, standardize_cache_format=False, **kwargs
+    ):
+        model_kwargs.pop("cache", None)
+        model_kwargs["past_key_values"] = outputs.get(_CACHE_FIELD)
+        if model_kwargs.get("attention_mask") is not None:
+            mask = model_kwargs["attention_mask"]
+            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        if model_kwargs.get("position_ids") is not None:
+            position_ids = model_kwargs["position_ids"]
+            model_kwargs["position_ids"] = torch.cat([position_ids, position_ids[..., -1:] + 1], dim=-1)
+        model_kwargs["is_first_forward"] = False
+        return model_kwargs
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        attention_mask=None,
+        position_ids=None,
+        use_cache=None,
+        is_first_forward=True,
+        cache=None,
+        **kwargs,
+    ):
+        # position_ids None: the model's own 0, 1, ... after the past (the original's positions).
+        past_key_values = past_key_values if past_key_values is not None else cache
+        if not is_first_forward and past_key_values is not None:
+            input_ids = input_ids[:, -1:]
+            if position_ids is not None:
+                position_ids = position_ids[..., -1:]
+        return {
+            "input_ids": input_ids,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+            "attention_mask": attention_mask,
+            "return_last_logit": True,
+            "use_cache": use_cache if use_cache is not None else getattr(self.config, "use_cache", True),
+        }
 
     @torch.no_grad()
-    def replicate_kv_groups(self, groups: int) -> None:
-        """Give this layer ``groups`` KV groups, each a copy of the group its query heads read,
-        so the layer computes exactly the same function (the tensor-parallel contract: with
-        more ranks than KV groups every rank still owns whole groups).
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate``; a static cache opened by its prompt gets a capacity bucket
+        that holds the whole run (prompt + new tokens), so it never grows mid-generation."""
+        with _static_cache_reserve(self.transformer, _requested_length(self, args, kwargs)):
+            return super().generate(*args, **kwargs)
 
-        New group ``j`` copies old group ``j // (groups // old)``; query head ``h`` reads new
-        group ``h // (heads // groups)``, which is the old group ``h // (heads // old)`` it read
-        before. Call on the unsharded layer."""
-        old, heads = self.num_multi_query_groups_per_partition, self.num_attention_heads_per_partition
-        if groups % old or heads % groups:
-            raise ValueError(f"cannot turn {old} KV groups into {groups} for {heads} query heads")
-        repeat, d = groups // old, self.hidden_size_per_attention_head
-        linear = self.query_key_value
-        for name in ("weight", "bias"):
-            param = getattr(linear, name)
-            if param is None:
-                continue
-            q, k, v = param.split([heads * d, old * d, old * d], dim=0)
-            k, v = (t.unflatten(0, (old, d)).repeat_interleave(repeat, dim=0).flatten(0, 1) for t in (k, v))
-            setattr(linear, name, nn.Parameter(torch.cat([q, k, v]), requires_grad=param.requires_grad))
-        linear.out_features = linear.weight.shape[0]
-        self.num_multi_query_groups_per_partition = groups
-        self.qkv_hidden_size = linear.out_features
-
-
-def _config_dtype(config) -> Optional[torch.dtype]:
-    """The checkpoint's dtype from ``config.torch_dtype`` (``config.dtype`` in transformers 5)."""
-    for name in ("dtype", "torch_dtype"):
-        value = config.__dict__.get(name)
-        if isinstance(value, str):
-            value = getattr(torch, value, None)
-        if isinstance(value, torch.dtype):
-            return value
-    return None
-
-
-def _config_to_kwargs(config):
-    dtype = _config_dtype(config)
-    return {} if dtype is None else {"dtype": dtype}
-
-
-class MLP(nn.Module):
-    """SwiGLU: h -> 2 * ffn (gate, up) -> silu(gate) * up -> h."""
-
-    def __init__(self, config, device=None):
-        super().__init__()
-        self.add_bias = config.add_bias_linear
-        self.dense_h_to_4h = nn.Linear(
-            config.hidden_size,
-            config.ffn_hidden_size * 2,
-            bias=self.add_bias,
-            device=device,
-            **_config_to_kwargs(config),
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        return_last_logit: Optional[bool] = False,
+    ):
+        use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        transformer_outputs = self.transformer(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
         )
-        self.dense_4h_to_h = nn.Linear(
-            config.ffn_hidden_size,
-            config.hidden_size,
-            bias=self.add_bias,
-            device=device,
-            **_config_to_kwargs(config),
+        hidden_states = transformer_outputs[0]  # [s, b, h]
+        if return_last_logit:
+            hidden_states = hidden_states[-1:]
+        lm_logits = self.transformer.output_layer(hidden_states).transpose(0, 1).contiguous()
+
+        loss = None
+        if labels is not None:
+            lm_logits = lm_logits.to(torch.float32)
+            shift_logits = lm_logits[..., :-1, :].contiguous()
+            shift_labels = labels[..., 1:].contiguous()
+            loss = CrossEntropyLoss(ignore_index=-100)(
+                shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1)
+            )
+            lm_logits = lm_logits.to(hidden_states.dtype)
+            loss = loss.to(hidden_states.dtype)
+
+        if not return_dict:
+            output = (lm_logits,) + tuple(transformer_outputs[1:])
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=lm_logits,
+            hidden_states=transformer_outputs.hidden_states,
+            attentions=transformer_outputs.attentions,
+            **{_CACHE_FIELD: transformer_outputs.get(_CACHE_FIELD)},
         )
 
-    def forward(self, hidden_states):
-        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+    @staticmethod
+    def _reorder_cache(past, beam_idx: torch.LongTensor):
+        if isinstance(past, StaticKVCache):  # the HF beam-search hook, outside any forward
+            return past.reorder(beam_idx)
+        return tuple(
+            (
+                layer_past[0].index_select(1, beam_idx.to(layer_past[0].device)),
+                layer_past[1].index_select(1, beam_idx.to(layer_past[1].device)),
+            )
+            for layer_past in past
+        )
+
+    def quantize(
+        self,
+        bits: int,
+        empty_init: bool = False,
+        device=None,
+        output_layer: Optional[bool] = None,
+        group_size: Optional[int] = None,
+    ):
+        """Weight-only quantization in place (the original's signature); returns the model.
+
+        ``bits``: 8 (per output channel) or 4 (grouped, ``group_size`` input columns per scale,
+        default 128, or 64/32 where 128 does not divide every layer; 0 = per output channel,
+        THUDM's layout); 0 does nothing. Replaces
+        query_key_value, dense, dense_h_to_4h and dense_4h_to_h of every block, and the output
+        layer when ``output_layer`` (default: on for 8 bits, off for 4). ``empty_init`` allocates
+        empty int8 storage for a loader to fill; ``device`` places the quantized weights.
+        The kernel follows config ``quant_kernel`` / CHATGLM_QUANT_KERNEL (auto by device).
+        """
+        return quantize_model(self, bits, empty_init, device, output_layer, group_size)
+
+    # --- chat helpers ---------------------------------------------------------------------
+
+    def _chat_max_length(self, max_length: Optional[int]) -> int:
+        # The original's default, 8192, would generate past a shorter context and then fail.
+        if max_length is None:
+            return min(8192, self.config.seq_length)
+        if not _is_int(max_length) or max_length < 1:
+            raise ValueError(f"max_length={max_length!r} must be a positive integer (prompt + answer tokens)")
+        return max_length
+
+    def process_response(self, output, history, parse_tool_calls: bool = True):
+        """Split the model's answer into (content, history); tool calls become dicts (with
+        ``parse_tool_calls=False`` a tool call's text stays text: a call still being streamed
+        is not yet valid code)."""
+        content = ""
+        history = copy.deepcopy(history)
+        for response in output.split("<|assistant|>"):
+            metadata, content = response.split("\n", maxsplit=1) if "\n" in response else ("", response)
+            if not metadata.strip():
+                content = content.strip()
+                history.append({"role": "assistant", "metadata": metadata, "content": content})
+                content = content.replace("[[训练时间]]", "2023年")
+            else:
+                history.append({"role": "assistant", "metadata": metadata, "content": content})
+                if history[0]["role"] == "system" and "tools" in history[0]:
+                    if not parse_tool_calls:
+                        continue
+                    code = "\n".join(content.split("\n")[1:-1])
+                    content = {"name": metadata.strip(), "parameters": _parse_tool_call(code)}
+                else:
+                    content = {"name": metadata.strip(), "content": content}
+        return content, history
+
+    @torch.inference_mode()
+    def chat(
+        self,
+        tokenizer,
+        query: str,
+        history: List[Dict] = None,
+        role: str = "user",
+        max_length: Optional[int] = None,
+        num_beams=1,
+        do_sample=True,
+        top_p=0.8,
+        temperature=0.8,
+        logits_processor=None,
+        **kwargs,
+    ):
+        """One chat turn: returns (response, history). ``max_length`` (prompt + answer) defaults
+        to the original's 8192 bounded by the model's context (``seq_length``); ``history`` takes
+        chatglm3's ``[{"role": ..., "content": ...}]`` or chatglm2's ``[(query, answer)]``."""
+        history = _chat_history(history)
+        max_length = self._chat_max_length(max_length)
+        logits_processor = LogitsProcessorList() if logits_processor is None else logits_processor
+        logits_processor.append(InvalidScoreLogitsProcessor())
+        gen_kwargs = {
+            "max_length": max_length,
+            "num_beams": num_beams,
+            "do_sample": do_sample,
+            "top_p": top_p,
+            "temperature": temperature,
+            "logits_processor": logits_processor,
+            **kwargs,
+        }
+        inputs = tokenizer.build_chat_input(query, history=history, role=role).to(self.device)
+        eos_token_id = [
+            tokenizer.eos_token_id,
+            tokenizer.get_command("<|user|>"),
+            tokenizer.get_command("<|observation|>"),
+        ]
+        outputs = self.generate(**inputs, **gen_kwargs, eos_token_id=eos_token_id)
+        outputs = outputs.tolist()[0][len(inputs["input_ids"][0]) : -1]
+        response = tokenizer.decode(outputs)
+        history.append({"role": role, "content": query})
+        return self.process_response(response, history)
+
+    @torch.inference_mode()
+    def stream_chat(
+        self,
+        tokenizer,
+        query: str,
+        history: List[Dict] = None,
+        role: str = "user",
+        past_key_values=None,
+        max_length: Optional[int] = None,
+        do_sample=True,
+        top_p=0.8,
+        temperature=0.8,
+        logits_processor=None,
+        return_past_key_values=False,
+        **kwargs,
+    ):
+        """Yield (response, history[, past_key_values]) as the answer grows (``max_length`` and
+        ``history`` as in :meth:`chat`)."""
+        history = _chat_history(history)
+        max_length = self._chat_max_length(max_length)
+        logits_processor = LogitsProcessorList() if logits_processor is None else logits_processor
+        logits_processor.append(InvalidScoreLogitsProcessor())
+        eos_token_id = [
+            tokenizer.eos_token_id,
+            tokenizer.get_command("<|user|>"),
+            tokenizer.get_command("<|observation|>"),
+        ]
+        gen_kwargs = {
+            "max_length": max_length,
+            "do_sample": do_sample,
+            "top_p": top_p,
+            "temperature": temperature,
+            "logits_processor": logits_processor,
+            **kwargs,
+        }
+        if past_key_values is None:
+            inputs = tokenizer.build_chat_input(query, history=history, role=role)
+        else:
+            inputs = tokenizer.build_chat_input(query, role=role)
+        inputs = inputs.to(self.device)
+        if past_key_values is not None:
+            past_length = len(past_key_values[0][0]) - (self.transformer.pre_seq_len or 0)
+            inputs["position_ids"] = inputs["position_ids"] + past_length
+            attention_mask = inputs["attention_mask"]
+            inputs["attention_mask"] = torch.cat(
+                (attention_mask.new_ones(1, past_length), attention_mask), dim=1
+            )
+        history.append({"role": role, "content": query})
+        prompt_length = len(inputs["input_ids"][0])
+        response = None
+        for outputs in self.stream_generate(
+            **inputs,
+            past_key_values=past_key_values,
+            eos_token_id=eos_token_id,
+            return_past_key_values=return_past_key_values,
+            **gen_kwargs,
+        ):
+            if return_past_key_values:
+                outputs, past_key_values = outputs
+            text = tokenizer.decode(outputs.tolist()[0][prompt_length:-1])
+            if text and text[-1] != "�":
+                response = text
+                content, new_history = self.process_response(response, history, parse_tool_calls=False)
+                yield (
+                    (content, new_history, past_key_values)
+                    if return_past_key_values
+                    else (content, new_history)
+                )
+        if response is not None:
+            # A tool call is parsed once complete, and yielded as chat() returns it.
+            content, new_history = self.process_response(response, history)
+            if isinstance(content, dict) and "parameters" in content:
+                yield (
+                    (content, new_history, past_key_values)
+                    if return_past_key_values
+                    else (content, new_history)
+                )
+
+    @torch.inference_mode()
+    def stream_generate(
+        self,
+        input_ids,
+        generation_config: Optional[GenerationConfig] = None,
+        logits_processor: Optional[LogitsProcessorList] = None,
+        stopping_criteria: Optional[StoppingCriteriaList] = None,
+        prefix_allowed_tokens_fn=None,
+        return_past_key_values=False,
+        **kwargs,
+    ):
+        """Yield the growing ``input_ids`` after every new token (greedy or sampling).
+
+        A small loop of our own over public logits processors, so it does not depend on
+        ``GenerationMixin`` internals that change between transformers releases.
+        """
+        if prefix_allowed_tokens_fn is not None:
+            raise NotImplementedError(
+                "stream_generate does not support prefix_allowed_tokens_fn; use generate()"
+            )
+        generation_config = copy.deepcopy(generation_config or self.generation_config)
+        model_kwargs = generation_config.update(**kwargs)
+        model_kwargs["use_cache"] = generation_config.use_cache
+        prompt_length = input_ids.shape[-1]
+        if kwargs.get("max_new_tokens") is not None:
+            max_length = prompt_length + generation_config.max_new_tokens
+        else:
+            max_length = generation_config.max_length or self.config.seq_length
+        with _static_cache_reserve(self.transformer, max_length):
+            eos = generation_config.eos_token_id
+            eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            eos_tensor = torch.tensor(eos, device=input_ids.device) if eos else None
+
+            processors = LogitsProcessorList(logits_processor or [])
+            if generation_config.repetition_penalty not in (None, 1.0):
+                processors.insert(0, RepetitionPenaltyLogitsProcessor(generation_config.repetition_penalty))
+            if generation_config.do_sample:
+                if generation_config.temperature not in (None, 1.0):
+                    processors.append(TemperatureLogitsWarper(generation_config.temperature))
+                if generation_config.top_k not in (None, 0):
+                    processors.append(TopKLogitsWarper(generation_config.top_k))
+                if generation_config.top_p not in (None, 1.0):
+                    processors.append(TopPLogitsWarper(generation_config.top_p))
+            criteria = StoppingCriteriaList(stopping_criteria or [])
+
+            unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            while True:
+                model_inputs = self.prepare_inputs_for_generation(input_ids, **model_kwargs)
+                outputs = self(
+                    **model_inputs, return_dict=True, output_attentions=False, output_hidden_states=False
+                )
+                scores = processors(input_ids, outputs.logits[:, -1, :].float())
+                if generation_config.do_sample:
+                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    next_tokens = torch.argmax(scores, dim=-1)
+                input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+                model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
+                if eos_tensor is not None:
+                    unfinished = unfinished * (~torch.isin(next_tokens, eos_tensor)).long()
+                yield (input_ids, outputs.get(_CACHE_FIELD)) if return_past_key_values else input_ids
+                stop = bool(criteria(input_ids, scores).all()) if len(criteria) else False
+                if unfinished.max() == 0 or input_ids.shape[-1] >= max_length or stop:
+                    break
+
+
+class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
+    """ChatGLM with a classification head on the last position (left padding puts a real token there)."""
+
+    def __init__(self, config, empty_init=True, device=None):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = ChatGLMModel(config, empty_init=empty_init, device=device)
+        self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        _mark_fresh(self.classifier_head)
+        self.dropout = (
+            nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
+        )
+        self.config = config
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        full_attention_mask: Optional[torch.Tensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.LongTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        transformer_outputs = self.transformer(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            full_attention_mask=full_attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        pooled = transformer_outputs[0][-1]  # last position, [b, h]
+        if self.dropout is not None:
+            pooled = self.dropout(pooled)
+        logits = self.classifier_head(pooled.to(self.classifier_head.weight.dtype))
+
+        loss = None
+        if labels is not None:
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif self.num_labels > 1 and labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                loss_fct = MSELoss()
+                loss = (
+                    loss_fct(logits.squeeze().float(), labels.squeeze())
+                    if self.num_labels == 1
+                    else loss_fct(logits.float(), labels)
+                )
+            elif self.config.problem_type == "single_label_classification":
+                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels).float(), labels.view(-1))
+            else:
+                loss = BCEWithLogitsLoss()(logits.float(), labels.view(-1, self.num_labels))
+
+        if not return_dict:
+            output = (logits,) + tuple(transformer_outputs[1:])
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=transformer_outputs.hidden_states,
+            attentions=transformer_outputs.attentions,
+            **{_CACHE_FIELD: transformer_outputs.get(_CACHE_FIELD)},
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1331,6 +2501,45 @@ def _kernel_aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+# Output channels dequantized at a time on the prefill path: bounds the reused buffer (4096 x
+# 13696 fp32 = 224 MB for the 6B model, instead of 449 MB for a whole dense_h_to_4h) while each
+# GEMM stays large enough to run at full speed.
+_DEQUANT_CHUNK_ROWS = 4096
+
+
+def _dequantized_gemm(layer, x, gemm_dtype):
+    """Prefill path: the weight dequantized to ``gemm_dtype`` and ordinary GEMMs.
+
+    int8's per-output-channel scale commutes with the GEMM, so its weight is only converted and
+    the scale applied to the output. In eager mode the weight goes through one reused buffer,
+    ``_DEQUANT_CHUNK_ROWS`` output channels at a time; a compiled graph takes the whole weight
+    and lets the compiler plan the memory.
+    """
+    xg = x.to(gemm_dtype)
+    if _is_compiling():
+        if layer.bits == 8:
+            out = F.linear(xg, layer.weight.to(gemm_dtype)) * layer.weight_scale.to(gemm_dtype)
+        else:
+            out = F.linear(xg, dequantize_weight(layer.weight, layer.weight_scale, 4).to(gemm_dtype))
+        return out.to(x.dtype)
+    rows = min(_DEQUANT_CHUNK_ROWS, layer.out_features)
+    buffer = layer.scratch.get((rows, layer.in_features), gemm_dtype, x.device)
+    out_t = torch.empty(layer.out_features, x.shape[0], dtype=gemm_dtype, device=x.device)  # [out, m]
+    for start in range(0, layer.out_features, rows):
+        stop = min(start + rows, layer.out_features)
+        chunk = buffer[: stop - start]
+        if layer.bits == 8:
+            chunk.copy_(layer.weight[start:stop])
+        else:
+            scale = layer.weight_scale[start:stop]
+            chunk.copy_(dequantize_weight(layer.weight[start:stop], scale, 4))
+        torch.mm(chunk, xg.t(), out=out_t[start:stop])
+    out = out_t.t()
+    if layer.bits == 8:
+        out = out * layer.weight_scale.to(gemm_dtype)
+    return out.to(x.dtype).contiguous()
+
+
 class _CpuKernel:
     """``torch._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` for few rows (decode).
 
@@ -1454,45 +2663,6 @@ class _CpuDynamicInt8Kernel:
     @staticmethod
     def matmul(layer, x):
         return _W8A8_LINEAR(x, *layer._kernel_state)
-
-
-# Output channels dequantized at a time on the prefill path: bounds the reused buffer (4096 x
-# 13696 fp32 = 224 MB for the 6B model, instead of 449 MB for a whole dense_h_to_4h) while each
-# GEMM stays large enough to run at full speed.
-_DEQUANT_CHUNK_ROWS = 4096
-
-
-def _dequantized_gemm(layer, x, gemm_dtype):
-    """Prefill path: the weight dequantized to ``gemm_dtype`` and ordinary GEMMs.
-
-    int8's per-output-channel scale commutes with the GEMM, so its weight is only converted and
-    the scale applied to the output. In eager mode the weight goes through one reused buffer,
-    ``_DEQUANT_CHUNK_ROWS`` output channels at a time; a compiled graph takes the whole weight
-    and lets the compiler plan the memory.
-    """
-    xg = x.to(gemm_dtype)
-    if _is_compiling():
-        if layer.bits == 8:
-            out = F.linear(xg, layer.weight.to(gemm_dtype)) * layer.weight_scale.to(gemm_dtype)
-        else:
-            out = F.linear(xg, dequantize_weight(layer.weight, layer.weight_scale, 4).to(gemm_dtype))
-        return out.to(x.dtype)
-    rows = min(_DEQUANT_CHUNK_ROWS, layer.out_features)
-    buffer = layer.scratch.get((rows, layer.in_features), gemm_dtype, x.device)
-    out_t = torch.empty(layer.out_features, x.shape[0], dtype=gemm_dtype, device=x.device)  # [out, m]
-    for start in range(0, layer.out_features, rows):
-        stop = min(start + rows, layer.out_features)
-        chunk = buffer[: stop - start]
-        if layer.bits == 8:
-            chunk.copy_(layer.weight[start:stop])
-        else:
-            scale = layer.weight_scale[start:stop]
-            chunk.copy_(dequantize_weight(layer.weight[start:stop], scale, 4))
-        torch.mm(chunk, xg.t(), out=out_t[start:stop])
-    out = out_t.t()
-    if layer.bits == 8:
-        out = out * layer.weight_scale.to(gemm_dtype)
-    return out.to(x.dtype).contiguous()
 
 
 def _tinygemm_tiles(layer) -> Optional[int]:
@@ -1767,1267 +2937,101 @@ _QUANTIZED_BLOCK_LINEARS = (
 )
 
 
-class GLMBlock(nn.Module):
-    """Pre-norm transformer layer: RMSNorm -> attention -> residual -> RMSNorm -> MLP -> residual."""
-
-    def __init__(self, config, layer_number, device=None):
-        super().__init__()
-        self.layer_number = layer_number
-        self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
-        norm_class = RMSNorm if config.rmsnorm else _LayerNorm
-        self.input_layernorm = norm_class(
-            config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
-        )
-        self.self_attention = SelfAttention(config, layer_number, device=device)
-        self.hidden_dropout = config.hidden_dropout
-        self.post_attention_layernorm = norm_class(
-            config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
-        )
-        self.mlp = MLP(config, device=device)
-
-    def forward(self, hidden_states, rotary_pos_emb, step: _Step):
-        normed = self.input_layernorm(hidden_states, step.backends.normalize)
-        attention_output = self.self_attention(normed, rotary_pos_emb, step)
-        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
-        hidden_states = residual + F.dropout(attention_output, p=self.hidden_dropout, training=self.training)
-        normed = self.post_attention_layernorm(hidden_states, step.backends.normalize)
-        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
-        mlp_output = self.mlp(normed)
-        return residual + F.dropout(mlp_output, p=self.hidden_dropout, training=self.training)
-
-
-class GLMTransformer(nn.Module):
-    """The stack of ``GLMBlock`` layers plus the final RMSNorm."""
-
-    def __init__(self, config, device=None):
-        super().__init__()
-        self.post_layer_norm = config.post_layer_norm
-        self.num_layers = config.num_layers
-        self.layers = nn.ModuleList([GLMBlock(config, i + 1, device=device) for i in range(self.num_layers)])
-        if self.post_layer_norm:
-            norm_class = RMSNorm if config.rmsnorm else _LayerNorm
-            self.final_layernorm = norm_class(
-                config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=_config_dtype(config)
-            )
-        self.gradient_checkpointing = False
-
-    def _get_layer(self, layer_number):
-        return self.layers[layer_number]
-
-    def forward(self, hidden_states, rotary_pos_emb, step: _Step, output_hidden_states: bool = False):
-        """``hidden_states`` [b, s, h] -> (hidden [b, s, h], every layer's input + the output, or None)."""
-        all_hidden_states = () if output_hidden_states else None
-        checkpointing = self.gradient_checkpointing and self.training
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states = all_hidden_states + (hidden_states,)
-            if checkpointing:
-                hidden_states = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, rotary_pos_emb, step, use_reentrant=False
-                )
-            else:
-                hidden_states = layer(hidden_states, rotary_pos_emb, step)
-        if output_hidden_states:
-            all_hidden_states = all_hidden_states + (hidden_states,)
-        if self.post_layer_norm:
-            hidden_states = self.final_layernorm(hidden_states, step.backends.normalize)
-        return hidden_states, all_hidden_states
-
-
-class Embedding(nn.Module):
-    """Word embeddings, ``[batch, seq] -> [seq, batch, hidden]`` like the original, or
-    ``[batch, seq, hidden]`` (our internal layout, no copy) with ``batch_first=True``."""
-
-    def __init__(self, config, device=None):
-        super().__init__()
-        self.hidden_size = config.hidden_size
-        self.word_embeddings = nn.Embedding(
-            config.padded_vocab_size, self.hidden_size, device=device, **_config_to_kwargs(config)
-        )
-        self.fp32_residual_connection = config.fp32_residual_connection
-
-    def forward(self, input_ids, batch_first: bool = False):
-        embeddings = self.word_embeddings(input_ids)
-        if not batch_first:
-            embeddings = embeddings.transpose(0, 1).contiguous()
-        return embeddings.float() if self.fp32_residual_connection else embeddings
-
-
-# transformers 5 renamed the outputs' ``past_key_values`` field to ``cache`` (keeping a deprecated
-# alias); we fill whichever field this version has.
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-# ---------------------------------------------------------------------------------------------
-# Pre-trained model base.
-# ---------------------------------------------------------------------------------------------
-
-
-def _legacy_from_hf(past):
-    """A transformers ``Cache`` object as the legacy tuple cache (None when empty)."""
-    if past.get_seq_length() == 0:
-        return None
-    if hasattr(past, "to_legacy_cache"):
-        return tuple((k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)) for k, v in past.to_legacy_cache())
-    raise TypeError(
-        f"past_key_values of type {type(past).__name__} is not supported by ChatGLM; pass the "
-        "tuple returned in outputs.past_key_values"
-    )
-
-
-def _mark_fresh(module: nn.Module) -> None:
-    """Mark a module whose weights no released checkpoint carries (a new P-tuning prefix, a new
-    classification head): ``_init_weights`` gives it torch's default initialisation, so it is
-    the same on every transformers version (5.x builds modules on the meta device and leaves
-    anything ``_init_weights`` skips as uninitialised memory)."""
-    for sub in module.modules():
-        if isinstance(sub, (nn.Linear, nn.Embedding)):
-            sub._chatglm_fresh = True
-
-
-class ChatGLMPreTrainedModel(PreTrainedModel):
-    """Weights loading and configuration shared by the ChatGLM heads."""
-
-    is_parallelizable = False
-    supports_gradient_checkpointing = True
-    config_class = ChatGLMConfig
-    base_model_prefix = "transformer"
-    _no_split_modules = ["GLMBlock"]
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module):
-        """Checkpoint weights are never initialised (as in the original: they are loaded). Only
-        what checkpoints lack is: the derived rotary buffer, and modules marked fresh."""
-        if isinstance(module, RotaryEmbedding):
-            module.reset_inv_freq()
-        elif getattr(module, "_chatglm_fresh", False) and module.weight.device.type != "meta":
-            module.reset_parameters()
-
-    def _set_gradient_checkpointing(self, module=None, value=False, **kwargs):
-        # transformers < 4.35 passes (module, value); newer ones (enable=..., gradient_checkpointing_func=...)
-        enable = kwargs.get("enable", value)
-        for sub in self.modules():
-            if isinstance(sub, GLMTransformer):
-                sub.gradient_checkpointing = bool(enable)
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        # We keep our own caches (legacy tuple or StaticKVCache); generate() must not make one.
-        return False
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        check_checkpoint_dir(pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    def get_masks(self, input_ids, past_key_values, padding_mask=None):
-        """The original's mask, bool ``[b, 1, seq, past + seq]`` with True = masked (kept for code
-        that calls it; the model itself uses :func:`attention_keep_mask`)."""
-        batch, seq = input_ids.shape
-        past_len = 0 if past_key_values is None else len(past_key_values[0][0])
-        mask = torch.ones(batch, seq, seq, device=input_ids.device).tril_()
-        if past_len:
-            mask = torch.cat((torch.ones(batch, seq, past_len, device=input_ids.device), mask), dim=-1)
-        if padding_mask is not None:
-            mask = mask * padding_mask.unsqueeze(1)
-            if not past_len:
-                mask -= padding_mask.unsqueeze(-1) - 1
-        return (mask < 0.5).bool().unsqueeze(1)
-
-    def get_position_ids(self, input_ids, device):
-        batch_size, seq_length = input_ids.shape
-        return torch.arange(seq_length, dtype=torch.long, device=device).unsqueeze(0).repeat(batch_size, 1)
-
-
-def check_checkpoint_dir(path) -> None:
-    """Clear errors for the local directories users point us at (hub ids pass through)."""
-    if path is None or not isinstance(path, (str, os.PathLike)):
-        return
-    directory = Path(path)
-    if not directory.exists():
-        if os.path.isabs(path) or str(path).startswith("."):
-            raise FileNotFoundError(
-                f"checkpoint directory {path} does not exist; pass the folder holding the "
-                "downloaded chatglm3-6b files (config.json, *.safetensors or *.bin)"
-            )
-        return
-    if not directory.is_dir():
-        raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that contains it")
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{path} has no config.json; pass the chatglm3-6b checkpoint directory (the one with "
-            "config.json and the weight shards)"
-        )
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, OSError) as error:
-        raise ValueError(f"{config_file} is not valid JSON ({error}); re-download the checkpoint") from None
-    if model_type != "chatglm":
+def quantize_model(
+    model,
+    bits: int,
+    empty_init: bool = False,
+    device=None,
+    output_layer: Optional[bool] = None,
+    group_size: Optional[int] = None,
+):
+    """``ChatGLMForConditionalGeneration.quantize``: replace the block linears (and, for int8 by
+    default, the output layer) of ``model`` by :class:`QuantizedLinear` layers in place; returns
+    ``model``."""
+    if bits == 0:
+        return model
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"quantize(bits={bits!r}): use 8 or 4 (weight-only int8/int4), or 0 for none")
+    if model.quantized:
+        if model.config.quantization_bit == bits:
+            logger.info("Already quantized.")
+            return model
         raise ValueError(
-            f"{config_file} has model_type={model_type!r}, not 'chatglm'; this file only runs "
-            "ChatGLM2/ChatGLM3 checkpoints"
+            f"the model is already quantized to {model.config.quantization_bit} bits; reload the "
+            f"unquantized checkpoint to quantize it to {bits}"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# ChatGLMModel: embedding -> open the cache -> begin -> prefill | decode_one_token -> end.
-# ---------------------------------------------------------------------------------------------
-
-
-class ChatGLMModel(ChatGLMPreTrainedModel):
-    """The ChatGLM transformer (embedding, layers, final norm) with the output projection attached."""
-
-    def __init__(self, config, device=None, empty_init=True):
-        super().__init__(config)
-        check_config(config)
-        build_device = torch.device("meta") if empty_init and device is None else device
-        with torch.device(build_device) if build_device is not None else contextlib.nullcontext():
-            self.embedding = Embedding(config)
-            self.num_layers = config.num_layers
-            self.multi_query_group_num = config.multi_query_group_num
-            self.kv_channels = config.kv_channels
-            self.seq_length = config.seq_length
-            rotary_dim = (
-                config.hidden_size // config.num_attention_heads
-                if config.kv_channels is None
-                else config.kv_channels
-            )
-            self.rotary_pos_emb = RotaryEmbedding(
-                rotary_dim // 2,
-                rope_ratio=getattr(config, "rope_ratio", 1),
-                original_impl=getattr(config, "original_rope", True),
-                dtype=_config_dtype(config),
-            )
-            self.encoder = GLMTransformer(config)
-            self.output_layer = nn.Linear(
-                config.hidden_size, config.padded_vocab_size, bias=False, **_config_to_kwargs(config)
-            )
-        # Like the original's skip_init: allocate without initialising. Inside an ambient meta
-        # context (transformers' empty-weight loading) stay on meta: the loader fills the weights.
-        if build_device is not None and build_device.type == "meta" and torch.empty(()).device.type != "meta":
-            self.to_empty(device="cpu")
-            self.rotary_pos_emb.reset_inv_freq()
-        self.pre_seq_len = config.pre_seq_len
-        self.prefix_projection = config.prefix_projection
-        if self.pre_seq_len is not None:
-            for param in self.parameters():
-                param.requires_grad = False
-            self.prefix_encoder = PrefixEncoder(config)
-            self.dropout = nn.Dropout(0.1)
-        self.options = RuntimeOptions.from_config(config)
-        # The static cache's smallest capacity bucket (None: STATIC_CACHE_MIN_LEN); its buffers
-        # (_kv_store) stay with the instance between generations and grow by bucket.
-        self.static_cache_len: Optional[int] = None
-        self._kv_store: Optional[StaticKVCache] = None
-        self._reserve: Optional[int] = None  # positions the running generate() will reach
-        self._backend_key = None  # (device, dtype) that _backends, _rope and _phases serve
-        self._backends: Optional[Backends] = None
-        self._phases: Dict[str, Callable] = {}
-        self._graphs: Dict[str, Callable] = {}  # the compiled phases (graph mode only)
-        self._rope = None
-
-    @property
-    def prefix_tokens(self) -> torch.Tensor:
-        # Made where it is used: a tensor built in __init__ would be a meta tensor under
-        # transformers 5's empty-weight init, which no loader fills.
-        return torch.arange(self.pre_seq_len, device=self.prefix_encoder.embedding.weight.device)
-
-    def get_input_embeddings(self):
-        return self.embedding.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.embedding.word_embeddings = value
-
-    def get_prompt(self, batch_size, device, dtype=torch.half):
-        prefix_tokens = self.prefix_tokens.unsqueeze(0).expand(batch_size, -1).to(device)
-        past_key_values = self.prefix_encoder(prefix_tokens).type(dtype)
-        past_key_values = past_key_values.view(
-            batch_size, self.pre_seq_len, self.num_layers * 2, self.multi_query_group_num, self.kv_channels
+    output_layer = bits == 8 if output_layer is None else bool(output_layer)
+    targets = [
+        (block, names) for block in model.transformer.encoder.layers for names in _QUANTIZED_BLOCK_LINEARS
+    ]
+    if bits == 4 and group_size is not None and (not _is_int(group_size) or group_size < 0):
+        raise ValueError(
+            f"quantize(4, group_size={group_size!r}): use a positive integer dividing every layer's "
+            "input width (e.g. 128, 64, 32), or 0 for one scale per output channel"
         )
-        past_key_values = self.dropout(past_key_values)
-        return past_key_values.permute([2, 1, 0, 3, 4]).split(2)
-
-    # --- backends, graphs and the static cache's capacity: state of this instance -----------
-
-    def set_runtime_options(self, **changes) -> None:
-        """Change fast-path switches of a built model (e.g. ``exe_mode="dynamo"``) for ablations.
-
-        Takes the config field names; validates like the config; leaves ``self.config`` (and so
-        what ``save_pretrained`` writes) untouched; drops compiled graphs, the static cache and
-        the resolved backends."""
-        fields = RuntimeOptions.__dataclass_fields__
-        unknown = sorted(set(changes) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown runtime option(s) {unknown}; use: {', '.join(fields)}")
-        merged = types.SimpleNamespace(**{**vars(self.options), **changes})
-        self.options = RuntimeOptions.from_config(merged)
-        self._backend_key = None
-        self._graphs = {}
-        self._kv_store = None
-
-    @property
-    def backends(self) -> Backends:
-        """What runs this model on its weights' device and dtype (resolved now if not yet)."""
-        weight = self.embedding.word_embeddings.weight
-        if self._backend_key != (weight.device, weight.dtype):
-            self._resolve(weight.device, weight.dtype)
-        return self._backends
-
-    def _resolve(self, device: torch.device, dtype: torch.dtype) -> Backends:
-        """Resolve the backends for ``device``/``dtype`` and set up what depends on them: the
-        quantized layers' kernels, the rotary table, the phase functions (compiled in graph
-        mode: one per phase and instance, each with its phase's settings)."""
-        backends = resolve_backends(self.options, device, dtype, bits=self.config.quantization_bit or 0)
-        for module in self.modules():
-            if isinstance(module, QuantizedLinear):
-                module.select_kernel(device, dtype, backends.quant_kernel)
-        self._rope = self.rotary_pos_emb(self.seq_length)
-        self._phases = {"prefill": self.prefill, "decode": self.decode_one_token}
-        self._graphs = {}
-        if backends.compile is not None:
-            _raise_recompile_limit()
-            self._graphs = {
-                phase: torch.compile(fn, fullgraph=True, **backends.compile[phase])
-                for phase, fn in self._phases.items()
-            }
-            self._phases = self._graphs
-        self._backends, self._backend_key = backends, (device, dtype)
-        return backends
-
-    def _capacity(self, needed: int) -> int:
-        """The static cache's capacity bucket for ``needed`` positions: ``static_cache_len``
-        (default 256) doubled until it holds them, at most ``seq_length``."""
-        capacity = self.static_cache_len or STATIC_CACHE_MIN_LEN
-        while capacity < needed:
-            capacity *= 2
-        return min(capacity, self.seq_length)
-
-    def open_cache(self, past, batch_size: int, new_tokens: int, dtype, device, use_cache: bool):
-        """The cache a forward of ``new_tokens`` per row continues: the only place that tells the
-        legacy tuple, a transformers ``Cache`` and a :class:`StaticKVCache` apart."""
-        if past is not None and not isinstance(past, (tuple, list, StaticKVCache)):
-            past = _legacy_from_hf(past)
-        if isinstance(past, StaticKVCache):
-            if past._buffers.newest is not past:
-                raise ValueError(
-                    f"this static KV cache holds {past.seq_len} positions but its buffers were already "
-                    "advanced by another call (static caches are written in place); continue from the "
-                    "newest past_key_values, or use kv_cache='tuple' to branch several continuations "
-                    "from one past"
-                )
-            if past.seq_len + new_tokens > past.max_len:
-                past = self._kv_store = past.grown(self._capacity(past.seq_len + new_tokens))
-            return past
-        past_len = 0 if past is None else len(past[0][0])
-        if self._backends.kv_cache != "static" or not use_cache:
-            return TupleKVCache(list(past) if past is not None else [None] * self.num_layers, past_len)
-        needed = min(max(past_len + new_tokens, self._reserve or 0), self.seq_length)
-        attention = self.encoder.layers[0].self_attention
-        shape = (
-            self.num_layers,
-            batch_size,
-            attention.num_multi_query_groups_per_partition,
-            attention.hidden_size_per_attention_head,
-        )
-        store, writer = self._kv_store, self._backends.write
-        if store is None or not store.matches(*shape, dtype, device, writer) or store.max_len < needed:
-            self._kv_store = store = None  # frees the old buffers before allocating new ones
-            layers, batch, kv_heads, head_dim = shape
-            capacity = self._capacity(needed)
-            store = StaticKVCache(layers, batch, kv_heads, capacity, head_dim, dtype, device, writer)
-            self._kv_store = store
-        return store.copy_from_legacy(past) if past is not None else store.view(0)
-
-    # --- the two phases (the compiled regions: pure tensor math) ---------------------------
-
-    def prefill(self, hidden_states, rotary_pos_emb, step: _Step, output_hidden_states: bool = False):
-        """A prompt (or a chunk after a past), ``hidden_states`` [b, s, h], through every layer,
-        writing its K/V. Compiled with a dynamic length: one graph serves every prompt length."""
-        return self.encoder(hidden_states, rotary_pos_emb, step, output_hidden_states)
-
-    def decode_one_token(self, hidden_states, rotary_pos_emb, step: _Step):
-        """One new token per row, ``hidden_states`` [b, 1, h], after a past. Over the static cache
-        every shape is fixed by (batch, capacity), so one graph is replayed every step."""
-        hidden_states, _ = self.encoder(hidden_states, rotary_pos_emb, step)
-        return hidden_states
-
-    def forward(
-        self,
-        input_ids=None,
-        position_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.BoolTensor] = None,
-        full_attention_mask: Optional[torch.BoolTensor] = None,
-        past_key_values=None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-    ):
-        """Embed -> open the cache -> begin the step -> prefill or decode_one_token -> end."""
-        output_hidden_states = bool(
-            output_hidden_states
-            if output_hidden_states is not None
-            else getattr(self.config, "output_hidden_states", False)
-        )
-        use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
-        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        decode_shaped = past_key_values is not None and input_ids is not None and input_ids.dim() == 2
-        if not (decode_shaped and input_ids.shape[1] == 1):  # a decode step: _check_lengths only
-            self._check_inputs(input_ids, inputs_embeds, position_ids, attention_mask, past_key_values)
-
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids (or inputs_embeds)")
-            hidden_states = self.embedding(input_ids, batch_first=True)  # [b, s, h]
-        else:
-            hidden_states = inputs_embeds.transpose(0, 1)  # public layout is [s, b, h]
-        batch_size, seq_length = hidden_states.shape[:2]
-        device, dtype = hidden_states.device, hidden_states.dtype
-        backends = self._backends if self._backend_key == (device, dtype) else self._resolve(device, dtype)
-        if self.pre_seq_len is not None:
-            if past_key_values is None:
-                past_key_values = self.get_prompt(batch_size, device, dtype)
-            if attention_mask is not None:
-                attention_mask = torch.cat(
-                    [attention_mask.new_ones((batch_size, self.pre_seq_len)), attention_mask], dim=-1
-                )
-
-        cache = self.open_cache(past_key_values, batch_size, seq_length, dtype, device, use_cache)
-        past_len = cache.seq_len
-        self._check_lengths(batch_size, seq_length, past_len, attention_mask, position_ids)
-        if position_ids is None:
-            offset = past_len - (self.pre_seq_len or 0)
-            position_ids = (
-                torch.arange(offset, offset + seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
+    for block, (parent_name, name) in targets:
+        linear = getattr(getattr(block, parent_name), name)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"quantize() found {type(linear).__name__} at {parent_name}.{name}, not nn.Linear "
+                "(e.g. after DeepSpeed AutoTP sharding); quantize before sharding is not "
+                "supported either: run quantized models on one rank"
             )
-        # Gathered here, not in the graph: a fresh tensor, so the decode graph never guards on
-        # the strides of the caller's position_ids (a slice of a growing tensor in generate()).
-        rotary_pos_emb = self._rope[position_ids]  # [b, s, rot/2, 2]
-        chunk = self.options.prefill_chunk
-        if chunk and seq_length > chunk and full_attention_mask is None and not self.training:
-            hidden_states, all_hidden_states, cache = self._prefill_chunks(
-                hidden_states, rotary_pos_emb, cache, attention_mask, chunk, output_hidden_states
-            )
-        else:
-            slots = torch.arange(past_len, past_len + seq_length, device=device)
-            step = cache.begin(slots, attention_mask, backends, full_attention_mask)
-            all_hidden_states = None
-            if step.decode and not output_hidden_states:
-                hidden_states = self._phases["decode"](hidden_states, rotary_pos_emb, step)
-            else:
-                if self._graphs:
-                    _mark_length_dynamic(hidden_states, rotary_pos_emb, step)
-                hidden_states, all_hidden_states = self._phases["prefill"](
-                    hidden_states, rotary_pos_emb, step, output_hidden_states
-                )
-
-        presents = cache.end() if use_cache else None
-        hidden_states = hidden_states.transpose(0, 1)  # public layout [s, b, h]
-        if all_hidden_states is not None:
-            all_hidden_states = tuple(h.transpose(0, 1) for h in all_hidden_states)
-        if not return_dict:
-            return tuple(v for v in [hidden_states, presents, all_hidden_states, None] if v is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            attentions=None,
-            **{_CACHE_FIELD: presents},
-        )
-
-    def _prefill_chunks(
-        self, hidden_states, rotary_pos_emb, cache, attention_mask, chunk, output_hidden_states
-    ):
-        """A long prompt ``hidden_states`` [b, s, h], ``chunk`` tokens at a time through the cache:
-        each chunk attends to the cache (the chunks before it) plus itself, so the result equals
-        one pass while every temporary is bounded by chunk x context. Returns (hidden [b, s, h],
-        every layer's input + the output or None, the cache after the last chunk)."""
-        seq_length, past_len = hidden_states.shape[1], cache.seq_len
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # unpadded: every chunk is causal, with no mask at all
-        output, layer_outputs = torch.empty_like(hidden_states), []
-        for start in range(0, seq_length, chunk):
-            stop = min(start + chunk, seq_length)
-            if start:
-                cache = cache.resume()
-            slots = torch.arange(past_len + start, past_len + stop, device=hidden_states.device)
-            mask = None if attention_mask is None else attention_mask[:, : past_len + stop]
-            step = cache.begin(slots, mask, self._backends)
-            part, rope = hidden_states[:, start:stop], rotary_pos_emb[:, start:stop]
-            if self._graphs:
-                _mark_length_dynamic(part, rope, step)
-            part, all_hidden = self._phases["prefill"](part, rope, step, output_hidden_states)
-            output[:, start:stop] = part
-            layer_outputs.append(all_hidden)
-        all_hidden_states = None
-        if output_hidden_states:
-            all_hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*layer_outputs))
-        return output, all_hidden_states, cache
-
-    def _check_inputs(self, input_ids, inputs_embeds, position_ids, attention_mask, past) -> None:
-        """Shapes of what the caller passed (always: no sync), and on a prompt (no cache yet) the
-        values: token ids inside the vocabulary, positions inside the context, no all-zero mask
-        row. Decode steps skip the value checks: they would cost a device-to-host sync per token,
-        and their values follow from the prompt's."""
-        if inputs_embeds is not None:
-            if inputs_embeds.dim() != 3:
-                raise ValueError(
-                    f"inputs_embeds must be [seq, batch, hidden] (3-D), got shape {tuple(inputs_embeds.shape)}"
-                )
-            seq_length, batch_size = inputs_embeds.shape[:2]
-        elif input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(
-                    f"input_ids must be [batch, seq] (2-D), got shape {tuple(input_ids.shape)}; "
-                    "for one sequence pass input_ids[None]"
-                )
-            if input_ids.is_floating_point():
-                raise ValueError(f"input_ids must hold integer token ids, not {input_ids.dtype}")
-            batch_size, seq_length = input_ids.shape
-        else:
-            return  # forward says what is missing
-        if seq_length == 0 or batch_size == 0:
-            raise ValueError(f"the input is empty ({batch_size} rows of {seq_length} tokens)")
-        if position_ids is not None and tuple(position_ids.shape) != (batch_size, seq_length):
-            raise ValueError(
-                f"position_ids has shape {tuple(position_ids.shape)} but must be [batch, seq] = "
-                f"[{batch_size}, {seq_length}], like input_ids"
-            )
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(
-                f"attention_mask must be [batch, past + seq] (2-D, 1 = token, 0 = padding), got "
-                f"shape {tuple(attention_mask.shape)}"
-            )
-        hf_cache = past is not None and not isinstance(past, (tuple, list, StaticKVCache))
-        if past is not None and not (hf_cache and past.get_seq_length() == 0):
-            return  # a decode step (or a continued prompt)
-        if input_ids is not None and inputs_embeds is None:
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.padded_vocab_size:
-                raise ValueError(
-                    f"input_ids holds token id {low if low < 0 else high} but the model's vocabulary "
-                    f"has ids 0..{self.config.padded_vocab_size - 1} (padded_vocab_size); is the "
-                    "tokenizer this checkpoint's?"
-                )
-        if position_ids is not None:
-            low, high = int(position_ids.min()), int(position_ids.max())
-            if low < 0 or high >= self.seq_length:
-                raise ValueError(
-                    f"position_ids holds {low if low < 0 else high}, outside the model's positions "
-                    f"0..{self.seq_length - 1} (seq_length)"
-                )
-        if attention_mask is not None and attention_mask.shape[-1] == seq_length:
-            empty = (~attention_mask.bool().any(dim=-1)).nonzero()
-            if len(empty):
-                raise ValueError(
-                    f"attention_mask row {int(empty[0, 0])} is all zeros (a prompt with no tokens, only "
-                    "padding); drop that row or give it at least one token"
-                )
-
-    def _check_lengths(self, batch_size, seq_length, past_len, attention_mask, position_ids=None) -> None:
-        """The lengths every forward must agree on (no device sync): the context, the mask over
-        past + new tokens, the positions of the new tokens."""
-        total = past_len + seq_length
-        if position_ids is not None and tuple(position_ids.shape) != (batch_size, seq_length):
-            raise ValueError(
-                f"position_ids has shape {tuple(position_ids.shape)} but must be [batch, seq] = "
-                f"[{batch_size}, {seq_length}], like input_ids"
-            )
-        if total > self.seq_length:
-            raise ValueError(
-                f"input of {seq_length} tokens after {past_len} cached ones needs {total} positions, "
-                f"more than the model's context (seq_length={self.seq_length}); shorten the prompt or "
-                "max_new_tokens, or use a longer-context checkpoint (e.g. chatglm3-6b-32k)"
-            )
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, total):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but must be "
-                f"[batch, past + seq] = [{batch_size}, {total}]; pass the mask of the whole sequence so far"
-            )
-
-
-def _mark_length_dynamic(hidden_states, rotary_pos_emb, step: _Step) -> None:
-    """Mark the new tokens' length (and a padded prompt's mask) dynamic, so that the first
-    prefill graph serves every prompt length (unmarked, dynamo specialises on the first length
-    and generalises only at the second). Marking only these dims, not ``dynamic=True``, keeps a
-    length that happens to equal a model size (2 KV groups, head_dim, hidden) from being fused
-    with it and specialised."""
-    mark = torch._dynamo.maybe_mark_dynamic
-    mark(hidden_states, 1)
-    mark(rotary_pos_emb, 1)
-    slots = getattr(step.cache, "slots", None)
-    if slots is not None:
-        mark(slots, 0)
-    if isinstance(step.keep, torch.Tensor):
-        mark(step.keep, 2)
-        mark(step.keep, 3)
-    if isinstance(step.keep, PaddedChunk):
-        mark(step.keep.key_keep, 1)
-        mark(step.keep.slots, 0)
-        mark(step.keep.query_keep, 1)
-    if isinstance(step.cache, TupleKVCache):  # a chunk after a past: any past length, one graph
-        for layer in step.cache.layers:
-            if layer is not None:
-                mark(layer[0], 0)
-                mark(layer[1], 0)
-
-
-def _raise_recompile_limit() -> None:
-    """Raise dynamo's per-function limit on compiled variants once, process-wide (batch sizes,
-    cache lengths and model instances each add a graph; the default 8 would turn a long-running
-    process into a hard error under ``fullgraph=True``). Never lowers a limit set by the user."""
-    config = torch._dynamo.config
-    if getattr(config, _RECOMPILE_LIMIT_NAME) < GRAPH_RECOMPILE_LIMIT:
-        setattr(config, _RECOMPILE_LIMIT_NAME, GRAPH_RECOMPILE_LIMIT)
-
-
-def compile_kwargs(options: RuntimeOptions, device, phase: str = "prefill") -> Dict[str, Any]:
-    """``torch.compile`` settings of one phase ("prefill" or "decode") on ``device`` (a
-    ``torch.device`` or its type name), from one place. Decode over the static cache has static
-    shapes (batch, capacity); the other phases let dynamo generalise what changes (the forward
-    marks the prompt length dynamic before the first prefill: see _mark_length_dynamic)."""
-    kind = device if isinstance(device, str) else device.type
-    static_decode = phase == "decode" and options.cache_kind == "static"
-    backend = options.graph_backend
-    shapes = {"dynamic": False} if static_decode else {}
-    if callable(backend):
-        return {"backend": backend, **shapes}
-    backend = str(backend)
-    if backend == "auto":
-        backend = "torchair" if kind == "npu" else "inductor"
-    if backend == "torchair":
-        return {"backend": _torchair_backend(static_decode), **shapes}
-    if backend == "inductor" and kind == "cpu":
-        # Freezing folds the weights into the graph and lets inductor prepack them for oneDNN.
-        return {"backend": "inductor", "options": {"freezing": True}, **shapes}
-    if backend == "inductor" and kind == "cuda" and static_decode:
-        # CUDA graphs: one launch replays the whole decode step (inputs at fixed addresses:
-        # the parameters and the static cache, marked with mark_static_address).
-        return {"backend": "inductor", "mode": "reduce-overhead", **shapes}
-    return {"backend": backend, **shapes}
-
-
-def _torchair_backend(static_decode: bool):
-    _require_torch_npu("the torchair graph backend")
-    torchair = _optional_import("torchair")
-    if torchair is None:
-        raise RuntimeError(
-            "EXE_MODE=dynamo on NPU needs torchair (shipped with torch_npu); reinstall torch_npu "
-            "or set CHATGLM_GRAPH_BACKEND=eager"
-        )
-    config = torchair.CompilerConfig()
-    # Ascend's own LLM recipes (torchair's npu_tuned_model/llm samples), for every phase: weights
-    # (and, on torch >= 2.6, the mark_static_address'd KV buffers) at fixed addresses, which cuts
-    # per-step input dispatch.
-    config.experimental_config.frozen_parameter = True
-    if static_decode and hasattr(config.experimental_config, "tiling_schedule_optimize"):
-        # Those recipes' decode setting: with static shapes, tiling is computed on the device
-        # (AI CPU) instead of by the host before every launch (torchair versions without the
-        # option skip it).
-        config.experimental_config.tiling_schedule_optimize = True
-    return torchair.get_npu_backend(compiler_config=config)
-
-
-# ---------------------------------------------------------------------------------------------
-# Heads.
-# ---------------------------------------------------------------------------------------------
-
-
-class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
-    """ChatGLM with its language-model head (``transformer.output_layer``), ``generate`` and chat."""
-
-    def __init__(self, config, empty_init=True, device=None):
-        super().__init__(config)
-        self.max_sequence_length = getattr(config, "max_length", None) or config.seq_length
-        self.transformer = ChatGLMModel(config, empty_init=empty_init, device=device)
-        self.config = config
-        self.quantized = False
-        if self.config.quantization_bit:
-            # As the original: a checkpoint saved quantized is built quantized (empty int8
-            # storage the loader fills). Absent fields mean THUDM's layout: blocks only, int4
-            # with one scale per output channel.
-            self.quantize(
-                self.config.quantization_bit,
-                empty_init=True,
-                output_layer=bool(getattr(config, "quantization_output_layer", None)),
-                group_size=getattr(config, "quantization_group_size", None) or 0,
-            )
-        self.post_init()
-
-    # --- generation plumbing (independent of the transformers version) ---------------------
-
-    def _update_model_kwargs_for_generation(
-        self, outputs, model_kwargs, is_encoder_decoder=False, standardize_cache_format=False, **kwargs
-    ):
-        model_kwargs.pop("cache", None)
-        model_kwargs["past_key_values"] = outputs.get(_CACHE_FIELD)
-        if model_kwargs.get("attention_mask") is not None:
-            mask = model_kwargs["attention_mask"]
-            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        if model_kwargs.get("position_ids") is not None:
-            position_ids = model_kwargs["position_ids"]
-            model_kwargs["position_ids"] = torch.cat([position_ids, position_ids[..., -1:] + 1], dim=-1)
-        model_kwargs["is_first_forward"] = False
-        return model_kwargs
-
-    def prepare_inputs_for_generation(
-        self,
-        input_ids,
-        past_key_values=None,
-        attention_mask=None,
-        position_ids=None,
-        use_cache=None,
-        is_first_forward=True,
-        cache=None,
-        **kwargs,
-    ):
-        # position_ids None: the model's own 0, 1, ... after the past (the original's positions).
-        past_key_values = past_key_values if past_key_values is not None else cache
-        if not is_first_forward and past_key_values is not None:
-            input_ids = input_ids[:, -1:]
-            if position_ids is not None:
-                position_ids = position_ids[..., -1:]
-        return {
-            "input_ids": input_ids,
-            "past_key_values": past_key_values,
-            "position_ids": position_ids,
-            "attention_mask": attention_mask,
-            "return_last_logit": True,
-            "use_cache": use_cache if use_cache is not None else getattr(self.config, "use_cache", True),
+    # A width no int4 kernel takes stays int8 (llama.cpp likewise keeps such a tensor in a wider
+    # format): decided from the shapes alone, so a saved model reloads with the same layout.
+    int8_names = sorted(
+        {
+            f"{p}.{n}"
+            for b, (p, n) in targets
+            if bits == 4 and not _int4_kernels_take(getattr(getattr(b, p), n))
         }
-
-    @torch.no_grad()
-    def generate(self, *args, **kwargs):
-        """``GenerationMixin.generate``; a static cache opened by its prompt gets a capacity bucket
-        that holds the whole run (prompt + new tokens), so it never grows mid-generation."""
-        with _static_cache_reserve(self.transformer, _requested_length(self, args, kwargs)):
-            return super().generate(*args, **kwargs)
-
-    def forward(
-        self,
-        input_ids: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        past_key_values=None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        return_last_logit: Optional[bool] = False,
-    ):
-        use_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", True)
-        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        transformer_outputs = self.transformer(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
-        hidden_states = transformer_outputs[0]  # [s, b, h]
-        if return_last_logit:
-            hidden_states = hidden_states[-1:]
-        lm_logits = self.transformer.output_layer(hidden_states).transpose(0, 1).contiguous()
-
-        loss = None
-        if labels is not None:
-            lm_logits = lm_logits.to(torch.float32)
-            shift_logits = lm_logits[..., :-1, :].contiguous()
-            shift_labels = labels[..., 1:].contiguous()
-            loss = CrossEntropyLoss(ignore_index=-100)(
-                shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1)
-            )
-            lm_logits = lm_logits.to(hidden_states.dtype)
-            loss = loss.to(hidden_states.dtype)
-
-        if not return_dict:
-            output = (lm_logits,) + tuple(transformer_outputs[1:])
-            return ((loss,) + output) if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=lm_logits,
-            hidden_states=transformer_outputs.hidden_states,
-            attentions=transformer_outputs.attentions,
-            **{_CACHE_FIELD: transformer_outputs.get(_CACHE_FIELD)},
+    )
+    if output_layer and bits == 4 and not _int4_kernels_take(model.transformer.output_layer):
+        int8_names.append("output_layer")
+    if int8_names:
+        logger.warning(
+            f"quantize(4): {', '.join(int8_names)} stay int8: no int4 kernel takes their input "
+            f"width (it must be a multiple of {_INT4_MIN_GROUP}); every other layer is int4"
         )
 
-    @staticmethod
-    def _reorder_cache(past, beam_idx: torch.LongTensor):
-        if isinstance(past, StaticKVCache):  # the HF beam-search hook, outside any forward
-            return past.reorder(beam_idx)
-        return tuple(
-            (
-                layer_past[0].index_select(1, beam_idx.to(layer_past[0].device)),
-                layer_past[1].index_select(1, beam_idx.to(layer_past[1].device)),
-            )
-            for layer_past in past
-        )
+    def layer_bits(parent_name, name):
+        return 8 if f"{parent_name}.{name}" in int8_names else bits
 
-    def quantize(
-        self,
-        bits: int,
-        empty_init: bool = False,
-        device=None,
-        output_layer: Optional[bool] = None,
-        group_size: Optional[int] = None,
-    ):
-        """Weight-only quantization in place (the original's signature); returns the model.
-
-        ``bits``: 8 (per output channel) or 4 (grouped, ``group_size`` input columns per scale,
-        default 128, or 64/32 where 128 does not divide every layer; 0 = per output channel,
-        THUDM's layout); 0 does nothing. Replaces
-        query_key_value, dense, dense_h_to_4h and dense_4h_to_h of every block, and the output
-        layer when ``output_layer`` (default: on for 8 bits, off for 4). ``empty_init`` allocates
-        empty int8 storage for a loader to fill; ``device`` places the quantized weights.
-        The kernel follows config ``quant_kernel`` / CHATGLM_QUANT_KERNEL (auto by device).
-        """
-        if bits == 0:
-            return self
-        if isinstance(bits, bool) or bits not in (4, 8):
-            raise ValueError(f"quantize(bits={bits!r}): use 8 or 4 (weight-only int8/int4), or 0 for none")
-        if self.quantized:
-            if self.config.quantization_bit == bits:
-                logger.info("Already quantized.")
-                return self
+    if bits == 8:
+        group_size = 0
+    elif group_size is None:
+        widths = [getattr(getattr(b, p), n).in_features for b, (p, n) in targets if layer_bits(p, n) == 4]
+        group_size = _default_group_size(widths)
+    else:
+        group_size = int(group_size)
+    for block, (parent_name, name) in targets:
+        linear = getattr(getattr(block, parent_name), name)
+        if layer_bits(parent_name, name) == 4 and group_size and linear.in_features % group_size:
             raise ValueError(
-                f"the model is already quantized to {self.config.quantization_bit} bits; reload the "
-                f"unquantized checkpoint to quantize it to {bits}"
+                f"group_size={group_size} does not divide {parent_name}.{name}'s in_features "
+                f"({linear.in_features}); pass a group_size that does (e.g. 32), or 0 for per-channel"
             )
-        output_layer = bits == 8 if output_layer is None else bool(output_layer)
-        targets = [
-            (block, names) for block in self.transformer.encoder.layers for names in _QUANTIZED_BLOCK_LINEARS
-        ]
-        if bits == 4 and group_size is not None and (not _is_int(group_size) or group_size < 0):
-            raise ValueError(
-                f"quantize(4, group_size={group_size!r}): use a positive integer dividing every layer's "
-                "input width (e.g. 128, 64, 32), or 0 for one scale per output channel"
-            )
+    scratch = DequantScratch()  # one prefill buffer for the whole model
+    option = getattr(model.config, "quant_kernel", None)
+
+    def convert(linear, layer_bits):
+        layer = QuantizedLinear.from_linear(
+            linear, layer_bits, group_size, empty_init=empty_init, device=device
+        )
+        layer.scratch, layer.kernel_option = scratch, option
+        return layer
+
+    with torch.no_grad():
         for block, (parent_name, name) in targets:
-            linear = getattr(getattr(block, parent_name), name)
-            if not isinstance(linear, nn.Linear):
-                raise TypeError(
-                    f"quantize() found {type(linear).__name__} at {parent_name}.{name}, not nn.Linear "
-                    "(e.g. after DeepSpeed AutoTP sharding); quantize before sharding is not "
-                    "supported either: run quantized models on one rank"
-                )
-        # A width no int4 kernel takes stays int8 (llama.cpp likewise keeps such a tensor in a wider
-        # format): decided from the shapes alone, so a saved model reloads with the same layout.
-        int8_names = sorted(
-            {
-                f"{p}.{n}"
-                for b, (p, n) in targets
-                if bits == 4 and not _int4_kernels_take(getattr(getattr(b, p), n))
-            }
-        )
-        if output_layer and bits == 4 and not _int4_kernels_take(self.transformer.output_layer):
-            int8_names.append("output_layer")
-        if int8_names:
-            logger.warning(
-                f"quantize(4): {', '.join(int8_names)} stay int8: no int4 kernel takes their input "
-                f"width (it must be a multiple of {_INT4_MIN_GROUP}); every other layer is int4"
+            parent = getattr(block, parent_name)
+            setattr(parent, name, convert(getattr(parent, name), layer_bits(parent_name, name)))
+        if output_layer:
+            model.transformer.output_layer = convert(
+                model.transformer.output_layer, 8 if "output_layer" in int8_names else bits
             )
-
-        def layer_bits(parent_name, name):
-            return 8 if f"{parent_name}.{name}" in int8_names else bits
-
-        if bits == 8:
-            group_size = 0
-        elif group_size is None:
-            widths = [getattr(getattr(b, p), n).in_features for b, (p, n) in targets if layer_bits(p, n) == 4]
-            group_size = _default_group_size(widths)
-        else:
-            group_size = int(group_size)
-        for block, (parent_name, name) in targets:
-            linear = getattr(getattr(block, parent_name), name)
-            if layer_bits(parent_name, name) == 4 and group_size and linear.in_features % group_size:
-                raise ValueError(
-                    f"group_size={group_size} does not divide {parent_name}.{name}'s in_features "
-                    f"({linear.in_features}); pass a group_size that does (e.g. 32), or 0 for per-channel"
-                )
-        scratch = DequantScratch()  # one prefill buffer for the whole model
-        option = getattr(self.config, "quant_kernel", None)
-
-        def convert(linear, layer_bits):
-            layer = QuantizedLinear.from_linear(
-                linear, layer_bits, group_size, empty_init=empty_init, device=device
-            )
-            layer.scratch, layer.kernel_option = scratch, option
-            return layer
-
-        with torch.no_grad():
-            for block, (parent_name, name) in targets:
-                parent = getattr(block, parent_name)
-                setattr(parent, name, convert(getattr(parent, name), layer_bits(parent_name, name)))
-            if output_layer:
-                self.transformer.output_layer = convert(
-                    self.transformer.output_layer, 8 if "output_layer" in int8_names else bits
-                )
-        self.quantized = True
-        self.config.quantization_bit = bits
-        self.config.quantization_group_size = group_size
-        self.config.quantization_output_layer = output_layer
-        self.transformer._backend_key = None  # kernels are chosen at the next forward
-        return self
-
-    # --- chat helpers ---------------------------------------------------------------------
-
-    def _chat_max_length(self, max_length: Optional[int]) -> int:
-        # The original's default, 8192, would generate past a shorter context and then fail.
-        if max_length is None:
-            return min(8192, self.config.seq_length)
-        if not _is_int(max_length) or max_length < 1:
-            raise ValueError(f"max_length={max_length!r} must be a positive integer (prompt + answer tokens)")
-        return max_length
-
-    def process_response(self, output, history, parse_tool_calls: bool = True):
-        """Split the model's answer into (content, history); tool calls become dicts (with
-        ``parse_tool_calls=False`` a tool call's text stays text: a call still being streamed
-        is not yet valid code)."""
-        content = ""
-        history = copy.deepcopy(history)
-        for response in output.split("<|assistant|>"):
-            metadata, content = response.split("\n", maxsplit=1) if "\n" in response else ("", response)
-            if not metadata.strip():
-                content = content.strip()
-                history.append({"role": "assistant", "metadata": metadata, "content": content})
-                content = content.replace("[[训练时间]]", "2023年")
-            else:
-                history.append({"role": "assistant", "metadata": metadata, "content": content})
-                if history[0]["role"] == "system" and "tools" in history[0]:
-                    if not parse_tool_calls:
-                        continue
-                    code = "\n".join(content.split("\n")[1:-1])
-                    content = {"name": metadata.strip(), "parameters": _parse_tool_call(code)}
-                else:
-                    content = {"name": metadata.strip(), "content": content}
-        return content, history
-
-    @torch.inference_mode()
-    def chat(
-        self,
-        tokenizer,
-        query: str,
-        history: List[Dict] = None,
-        role: str = "user",
-        max_length: Optional[int] = None,
-        num_beams=1,
-        do_sample=True,
-        top_p=0.8,
-        temperature=0.8,
-        logits_processor=None,
-        **kwargs,
-    ):
-        """One chat turn: returns (response, history). ``max_length`` (prompt + answer) defaults
-        to the original's 8192 bounded by the model's context (``seq_length``); ``history`` takes
-        chatglm3's ``[{"role": ..., "content": ...}]`` or chatglm2's ``[(query, answer)]``."""
-        history = _chat_history(history)
-        max_length = self._chat_max_length(max_length)
-        logits_processor = LogitsProcessorList() if logits_processor is None else logits_processor
-        logits_processor.append(InvalidScoreLogitsProcessor())
-        gen_kwargs = {
-            "max_length": max_length,
-            "num_beams": num_beams,
-            "do_sample": do_sample,
-            "top_p": top_p,
-            "temperature": temperature,
-            "logits_processor": logits_processor,
-            **kwargs,
-        }
-        inputs = tokenizer.build_chat_input(query, history=history, role=role).to(self.device)
-        eos_token_id = [
-            tokenizer.eos_token_id,
-            tokenizer.get_command("<|user|>"),
-            tokenizer.get_command("<|observation|>"),
-        ]
-        outputs = self.generate(**inputs, **gen_kwargs, eos_token_id=eos_token_id)
-        outputs = outputs.tolist()[0][len(inputs["input_ids"][0]) : -1]
-        response = tokenizer.decode(outputs)
-        history.append({"role": role, "content": query})
-        return self.process_response(response, history)
-
-    @torch.inference_mode()
-    def stream_chat(
-        self,
-        tokenizer,
-        query: str,
-        history: List[Dict] = None,
-        role: str = "user",
-        past_key_values=None,
-        max_length: Optional[int] = None,
-        do_sample=True,
-        top_p=0.8,
-        temperature=0.8,
-        logits_processor=None,
-        return_past_key_values=False,
-        **kwargs,
-    ):
-        """Yield (response, history[, past_key_values]) as the answer grows (``max_length`` and
-        ``history`` as in :meth:`chat`)."""
-        history = _chat_history(history)
-        max_length = self._chat_max_length(max_length)
-        logits_processor = LogitsProcessorList() if logits_processor is None else logits_processor
-        logits_processor.append(InvalidScoreLogitsProcessor())
-        eos_token_id = [
-            tokenizer.eos_token_id,
-            tokenizer.get_command("<|user|>"),
-            tokenizer.get_command("<|observation|>"),
-        ]
-        gen_kwargs = {
-            "max_length": max_length,
-            "do_sample": do_sample,
-            "top_p": top_p,
-            "temperature": temperature,
-            "logits_processor": logits_processor,
-            **kwargs,
-        }
-        if past_key_values is None:
-            inputs = tokenizer.build_chat_input(query, history=history, role=role)
-        else:
-            inputs = tokenizer.build_chat_input(query, role=role)
-        inputs = inputs.to(self.device)
-        if past_key_values is not None:
-            past_length = len(past_key_values[0][0]) - (self.transformer.pre_seq_len or 0)
-            inputs["position_ids"] = inputs["position_ids"] + past_length
-            attention_mask = inputs["attention_mask"]
-            inputs["attention_mask"] = torch.cat(
-                (attention_mask.new_ones(1, past_length), attention_mask), dim=1
-            )
-        history.append({"role": role, "content": query})
-        prompt_length = len(inputs["input_ids"][0])
-        response = None
-        for outputs in self.stream_generate(
-            **inputs,
-            past_key_values=past_key_values,
-            eos_token_id=eos_token_id,
-            return_past_key_values=return_past_key_values,
-            **gen_kwargs,
-        ):
-            if return_past_key_values:
-                outputs, past_key_values = outputs
-            text = tokenizer.decode(outputs.tolist()[0][prompt_length:-1])
-            if text and text[-1] != "�":
-                response = text
-                content, new_history = self.process_response(response, history, parse_tool_calls=False)
-                yield (
-                    (content, new_history, past_key_values)
-                    if return_past_key_values
-                    else (content, new_history)
-                )
-        if response is not None:
-            # A tool call is parsed once complete, and yielded as chat() returns it.
-            content, new_history = self.process_response(response, history)
-            if isinstance(content, dict) and "parameters" in content:
-                yield (
-                    (content, new_history, past_key_values)
-                    if return_past_key_values
-                    else (content, new_history)
-                )
-
-    @torch.inference_mode()
-    def stream_generate(
-        self,
-        input_ids,
-        generation_config: Optional[GenerationConfig] = None,
-        logits_processor: Optional[LogitsProcessorList] = None,
-        stopping_criteria: Optional[StoppingCriteriaList] = None,
-        prefix_allowed_tokens_fn=None,
-        return_past_key_values=False,
-        **kwargs,
-    ):
-        """Yield the growing ``input_ids`` after every new token (greedy or sampling).
-
-        A small loop of our own over public logits processors, so it does not depend on
-        ``GenerationMixin`` internals that change between transformers releases.
-        """
-        if prefix_allowed_tokens_fn is not None:
-            raise NotImplementedError(
-                "stream_generate does not support prefix_allowed_tokens_fn; use generate()"
-            )
-        generation_config = copy.deepcopy(generation_config or self.generation_config)
-        model_kwargs = generation_config.update(**kwargs)
-        model_kwargs["use_cache"] = generation_config.use_cache
-        prompt_length = input_ids.shape[-1]
-        if kwargs.get("max_new_tokens") is not None:
-            max_length = prompt_length + generation_config.max_new_tokens
-        else:
-            max_length = generation_config.max_length or self.config.seq_length
-        with _static_cache_reserve(self.transformer, max_length):
-            eos = generation_config.eos_token_id
-            eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-            eos_tensor = torch.tensor(eos, device=input_ids.device) if eos else None
-
-            processors = LogitsProcessorList(logits_processor or [])
-            if generation_config.repetition_penalty not in (None, 1.0):
-                processors.insert(0, RepetitionPenaltyLogitsProcessor(generation_config.repetition_penalty))
-            if generation_config.do_sample:
-                if generation_config.temperature not in (None, 1.0):
-                    processors.append(TemperatureLogitsWarper(generation_config.temperature))
-                if generation_config.top_k not in (None, 0):
-                    processors.append(TopKLogitsWarper(generation_config.top_k))
-                if generation_config.top_p not in (None, 1.0):
-                    processors.append(TopPLogitsWarper(generation_config.top_p))
-            criteria = StoppingCriteriaList(stopping_criteria or [])
-
-            unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-            while True:
-                model_inputs = self.prepare_inputs_for_generation(input_ids, **model_kwargs)
-                outputs = self(
-                    **model_inputs, return_dict=True, output_attentions=False, output_hidden_states=False
-                )
-                scores = processors(input_ids, outputs.logits[:, -1, :].float())
-                if generation_config.do_sample:
-                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-                else:
-                    next_tokens = torch.argmax(scores, dim=-1)
-                input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-                model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
-                if eos_tensor is not None:
-                    unfinished = unfinished * (~torch.isin(next_tokens, eos_tensor)).long()
-                yield (input_ids, outputs.get(_CACHE_FIELD)) if return_past_key_values else input_ids
-                stop = bool(criteria(input_ids, scores).all()) if len(criteria) else False
-                if unfinished.max() == 0 or input_ids.shape[-1] >= max_length or stop:
-                    break
-
-
-def _chat_history(history) -> List[Dict]:
-    """chat()'s history as chatglm3 keeps it: None is empty; chatglm2's ``[(query, answer), ...]``
-    pairs become a user and an assistant turn (in a new list); anything else than role/content
-    dicts is a ValueError naming the entry. A chatglm3 list is returned itself, so chat() appends
-    to the caller's list as the original does."""
-    if history is None:
-        return []
-    if not isinstance(history, (list, tuple)):
-        raise ValueError(f"history must be a list of turns, got {type(history).__name__}")
-    turns: List[Dict] = []
-    for i, entry in enumerate(history):
-        if isinstance(entry, dict) and isinstance(entry.get("role"), str) and "content" in entry:
-            turns.append(entry)
-        elif isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(t, str) for t in entry):
-            query, answer = entry
-            turns.append({"role": "user", "content": query})
-            turns.append({"role": "assistant", "metadata": "", "content": answer})
-        else:
-            raise ValueError(
-                f"history[{i}] is {entry!r}; each turn is a dict with 'role' and 'content' "
-                "(chatglm3) or a (query, answer) pair of strings (chatglm2)"
-            )
-    return history if len(turns) == len(history) and isinstance(history, list) else turns
-
-
-@contextlib.contextmanager
-def _static_cache_reserve(transformer, length: int):
-    """Tell the model how many positions one generation reaches, restoring the previous value."""
-    previous = transformer._reserve
-    transformer._reserve = length
-    try:
-        yield
-    finally:
-        transformer._reserve = previous
-
-
-def _requested_length(model, args, kwargs) -> int:
-    """Total sequence length a ``generate`` call can reach (prompt + new tokens)."""
-    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-    if input_ids is None:
-        input_ids = kwargs.get("inputs")
-    prompt = input_ids.shape[-1] if input_ids is not None else 0
-    config = kwargs.get("generation_config") or model.generation_config
-    max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
-    if max_new is not None:
-        return prompt + max_new
-    return kwargs.get("max_length", getattr(config, "max_length", None) or model.config.seq_length)
-
-
-def _parse_tool_call(code: str) -> Dict[str, Any]:
-    """Parse ``tool_call(a=1, b="x")`` safely (the original ran ``eval`` on model output)."""
-    try:
-        tree = ast.parse(code.strip(), mode="eval")
-    except SyntaxError as error:
-        raise ValueError(f"the model's tool call is not valid Python: {code!r} ({error.msg})") from None
-    call = tree.body
-    if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "tool_call" and not call.args):
-        raise ValueError(f"expected tool_call(name=value, ...) in the model's answer, got {code!r}")
-    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-
-
-class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
-    """ChatGLM with a classification head on the last position (left padding puts a real token there)."""
-
-    def __init__(self, config, empty_init=True, device=None):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.transformer = ChatGLMModel(config, empty_init=empty_init, device=device)
-        self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True)
-        _mark_fresh(self.classifier_head)
-        self.dropout = (
-            nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
-        )
-        self.config = config
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        full_attention_mask: Optional[torch.Tensor] = None,
-        past_key_values=None,
-        inputs_embeds: Optional[torch.LongTensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-    ):
-        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        transformer_outputs = self.transformer(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            full_attention_mask=full_attention_mask,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
-        pooled = transformer_outputs[0][-1]  # last position, [b, h]
-        if self.dropout is not None:
-            pooled = self.dropout(pooled)
-        logits = self.classifier_head(pooled.to(self.classifier_head.weight.dtype))
-
-        loss = None
-        if labels is not None:
-            if self.config.problem_type is None:
-                if self.num_labels == 1:
-                    self.config.problem_type = "regression"
-                elif self.num_labels > 1 and labels.dtype in (torch.long, torch.int):
-                    self.config.problem_type = "single_label_classification"
-                else:
-                    self.config.problem_type = "multi_label_classification"
-            if self.config.problem_type == "regression":
-                loss_fct = MSELoss()
-                loss = (
-                    loss_fct(logits.squeeze().float(), labels.squeeze())
-                    if self.num_labels == 1
-                    else loss_fct(logits.float(), labels)
-                )
-            elif self.config.problem_type == "single_label_classification":
-                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels).float(), labels.view(-1))
-            else:
-                loss = BCEWithLogitsLoss()(logits.float(), labels.view(-1, self.num_labels))
-
-        if not return_dict:
-            output = (logits,) + tuple(transformer_outputs[1:])
-            return ((loss,) + output) if loss is not None else output
-        return SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=transformer_outputs.hidden_states,
-            attentions=transformer_outputs.attentions,
-            **{_CACHE_FIELD: transformer_outputs.get(_CACHE_FIELD)},
-        )
+    model.quantized = True
+    model.config.quantization_bit = bits
+    model.config.quantization_group_size = group_size
+    model.config.quantization_output_layer = output_layer
+    model.transformer._backend_key = None  # kernels are chosen at the next forward
+    return model
