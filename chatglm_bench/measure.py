@@ -4,6 +4,7 @@ Everything here is a pure function of (model, inputs, options) returning datacla
 files live in ``report``, ranks and sharding in ``distributed``.
 """
 
+import contextlib
 import math
 import resource
 import statistics
@@ -171,19 +172,12 @@ def prefill_flops(facts: ModelFacts, batch: int, input_len: int) -> float:
 
 
 _PROC_STATUS = Path("/proc/self/status")
+# Linux lets a process reset its own peak RSS (VmHWM) by writing 5 here: a CPU phase's own peak.
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _cpu_peak_resettable() -> bool:
-    """Linux lets a process reset its own peak RSS (VmHWM) by writing 5 to clear_refs."""
-    try:
-        _PROC_CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_bytes(field: str) -> Optional[int]:
+def cpu_status_bytes(field: str) -> Optional[int]:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None where absent."""
     try:
         for line in _PROC_STATUS.read_text().splitlines():
             if line.startswith(field + ":"):
@@ -193,28 +187,32 @@ def _status_bytes(field: str) -> Optional[int]:
     return None
 
 
+def peak_memory_kind(device: torch.device) -> str:
+    if device.type in ("cuda", "npu"):
+        return "device allocator peak"
+    return "peak RSS of the phase" if _PROC_CLEAR_REFS.exists() else "process lifetime peak RSS"
+
+
 def peak_memory(device: torch.device):
     """(bytes, kind): the device allocator's peak since the last :func:`reset_peak_memory` on
     CUDA/NPU; on a Linux CPU the process's peak resident memory since then (VmHWM); elsewhere
     the process's peak RSS over its whole life (model loading included: it cannot be reset)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "device allocator peak"
-    if device.type == "npu":
-        return torch.npu.max_memory_allocated(device), "device allocator peak"
-    peak = _status_bytes("VmHWM")
-    if peak is not None and _PROC_CLEAR_REFS.exists():
-        return peak, "peak RSS of the phase"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak * (1 if sys.platform == "darwin" else 1024), "process lifetime peak RSS"
+    kind = peak_memory_kind(device)
+    if device.type in ("cuda", "npu"):
+        return getattr(torch, device.type).max_memory_allocated(device), kind
+    peak = cpu_status_bytes("VmHWM") if _PROC_CLEAR_REFS.exists() else None
+    if peak is None:
+        kind = "process lifetime peak RSS"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return peak, kind
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif device.type == "npu":
-        torch.npu.reset_peak_memory_stats(device)
-    else:
-        _cpu_peak_resettable()
+    if device.type in ("cuda", "npu"):
+        getattr(torch, device.type).reset_peak_memory_stats(device)
+    elif _PROC_CLEAR_REFS.exists():
+        with contextlib.suppress(OSError):  # a sandbox may refuse it: the peak then keeps growing
+            _PROC_CLEAR_REFS.write_text("5")
 
 
 def measure(
@@ -267,7 +265,7 @@ def measure(
     facts = model_facts(model)
     step_bytes = decode_bytes_per_step(facts, batch.size, batch.length, new_tokens)
     flops = prefill_flops(facts, batch.size, batch.length)
-    memory_kind = peak_memory(device)[1]
+    memory_kind = peak_memory_kind(device)
     memory = max(phase_peaks.values()) if phase_peaks else None
     record = Measurement(
         label=label,

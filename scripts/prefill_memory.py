@@ -21,36 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from make_tiny_checkpoint import _parse_assignment  # noqa: E402  (this script's own folder)
 
 import modeling_chatglm as M  # noqa: E402
+from chatglm_bench.measure import cpu_status_bytes, reset_peak_memory  # noqa: E402
+from chatglm_bench.presets import PRESETS  # noqa: E402
 from chatglm_protocol import randomize_  # noqa: E402
 
-SMALL = {
-    "num_layers": 4,
-    "hidden_size": 1024,
-    "ffn_hidden_size": 2736,
-    "num_attention_heads": 16,
-    "kv_channels": 64,
-    "multi_query_attention": True,
-    "multi_query_group_num": 2,
-    "padded_vocab_size": 65024,
-    "add_qkv_bias": True,
-    "seq_length": 32768,
-}
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+# The "small" shape with the 32k variant's context: the benchmark's small-32k-context preset.
+SMALL = PRESETS["small-32k-context"]
 
 
 def main() -> int:
@@ -66,9 +45,7 @@ def main() -> int:
     args = parser.parse_args()
 
     config = dict(SMALL)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        config[key] = _value(value)
+    config.update(_parse_assignment(item) for item in args.set)
     dtype = getattr(torch, args.dtype)
     cfg = M.ChatGLMConfig(**config, torch_dtype=args.dtype, prefill_chunk=args.chunk)
     model = randomize_(M.ChatGLMForConditionalGeneration(cfg, empty_init=False), 0).to(dtype).eval()
@@ -78,14 +55,14 @@ def main() -> int:
     kv_bytes = 2 * config["num_layers"] * args.batch * config["multi_query_group_num"]
     kv_bytes *= config["kv_channels"] * args.length * dtype.itemsize
     with torch.no_grad():
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-        before = _status_kib("VmRSS")
+        reset_peak_memory(torch.device("cpu"))  # VmHWM := current RSS
+        before = cpu_status_bytes("VmRSS")
         start = time.perf_counter()
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, return_last_logit=True)
         seconds = time.perf_counter() - start
-        peak = _status_kib("VmHWM")
+        peak = cpu_status_bytes("VmHWM")
     del out
-    extra = peak * 1024 - before * 1024 - kv_bytes
+    extra = peak - before - kv_bytes
     result = {
         "length": args.length,
         "batch": args.batch,
