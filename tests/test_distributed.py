@@ -4,6 +4,7 @@ The multi-process tests start real launchers (torchrun, DeepSpeed's) on
 ``tests/dist_scripts/tp_logits.py``, which compares sharded logits with the unsharded model's.
 """
 
+import glob
 import importlib.util
 import json
 import os
@@ -196,6 +197,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _leftover_shm(port: str) -> list:
+    """DeepSpeed's CPU all-reduce files of the launch on ``port`` still in /dev/shm."""
+    return sorted(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def _launch(launcher: str, ranks: int, out: Path) -> str:
     port = str(_free_port())
     if launcher == "torchrun":
@@ -221,6 +227,7 @@ def _launch(launcher: str, ranks: int, out: Path) -> str:
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
+    assert _leftover_shm(port) == [], "each rank must unlink its all-reduce segment"
     return output
 
 
@@ -283,6 +290,7 @@ def test_benchmark_under_the_deepspeed_launcher_prints_once_with_per_rank_bytes(
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
+    assert _leftover_shm(port) == [], "each rank must unlink its all-reduce segment"
     assert output.count("parameter bytes per rank:") == 1 and output.count("| batch | prompt | mode") == 1, (
         output[-3000:]
     )
