@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from chatglm_bench.cli import OneLineArgumentParser, UsageError, dtype_name, launch_rank, say, stdout_gone  # noqa: E402
-from chatglm_bench.plan import ATTENTION, DEVICES, DTYPES, KV_CACHES, MODES, QUANTIZE, RMSNORM  # noqa: E402
+from chatglm_bench.plan import ATTENTION, DEVICES, DTYPES, KV_CACHES, LINEAR, MODES, QUANTIZE, RMSNORM  # noqa: E402
 from chatglm_bench.presets import PRESETS  # noqa: E402
 
 INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=RMSNORM,
         default=None,
         help="RMSNorm kernel; default: $CHATGLM_RMSNORM, else auto",
+    )
+    run.add_argument(
+        "--linear",
+        choices=LINEAR,
+        default=None,
+        help="dense projections: gemv (one-row decode steps on a CPU through ATen's matrix-vector "
+        "kernel), aten (the layers' own F.linear); default: $CHATGLM_LINEAR, else auto",
     )
     run.add_argument(
         "--quantize",

@@ -49,6 +49,7 @@ class Measurement:
     exe_mode: str
     attention: str
     rmsnorm: str
+    linear: str
     kv_cache: str
     prefill_ms: float
     decode_ms_mean: float
@@ -275,6 +276,7 @@ def measure(
         exe_mode=options["exe_mode"],
         attention=options["attention_backend"],
         rmsnorm=options["rmsnorm_backend"],
+        linear=options.get("linear_backend", "aten"),
         kv_cache=options["kv_cache"],
         prefill_ms=prefill_ms,
         decode_ms_mean=decode_mean,

@@ -34,6 +34,7 @@ _SPECS = _model_option_specs()
 MODES = _SPECS["exe_mode"][1]
 ATTENTION = _SPECS["attention_backend"][1]
 RMSNORM = _SPECS["rmsnorm_backend"][1]
+LINEAR = _SPECS["linear_backend"][1]
 KV_CACHES = _SPECS["kv_cache"][1]
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "npu", "cuda", "cpu")
@@ -44,12 +45,17 @@ VARIABLES = (
     ("execute_mode", _SPECS["exe_mode"][0], MODES, ""),
     ("attention", *_SPECS["attention_backend"]),
     ("rmsnorm", *_SPECS["rmsnorm_backend"]),
+    ("linear", *_SPECS["linear_backend"]),
     ("kv_cache", *_SPECS["kv_cache"]),
     ("graph_backend", "CHATGLM_GRAPH_BACKEND", None, "auto"),
 )
 # What the original implementation runs as, for its rows of the tables.
 ORIGINAL_OPTIONS = dict(
-    attention_backend="original", rmsnorm_backend="original", kv_cache="tuple", graph_backend="inductor"
+    attention_backend="original",
+    rmsnorm_backend="original",
+    linear_backend="original",
+    kv_cache="tuple",
+    graph_backend="inductor",
 )
 
 
@@ -185,10 +191,11 @@ def ablation_plan(device, dtype, graph_backend: str, with_graph: bool = True) ->
         auto = modeling.resolve_backends(modeling.RuntimeOptions(), device, dtype)
     except (RuntimeError, TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
-    fast_attention, fast_rmsnorm = auto.attention, auto.rmsnorm
+    fast_attention, fast_rmsnorm, fast_linear = auto.attention, auto.rmsnorm, auto.linear
     base = dict(
         attention_backend="math",
         rmsnorm_backend="math",
+        linear_backend="aten",
         kv_cache="tuple",
         exe_mode="eager",
         graph_backend=graph_backend,
@@ -197,6 +204,7 @@ def ablation_plan(device, dtype, graph_backend: str, with_graph: bool = True) ->
         ("baseline", {}),
         (f"+attention {fast_attention}", {"attention_backend": fast_attention}),
         (f"+rmsnorm {fast_rmsnorm}", {"rmsnorm_backend": fast_rmsnorm}),
+        *([(f"+linear {fast_linear}", {"linear_backend": fast_linear})] if fast_linear != "aten" else []),
         ("+static cache", {"kv_cache": "static"}),
         ("+graph mode", {"exe_mode": "dynamo"}),
         (
@@ -204,6 +212,7 @@ def ablation_plan(device, dtype, graph_backend: str, with_graph: bool = True) ->
             {
                 "attention_backend": fast_attention,
                 "rmsnorm_backend": fast_rmsnorm,
+                "linear_backend": fast_linear,
                 "kv_cache": "static",
                 "exe_mode": "dynamo",
             },
@@ -228,6 +237,7 @@ def option_sets(ablation: bool, choices: Choices, device, dtype) -> List[Tuple[s
     options = dict(
         attention_backend=switches["attention"],
         rmsnorm_backend=switches["rmsnorm"],
+        linear_backend=switches["linear"],
         kv_cache=switches["kv_cache"],
         graph_backend=switches["graph_backend"],
     )
@@ -257,6 +267,7 @@ def resolve_options(label: str, options: Dict[str, str], device, dtype, compiler
         options,
         attention_backend=chosen.attention,
         rmsnorm_backend=chosen.rmsnorm,
+        linear_backend=chosen.linear,
         kv_cache=runtime.cache_kind,
         graph_backend=compiler,
     )

@@ -8,6 +8,7 @@ import sys
 import uuid
 
 import pytest
+import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -61,7 +62,18 @@ def test_ablation_runs_baseline_each_optimization_and_all(capsys):
     table = out.split("ablation (speed-up vs baseline):")[1]
     for label in ("baseline", "+attention sdpa", "+rmsnorm fused", "+static cache", "+graph mode", "all"):
         assert f"| {label}" in table
-    assert "| math      | math    | tuple  | eager" in table.replace("  ", "  ")
+    rows = {
+        line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:9]]
+        for line in table.splitlines()[3:]
+    }
+    # weights, attention, rmsnorm, linear, cache, mode: the baseline is the original's plain path.
+    assert rows["baseline"] == ["none", "math", "math", "aten", "tuple", "eager"], rows
+    # The gemv projection is an ablation step exactly where auto picks it (bf16 on this CPU).
+    import modeling_chatglm
+
+    dtype = torch.bfloat16 if "bfloat16" in out else torch.float32
+    auto = modeling_chatglm.resolve_backends(modeling_chatglm.RuntimeOptions(), "cpu", dtype).linear
+    assert ("+linear gemv" in rows) == (auto == "gemv") and rows["all"][3] == auto, (rows, auto)
 
 
 def test_both_modes_in_one_run(capsys):
@@ -207,7 +219,9 @@ def test_ablation_with_execute_mode_eager_leaves_graph_mode_out(capsys):
     assert code == 0, err
     table = out.split("ablation (speed-up vs baseline):")[1]
     assert "+graph mode" not in table and "dynamo" not in table
-    assert "| all " in table and "| sdpa      | fused   | static | eager" in table
+    all_row = next(line for line in table.splitlines() if line.startswith("| 1     | all "))
+    cells = [c.strip() for c in all_row.split("|")[4:9]]
+    assert cells[:2] == ["sdpa", "fused"] and cells[3:] == ["static", "eager"], all_row
 
 
 def test_no_warmup_and_a_single_token_still_write_strict_json(capsys, tmp_path):
@@ -354,6 +368,7 @@ def test_invalid_fast_path_variable_is_one_line_even_with_a_flag(
 def test_fast_path_variables_are_honoured_and_reported(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("CHATGLM_ATTENTION", "math")
     monkeypatch.setenv("CHATGLM_RMSNORM", "math")
+    monkeypatch.setenv("CHATGLM_LINEAR", "gemv")
     monkeypatch.setenv("CHATGLM_KV_CACHE", "static")
     monkeypatch.setenv("CHATGLM_GRAPH_BACKEND", "eager")
     monkeypatch.setenv("EXE_MODE", "dynamo")
@@ -361,14 +376,10 @@ def test_fast_path_variables_are_honoured_and_reported(capsys, monkeypatch, tmp_
     code, out, err = run_main(capsys, *FAST, "--output", str(out_json))
     assert code == 0, err
     (result,) = json.loads(out_json.read_text())["results"]
-    assert (result["attention"], result["rmsnorm"], result["kv_cache"], result["exe_mode"]) == (
-        "math",
-        "math",
-        "static",
-        "dynamo",
-    )
+    got = (result["attention"], result["rmsnorm"], result["linear"], result["kv_cache"], result["exe_mode"])
+    assert got == ("math", "math", "gemv", "static", "dynamo")
     assert result["graph_backend"] == "eager"
-    assert "| dynamo | math      | math    | static | eager    |" in out
+    assert "| dynamo | math      | math    | gemv   | static | eager    |" in out
 
 
 def test_flags_beat_variables_and_auto_is_shown_resolved(capsys, monkeypatch, tmp_path):

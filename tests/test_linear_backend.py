@@ -1,0 +1,230 @@
+"""The dense projections' backend (``linear_backend``: gemv / aten) and the weights' memory.
+
+gemv runs a one-row step through ATen's matrix-vector kernel (``torch.mv``; in graph mode the
+opaque ``chatglm3::gemv`` op): it must compute the layer's own product, fall back to the layer's
+forward for anything it does not take, and leave the model's answers unchanged.
+"""
+
+import os
+import types
+
+import pytest
+import torch
+from golden_protocol import (
+    build_golden_model,
+    compare_to_golden,
+    golden_expected,
+    run_protocol,
+    variant_inputs,
+)
+from torch import nn
+
+import modeling_chatglm as modeling
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _layer(dtype, bias, in_features=96, out_features=80, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    with torch.no_grad():
+        layer.weight.normal_()
+        if bias:
+            layer.bias.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemv_computes_the_layers_product_for_one_row(dtype, bias):
+    layer = _layer(dtype, bias)
+    x = torch.randn(1, 1, 96).to(dtype)
+    got = modeling._linear_gemv(layer, x)
+    want = torch.nn.functional.linear(
+        x.float(), layer.weight.float(), None if not bias else layer.bias.float()
+    )
+    assert got.shape == (1, 1, 80) and got.dtype == dtype
+    # fp32 accumulation and one rounding per output: within half an ulp-ish of the exact product.
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 2e-2}[dtype]
+    assert (got.float() - want).abs().max() <= tolerance * want.abs().max()
+
+
+def test_several_rows_and_replaced_layers_run_the_layers_own_forward():
+    layer = _layer(torch.bfloat16, True)
+    rows = torch.randn(3, 96).to(torch.bfloat16)
+    assert torch.equal(modeling._linear_gemv(layer, rows), layer(rows))
+
+    class Scaled(nn.Linear):  # e.g. a DeepSpeed or quantized replacement: not a plain nn.Linear
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    scaled = Scaled(96, 80).to(torch.bfloat16)
+    scaled.load_state_dict(layer.state_dict())
+    one = torch.randn(1, 96).to(torch.bfloat16)
+    assert torch.equal(modeling._linear_gemv(scaled, one), scaled(one))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_in_a_full_graph_is_one_op_with_the_eager_result(bias):
+    layer = _layer(torch.bfloat16, bias)
+    x = torch.randn(1, 1, 96).to(torch.bfloat16)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(lambda t: modeling._linear_gemv(layer, t), fullgraph=True, backend=backend)
+    assert torch.equal(compiled(x), modeling._linear_gemv(layer, x))
+    assert any("chatglm3.gemv" in target for target in seen), seen
+    assert not any("aten.mv" in target or "addmv" in target for target in seen), seen
+
+
+def test_auto_is_gemv_for_half_weights_on_a_cpu_only():
+    options = modeling.RuntimeOptions()
+    for dtype, want in ((torch.bfloat16, "gemv"), (torch.float16, "gemv"), (torch.float32, "aten")):
+        chosen = modeling.resolve_backends(options, "cpu", dtype)
+        assert chosen.linear == want and chosen.project is modeling.LINEAR_BACKENDS[want]
+    assert modeling.resolve_backends(options, "cuda", torch.bfloat16).linear == "aten"
+    forced = modeling.RuntimeOptions(linear_backend="gemv")
+    assert modeling.resolve_backends(forced, "cpu", torch.float32).linear == "gemv"
+    with pytest.raises(ValueError, match="CHATGLM_LINEAR=aten"):
+        modeling.resolve_backends(forced, "cuda", torch.bfloat16)
+
+
+def test_a_bad_linear_variable_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("CHATGLM_LINEAR", "blas")
+    with pytest.raises(ValueError, match="CHATGLM_LINEAR='blas' is not valid"):
+        modeling.RuntimeOptions.from_config(types.SimpleNamespace())
+
+
+def _row(expected, variant: str, r: int):
+    """What compare_to_golden reads of the fixture, for batch row ``r`` alone (rows are
+    independent computations): name -> the dimension holding the batch."""
+    batch_dim = {
+        "prefill_logits": 0,
+        "greedy_tokens": 0,
+        "next_token_after_decode": 0,
+        "decode_logits": 1,
+        "prefill_past_key_values": 3,
+        "final_past_key_values": 3,
+    }
+    return {variant + name: expected[variant + name].narrow(dim, r, 1) for name, dim in batch_dim.items()}
+
+
+@pytest.mark.parametrize("exe_mode", ["eager", "dynamo"])
+@pytest.mark.parametrize("variant", ["", "nopad_"])
+def test_the_model_on_gemv_matches_the_golden_fixture_row_by_row(exe_mode, variant):
+    """fp32 with gemv forced (auto keeps fp32 on aten), one batch row at a time, so that every
+    decode step's projections and the output layer run through the gemv."""
+    expected = golden_expected("tiny-chatglm3")
+    model = build_golden_model(
+        "tiny-chatglm3",
+        linear_backend="gemv",
+        exe_mode=exe_mode,
+        kv_cache="static",
+        graph_backend="aot_eager",
+    )
+    assert model.transformer.backends.linear == "gemv"
+    calls = []
+    real = modeling._gemv_eager
+
+    def counting(x, weight, bias):
+        calls.append(tuple(weight.shape))
+        return real(x, weight, bias)
+
+    ids, mask, positions = variant_inputs(expected, variant)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling, "_gemv_eager", counting)
+        for r in range(ids.shape[0]):
+            result = run_protocol(model, ids[r : r + 1], mask[r : r + 1], positions[r : r + 1])
+            compare_to_golden(result, _row(expected, variant, r), variant, atol=1e-5)
+    if exe_mode == "eager":  # (a compiled step calls the op's registered kernel, not this name)
+        layer = model.transformer.encoder.layers[0]
+        assert tuple(layer.self_attention.query_key_value.weight.shape) in calls
+        assert tuple(model.transformer.output_layer.weight.shape) in calls
+
+
+def test_bf16_model_on_gemv_gives_the_aten_models_tokens():
+    expected = golden_expected("tiny-chatglm3")
+    inputs = variant_inputs(expected, "nopad_")
+    inputs = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
+    runs = {
+        linear: run_protocol(
+            build_golden_model("tiny-chatglm3", dtype=torch.bfloat16, linear_backend=linear), *inputs
+        )
+        for linear in ("aten", "gemv")
+    }
+    assert torch.equal(runs["gemv"].greedy_tokens, runs["aten"].greedy_tokens)
+
+
+# --- weights that are views of a file mapping --------------------------------------------------
+
+
+def _map_parameters_from_a_file(model, tmp_path):
+    """Make every parameter of ``model`` a view of a private file mapping (what from_pretrained
+    leaves on transformers 5), with the same values."""
+    path = tmp_path / "weights.bin"
+    params = list(model.parameters())
+    total = sum(p.numel() * p.element_size() for p in params)
+    path.write_bytes(b"\0" * total)
+    mapped = torch.from_file(str(path), shared=False, size=total, dtype=torch.uint8)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            nbytes = p.numel() * p.element_size()
+            view = mapped[offset : offset + nbytes].view(p.dtype).view(p.shape)
+            view.copy_(p)
+            p.data = view
+            offset += nbytes
+    return path
+
+
+def _in_a_file(t, ranges):
+    address = t.untyped_storage().data_ptr()
+    return any(start <= address < end for start, end in ranges)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux /proc/self/maps")
+def test_weights_in_a_file_mapping_move_to_process_memory_at_the_first_forward(tmp_path):
+    expected = golden_expected("tiny-chatglm3")
+    model = build_golden_model("tiny-chatglm3")
+    _map_parameters_from_a_file(model, tmp_path)
+    ranges = modeling._file_mapped_ranges()
+    assert all(_in_a_file(p, ranges) for p in model.parameters())
+    ids = model.transformer.embedding.word_embeddings.weight  # the same Parameter object after
+    result = run_protocol(model, *variant_inputs(expected, ""))
+    compare_to_golden(result, expected, "", atol=1e-5)
+    ranges = modeling._file_mapped_ranges()
+    assert not any(_in_a_file(p, ranges) for p in model.parameters())
+    assert model.transformer.embedding.word_embeddings.weight is ids
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux /proc/self/maps")
+def test_weights_stay_mapped_when_the_copies_would_not_fit(tmp_path, monkeypatch):
+    model = build_golden_model("tiny-chatglm3")
+    _map_parameters_from_a_file(model, tmp_path)
+    monkeypatch.setattr(modeling, "_memory_available_bytes", lambda: 1024)
+    assert modeling.move_weights_off_files(model) == 0
+    ranges = modeling._file_mapped_ranges()
+    assert all(_in_a_file(p, ranges) for p in model.parameters())
+    monkeypatch.undo()
+    moved = modeling.move_weights_off_files(model)
+    assert moved == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux /proc/self/maps")
+def test_weights_moved_under_inference_mode_still_serve_a_recorded_forward(tmp_path):
+    expected = golden_expected("tiny-chatglm3")
+    model = build_golden_model("tiny-chatglm3")
+    _map_parameters_from_a_file(model, tmp_path)
+    ids = expected["nopad_input_ids"]
+    with torch.inference_mode():
+        model(input_ids=ids)  # the first forward moves the weights
+    assert not any(p.is_inference() for p in model.parameters())
+    model(input_ids=ids).logits.sum().backward()  # autograd saves the weights: no error
