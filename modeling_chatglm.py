@@ -558,11 +558,6 @@ def _cache_write_npu(buffer, dim, slots, update):
     _require_torch_npu("kv_cache='static' on NPU").scatter_update_(buffer, starts, update.contiguous(), dim)
 
 
-def _linear_aten(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's own forward (``F.linear``: oneDNN/MKL GEMMs on a CPU)."""
-    return linear(x)
-
-
 def _gemv_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.mv(weight, x) if bias is None else torch.addmv(bias, weight, x)
 
@@ -621,7 +616,8 @@ RMSNORM_BACKENDS: Mapping[str, Callable] = MappingProxyType(
 CACHE_WRITERS: Mapping[str, Callable] = MappingProxyType(
     {"npu": _cache_write_npu, "index_copy": torch.Tensor.index_copy_}
 )
-LINEAR_BACKENDS: Mapping[str, Callable] = MappingProxyType({"gemv": _linear_gemv, "aten": _linear_aten})
+# aten: ``project(linear, x)`` is the call of the layer itself (its F.linear: oneDNN/MKL on a CPU).
+LINEAR_BACKENDS: Mapping[str, Callable] = MappingProxyType({"gemv": _linear_gemv, "aten": nn.Module.__call__})
 # Where auto picks the gemv: CPUs, for these weight dtypes (measured faster than oneDNN's GEMM).
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -673,7 +669,7 @@ class Backends:
     attend: Callable = dataclasses.field(default=_attention_math, repr=False)
     normalize: Callable = dataclasses.field(default=_rmsnorm_math, repr=False)
     write: Callable = dataclasses.field(default=torch.Tensor.index_copy_, repr=False)
-    project: Callable = dataclasses.field(default=_linear_aten, repr=False)
+    project: Callable = dataclasses.field(default=nn.Module.__call__, repr=False)
 
 
 def resolve_backends(
@@ -1022,7 +1018,7 @@ class MLP(nn.Module):
             **_config_to_kwargs(config),
         )
 
-    def forward(self, hidden_states, project: Callable = _linear_aten):
+    def forward(self, hidden_states, project: Callable = nn.Module.__call__):
         """``project(linear, x)`` runs each projection (the resolved linear backend)."""
         gate, up = project(self.dense_h_to_4h, hidden_states).chunk(2, dim=-1)
         return project(self.dense_4h_to_h, F.silu(gate) * up)
@@ -2099,7 +2095,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         hidden_states = transformer_outputs[0]  # [s, b, h]
         if return_last_logit:
             hidden_states = hidden_states[-1:]
-        project = self.transformer.backends.project
+        project = self.transformer._backends.project  # resolved by the forward above
         lm_logits = project(self.transformer.output_layer, hidden_states).transpose(0, 1).contiguous()
 
         loss = None
