@@ -293,6 +293,7 @@ def run(args) -> int:
         rebuild=build,
         load_original=lambda: models.load_original_model(directory, dtype).to(device),
     )
+    del model  # the source owns it now (and releases it before building the next one)
     progress = report.make_progress(
         env.is_rank0, len(batches) * len(entries) * args.iters * (args.max_new_tokens - 1)
     )

@@ -329,6 +329,7 @@ def run_plan(
     answers = None
     try:
         for entry in entries:
+            model = None  # the previous entry's model may have to go before the next is built
             model = model_for(entry)
             for batch in batches:
                 record, steady = measure(

@@ -2,6 +2,7 @@
 (``--baseline``), and whether they fit in memory; :class:`ModelSource` hands each plan entry the
 model it runs."""
 
+import gc
 import importlib
 import os
 import shutil
@@ -155,11 +156,20 @@ class ModelSource:
         self.original = self.original_encoder = None
 
     def __call__(self, entry: Entry):
+        # One model in memory at a time: the 6B model in bf16 is half a 24 GiB machine's RAM, so
+        # the one being replaced is released before the next is built or loaded.
         if entry.original:
+            if self.model is not None:
+                self.model, self.bits = None, None
+                gc.collect()
             return self._original(entry.options["exe_mode"])
-        if self.bits is not None and self.bits != entry.bits:
-            self.model = None
-            self.model, self.bits = self.rebuild(), None
+        if self.original is not None:
+            self.original = self.original_encoder = None
+            gc.collect()
+        if self.model is None or (self.bits is not None and self.bits != entry.bits):
+            self.model, self.bits = None, None
+            gc.collect()
+            self.model = self.rebuild()
         if self.bits is None and entry.bits:
             self.model.quantize(entry.bits)
         self.bits = entry.bits

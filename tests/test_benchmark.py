@@ -693,3 +693,43 @@ def test_small_rates_keep_three_significant_digits():
 
     assert _fmt_significant(0.0012345) == "0.00123" and _fmt_significant(12.345) == "12.3"
     assert _fmt_significant(float("nan")) == "-"
+
+
+def test_the_model_source_holds_one_model_at_a_time():
+    """A quantization sweep with --baseline on the 6B model: each model is half of a 24 GiB
+    machine, so the one being replaced must be gone before the next is built or loaded."""
+    import gc
+    import weakref
+
+    from chatglm_bench.models import ModelSource
+    from chatglm_bench.plan import Entry
+
+    live = weakref.WeakSet()
+
+    class Fake(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            gc.collect()
+            assert len(live) == 0, "a previous model is still alive"
+            live.add(self)
+            self.transformer = torch.nn.Module()
+            self.transformer.encoder = torch.nn.Identity()
+            self.transformer.set_runtime_options = lambda **options: None
+            self.bits = 0
+
+        def quantize(self, bits):
+            self.bits = bits
+
+    first = Fake()
+    source = ModelSource(first, rebuild=Fake, load_original=Fake)
+    del first
+    plan = [Entry("run", {"exe_mode": "eager"}, {}, bits) for bits in (0, 8, 4)]
+    plan += [Entry("original", {"exe_mode": mode}, {}, original=True) for mode in ("eager", "dynamo")]
+    plan += [Entry("run", {"exe_mode": "eager"}, {}, 8)]
+    model = None
+    got = []
+    for entry in plan:
+        model = None
+        model = source(entry)
+        got.append(getattr(model, "bits", None) if not entry.original else "original")
+    assert got == [0, 8, 4, "original", "original", 8]
