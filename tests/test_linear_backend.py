@@ -167,22 +167,31 @@ def test_bf16_model_on_gemv_gives_the_aten_models_tokens():
 
 
 def _map_parameters_from_a_file(model, tmp_path):
-    """Make every parameter of ``model`` a view of a private file mapping (what from_pretrained
-    leaves on transformers 5), with the same values."""
+    """Make every parameter of ``model`` a view of a private file mapping holding its values
+    (what from_pretrained leaves on transformers 5); the mapping is only read, never written."""
     path = tmp_path / "weights.bin"
     params = list(model.parameters())
-    total = sum(p.numel() * p.element_size() for p in params)
-    path.write_bytes(b"\0" * total)
+    blobs = [p.detach().contiguous().view(-1).view(torch.uint8) for p in params]
+    path.write_bytes(b"".join(blob.numpy().tobytes() for blob in blobs))
+    total = sum(blob.numel() for blob in blobs)
     mapped = torch.from_file(str(path), shared=False, size=total, dtype=torch.uint8)
     offset = 0
-    with torch.no_grad():
-        for p in params:
-            nbytes = p.numel() * p.element_size()
-            view = mapped[offset : offset + nbytes].view(p.dtype).view(p.shape)
-            view.copy_(p)
-            p.data = view
-            offset += nbytes
-    return path
+    for p, blob in zip(params, blobs):
+        p.data = mapped[offset : offset + blob.numel()].view(p.dtype).view(p.shape)
+        offset += blob.numel()
+    return path, mapped  # the caller keeps the whole mapping alive, as transformers 5 does
+
+
+def _resident_kib(path) -> int:
+    """Resident size of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps", encoding="utf-8"):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and head[0] == "Rss:":
+            total += int(head[1])
+    return total
 
 
 def _in_a_file(t, ranges):
@@ -203,6 +212,21 @@ def test_weights_in_a_file_mapping_move_to_process_memory_at_the_first_forward(t
     ranges = modeling._file_mapped_ranges()
     assert not any(_in_a_file(p, ranges) for p in model.parameters())
     assert model.transformer.embedding.word_embeddings.weight is ids
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux /proc/self/smaps")
+def test_the_file_pages_the_weights_left_are_handed_back(tmp_path):
+    """The loader keeps the file mapped after the copies: its pages must not stay resident (the
+    6B model's footprint would double)."""
+    model = build_golden_model("tiny-chatglm3")
+    path, whole_file = _map_parameters_from_a_file(model, tmp_path)
+    for p in model.parameters():
+        p.sum()  # read every page in
+    before = _resident_kib(path)
+    assert before >= path.stat().st_size // 1024 - 8
+    assert modeling.move_weights_off_files(model) > 0
+    assert _resident_kib(path) <= 8, (before, _resident_kib(path))
+    assert whole_file.numel() == path.stat().st_size  # still mapped, its pages handed back
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux /proc/self/maps")
