@@ -141,8 +141,17 @@ def model_facts(model) -> ModelFacts:
     head = transformer.output_layer
 
     def matmul_params(module) -> int:
-        # in x out of every linear layer, whatever its storage (packed int4 holds half a byte each).
-        return sum(m.in_features * m.out_features for m in module.modules() if hasattr(m, "out_features"))
+        # in x out of every linear layer, whatever its storage (packed int4 holds half a byte
+        # each); a layer DeepSpeed AutoTP replaced has no in/out_features, only its shard's
+        # 2-D weight [out / ranks, in] (or [out, in / ranks]).
+        total = 0
+        for m in module.modules():
+            weight = getattr(m, "weight", None)
+            if hasattr(m, "out_features") and hasattr(m, "in_features"):
+                total += m.in_features * m.out_features
+            elif isinstance(weight, torch.Tensor) and weight.dim() == 2 and not m._modules:
+                total += weight.shape[0] * weight.shape[1]
+        return total
 
     return ModelFacts(
         weight_bytes_per_step=total - embedding.numel() * embedding.element_size(),

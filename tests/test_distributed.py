@@ -302,6 +302,13 @@ def test_benchmark_under_the_deepspeed_launcher_prints_once_with_per_rank_bytes(
     from chatglm_bench.presets import preset_params
 
     assert max(per_rank) < 0.8 * 4 * preset_params("tiny"), per_rank
+    # Each rank's prefill FLOPs count its shards of the layers AutoTP replaced: about half of one
+    # rank's whole model (the replicated head and norms aside), not only the untouched layers.
+    from chatglm_bench.measure import model_facts, prefill_flops
+    from chatglm_bench.presets import build_preset_model
+
+    whole = prefill_flops(model_facts(build_preset_model("tiny", torch.float32, 0, context=32)), 1, 16)
+    assert 0.4 * whole < payload["results"][0]["prefill_flops"] < 0.75 * whole, (payload["results"][0], whole)
 
 
 # --- torchair and HCCL collectives in graph mode ---------------------------------------------
