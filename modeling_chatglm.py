@@ -298,7 +298,8 @@ def _file_mapped_ranges() -> List[Tuple[int, int]]:
     return sorted(ranges)
 
 
-def _memory_available_bytes() -> Optional[int]:
+def memory_available_bytes() -> Optional[int]:
+    """The host's MemAvailable (Linux /proc/meminfo) in bytes; None where unknown."""
     try:
         with open("/proc/meminfo", encoding="utf-8") as info:
             for line in info:
@@ -333,7 +334,7 @@ def move_weights_off_files(module: nn.Module) -> int:
     unique = {id(t): t for m in module.modules() for t in (*m._parameters.values(), *m._buffers.values())}
     todo = [t for t in unique.values() if t is not None and mapped(t)]
     total = sum(t.numel() * t.element_size() for t in todo)
-    available = _memory_available_bytes()
+    available = memory_available_bytes()
     # The file's pages are clean page cache, reclaimed as the copies need room: the copies must
     # fit in what is available (page cache included), with a margin.
     if not todo or (available is not None and total > 0.9 * available):
@@ -591,27 +592,25 @@ def _gemv_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return torch.mv(weight, x) if bias is None else torch.addmv(bias, weight, x)
 
 
-def _gemv_op():
-    """``torch.mv`` as one opaque op for graph mode (``torch.library.custom_op``, torch >= 2.4):
-    inductor would otherwise decompose the matrix-vector product into a generated reduction that
-    streams the weight at ~60 % of ATen's rate. Registered once per process (the file may be
-    imported under several module names)."""
-    existing = getattr(getattr(torch.ops, "chatglm3", None), "gemv", None)
+def _opaque_op(name: str, kernel: Callable, fake: Callable) -> Callable:
+    """``kernel`` as one opaque op ``chatglm3::<name>`` for graph mode (``torch.library.custom_op``,
+    torch >= 2.4; ``fake`` gives its output's shape): dynamo traces it with no graph break and
+    inductor calls it as it is. Registered once per process: the file may be imported under
+    several module names (trust_remote_code, tests). Without custom_op: ``kernel`` itself."""
+    existing = getattr(getattr(torch.ops, "chatglm3", None), name, None)
     if existing is not None:
         return existing
     custom_op = getattr(torch.library, "custom_op", None)
     if custom_op is None:
-        return _gemv_eager
-    op = custom_op("chatglm3::gemv", mutates_args=())(_gemv_eager)
-
-    @op.register_fake
-    def _(x, weight, bias):
-        return x.new_empty(weight.shape[0])
-
+        return kernel
+    op = custom_op(f"chatglm3::{name}", mutates_args=())(kernel)
+    op.register_fake(fake)
     return op
 
 
-_GEMV = _gemv_op()
+# torch.mv in graph mode: inductor would decompose the matrix-vector product into a generated
+# reduction that streams the weight at ~60 % of ATen's rate.
+_GEMV = _opaque_op("gemv", _gemv_eager, lambda x, weight, bias: x.new_empty(weight.shape[0]))
 
 
 def _linear_gemv(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -2781,28 +2780,17 @@ def _w8a8_linear_eager(
     return (out * row_scale).to(x.dtype)
 
 
-def _w8a8_linear_op():
-    """The W8A8 product as one opaque op for graph mode (``torch.library.custom_op``, torch >=
-    2.4): dynamo traces it with no graph break and inductor calls it as it is. Called bare,
-    inductor's own lowering of ``onednn.qlinear_pointwise`` insists on a weight it packed itself
-    (a graph constant), which ours is not. Registered once per process: the file may be imported
-    under several module names (trust_remote_code, tests)."""
-    existing = getattr(getattr(torch.ops, "chatglm3", None), "w8a8_linear", None)
-    if existing is not None:
-        return existing
-    custom_op = getattr(torch.library, "custom_op", None)
-    if custom_op is None:
-        return _w8a8_linear_eager
-    op = custom_op("chatglm3::w8a8_linear", mutates_args=())(_w8a8_linear_eager)
-
-    @op.register_fake
-    def _(x, packed, weight_scale, zero_points):
-        return x.new_empty(x.shape[0], weight_scale.shape[0])
-
-    return op
-
-
-_W8A8_LINEAR = _w8a8_linear_op() if _onednn_int8_linear_present() else None
+# The W8A8 product as one opaque op in graph mode: called bare, inductor's own lowering of
+# onednn.qlinear_pointwise insists on a weight it packed itself (a graph constant), which ours is not.
+_W8A8_LINEAR = (
+    _opaque_op(
+        "w8a8_linear",
+        _w8a8_linear_eager,
+        lambda x, packed, weight_scale, zero_points: x.new_empty(x.shape[0], weight_scale.shape[0]),
+    )
+    if _onednn_int8_linear_present()
+    else None
+)
 
 
 class _CpuDynamicInt8Kernel:
@@ -2810,7 +2798,7 @@ class _CpuDynamicInt8Kernel:
     quantized on the fly to int8 with its own absmax scale (per token), and oneDNN's int8 GEMM
     (``onednn.qlinear_pointwise``: VNNI/AMX dot products where the CPU has them) runs on a weight
     prepacked once for one-row (decode) activations. In graph mode the product is one custom op
-    (see ``_w8a8_linear_op``).
+    (see ``_W8A8_LINEAR``).
     """
 
     @staticmethod

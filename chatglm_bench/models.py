@@ -113,13 +113,11 @@ def available_memory(device) -> Optional[int]:
 
     if device.type in ("cuda", "npu"):
         return int(getattr(torch, device.type).mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    from modeling_chatglm import memory_available_bytes
+
+    available = memory_available_bytes()
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -90,3 +90,14 @@ def npu_module():
     install_fake_torch_npu(monkeypatch)
     yield import_model_module()
     monkeypatch.undo()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches reset before and after a test (graph-mode tests count their compiles).
+    Modules use it with ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -18,12 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from chatglm_protocol import decode, randomize_
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("kv_cache", ["tuple", "static"])
