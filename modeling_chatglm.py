@@ -91,6 +91,7 @@ _OPTION_SPECS = (
     ("exe_mode", "EXE_MODE", ("eager", "dynamo"), "eager"),
     ("quant_kernel", "CHATGLM_QUANT_KERNEL", ("auto", "cpu", "cpu_w8a8", "cuda", "npu", "math"), "auto"),
     ("linear_backend", "CHATGLM_LINEAR", ("auto", "gemv", "aten"), "auto"),
+    ("cpu_weights", "CHATGLM_CPU_WEIGHTS", ("auto", "copy", "mapped"), "auto"),
 )
 OPTION_CHOICES: Mapping[str, tuple] = MappingProxyType({spec[0]: spec[2] for spec in _OPTION_SPECS})
 # A prompt longer than this runs through the cache in chunks of this many tokens: every prompt
@@ -130,6 +131,7 @@ class RuntimeOptions:
     exe_mode: str = "eager"
     quant_kernel: str = "auto"
     linear_backend: str = "auto"
+    cpu_weights: str = "auto"  # auto/copy: copy weights out of a private file mapping; mapped: leave them
     graph_backend: Any = "auto"
     prefill_chunk: int = 0  # tokens per prefill chunk; 0 = the whole prompt at once
 
@@ -282,8 +284,9 @@ def _mark_static_address(tensor: torch.Tensor) -> None:
 
 
 def _file_mapped_ranges() -> List[Tuple[int, int]]:
-    """Address ranges of this process mapped from regular files (Linux ``/proc/self/maps``;
-    empty elsewhere): where tensors loaded as views of an mmap-ed safetensors file live."""
+    """Address ranges of this process privately mapped from regular files (Linux
+    ``/proc/self/maps``; empty elsewhere): where tensors loaded as views of an mmap-ed safetensors
+    file live. Shared mappings are left out: pages shared with other processes on purpose."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             lines = maps.read().splitlines()
@@ -292,7 +295,8 @@ def _file_mapped_ranges() -> List[Tuple[int, int]]:
     ranges = []
     for line in lines:
         fields = line.split(None, 5)
-        if len(fields) == 6 and fields[5].startswith("/") and not fields[5].startswith("/dev/"):
+        private = len(fields) == 6 and fields[1].endswith("p")
+        if private and fields[5].startswith("/") and not fields[5].startswith("/dev/"):
             start, _, end = fields[0].partition("-")
             ranges.append((int(start, 16), int(end, 16)))
     return sorted(ranges)
@@ -339,10 +343,10 @@ def move_weights_off_files(module: nn.Module) -> int:
     # fit in what is available (page cache included), with a margin.
     if not todo or (available is not None and total > 0.9 * available):
         return 0
-    # Normal tensors even when the first forward runs under inference_mode (chat(), servers):
-    # an inference-mode copy would break any later forward that autograd records.
     page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
     used = {bisect.bisect_right(starts, t.untyped_storage().data_ptr()) - 1 for t in todo}
+    # Normal tensors even when the first forward runs under inference_mode (chat(), servers):
+    # an inference-mode copy would break any later forward that autograd records.
     with torch.inference_mode(False), torch.no_grad():
         for t in todo:
             first = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
@@ -1684,7 +1688,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         quantized layers' kernels, the rotary table, the phase functions (compiled in graph
         mode: one per phase and instance, each with its phase's settings)."""
         backends = resolve_backends(self.options, device, dtype, bits=self.config.quantization_bit or 0)
-        if device.type == "cpu":
+        if device.type == "cpu" and self.options.cpu_weights != "mapped":
             moved = move_weights_off_files(self)
             if moved:
                 logger.info(f"copied {moved / 2**30:.2f} GiB of weights out of the checkpoint's file mapping")

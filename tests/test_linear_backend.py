@@ -247,3 +247,27 @@ def test_weights_moved_under_inference_mode_still_serve_a_recorded_forward(tmp_p
         model(input_ids=ids)  # the first forward moves the weights
     assert not any(p.is_inference() for p in model.parameters())
     model(input_ids=ids).logits.sum().backward()  # autograd saves the weights: no error
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux /proc/self/maps")
+def test_cpu_weights_mapped_leaves_the_mapping_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATGLM_CPU_WEIGHTS", "mapped")
+    expected = golden_expected("tiny-chatglm3")
+    model = build_golden_model("tiny-chatglm3")
+    _map_parameters_from_a_file(model, tmp_path)
+    assert model.transformer.options.cpu_weights == "mapped"
+    compare_to_golden(run_protocol(model, *variant_inputs(expected, "")), expected, "", atol=1e-5)
+    ranges = modeling._file_mapped_ranges()
+    assert all(_in_a_file(p, ranges) for p in model.parameters())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux /proc/self/maps")
+def test_a_shared_file_mapping_is_not_copied(tmp_path):
+    """Pages mapped shared are shared with other processes on purpose (e.g. server workers)."""
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 8192)
+    shared = torch.from_file(str(path), shared=True, size=8192, dtype=torch.uint8)
+    layer = nn.Linear(64, 32, bias=False)
+    layer.weight.data = shared[: 64 * 32 * 4].view(torch.float32).view(32, 64)
+    assert modeling.move_weights_off_files(layer) == 0
+    assert layer.weight.untyped_storage().data_ptr() == shared.untyped_storage().data_ptr()
