@@ -1,5 +1,7 @@
 """Helpers shared by several test modules (no test module imports another)."""
 
+import json
+
 
 class CountingBackend:
     """A torch.compile backend that records every graph it is handed and runs it eagerly."""
@@ -19,6 +21,16 @@ class CountingBackend:
 def installer_originals(names) -> dict:
     """What a checkpoint's own copies of our files hold in the installer tests (name -> bytes)."""
     return {name: f"# the checkpoint's original {name}\n".encode() for name in names}
+
+
+def write_installer_checkpoint(directory, names, config: dict):
+    """A checkpoint folder for the installer tests: ``config`` as its config.json and the
+    checkpoint's own copies of our files (:func:`installer_originals`)."""
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    for name, data in installer_originals(names).items():
+        (directory / name).write_bytes(data)
+    return directory
 
 
 def write_our_stand_ins(directory, names):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from helpers import installer_originals, write_our_stand_ins
+from helpers import installer_originals, write_installer_checkpoint, write_our_stand_ins
 
 sys.path.insert(0, str(REPO / "scripts"))
 import install_into_checkpoint as inst  # noqa: E402
@@ -171,12 +171,8 @@ def source_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def plain_checkpoint(tmp_path) -> Path:
-    ckpt = tmp_path / "chatglm3-6b"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"model_type": "chatglm", "padded_vocab_size": 65024}))
-    for name, data in ORIGINALS.items():
-        (ckpt / name).write_bytes(data)
-    return ckpt
+    config = {"model_type": "chatglm", "padded_vocab_size": 65024}
+    return write_installer_checkpoint(tmp_path / "chatglm3-6b", inst.OUR_FILES, config)
 
 
 def snapshot(directory: Path) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import installer_originals, write_our_stand_ins
+from helpers import installer_originals, write_installer_checkpoint, write_our_stand_ins
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -330,12 +330,7 @@ def source_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def checkpoint(tmp_path) -> Path:
-    ckpt = tmp_path / "chatglm3-6b"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"model_type": "chatglm"}))
-    for name, data in ORIGINALS.items():
-        (ckpt / name).write_bytes(data)
-    return ckpt
+    return write_installer_checkpoint(tmp_path / "chatglm3-6b", inst.OUR_FILES, {"model_type": "chatglm"})
 
 
 def _backup(ckpt: Path, name: str) -> Path:
