@@ -33,6 +33,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -362,18 +363,26 @@ def move_weights_off_files(module: nn.Module) -> int:
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; their contents stay as they were
 
 
+@functools.lru_cache(maxsize=None)
+def _libc_madvise():
+    """libc's ``madvise``, looked up once (called per weight tensor); None where there is none."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
+
+
 def _page_out(ranges: List[Tuple[int, int]]) -> None:
     """Hand the file pages a weight was copied from back to the kernel. The loader keeps the
     whole file mapped (transformers 5 holds one storage of the entire file), so its pages would
     stay resident, doubling the model's footprint (6B in bf16: 11.5 GB of file pages beside the
     12.5 GB copy on a 24 GiB machine). MADV_PAGEOUT only reclaims: a page read again is read
     back from the file (or, if modified, kept), so nothing can change under a reader."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
+    madvise = _libc_madvise()
+    if madvise is None:
         return
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     for start, end in ranges:
         if end > start:
             madvise(start, end - start, _MADV_PAGEOUT)  # an older kernel says EINVAL: pages stay
