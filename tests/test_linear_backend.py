@@ -168,6 +168,7 @@ def _map_parameters_from_a_file(model, tmp_path):
     params = list(model.parameters())
     blobs = [p.detach().contiguous().view(-1).view(torch.uint8) for p in params]
     path.write_bytes(b"".join(blob.numpy().tobytes() for blob in blobs))
+    _as_a_file_on_disk(path)
     total = sum(blob.numel() for blob in blobs)
     mapped = torch.from_file(str(path), shared=False, size=total, dtype=torch.uint8)
     offset = 0
@@ -175,6 +176,19 @@ def _map_parameters_from_a_file(model, tmp_path):
         p.data = mapped[offset : offset + blob.numel()].view(p.dtype).view(p.shape)
         offset += blob.numel()
     return path, mapped  # the caller keeps the whole mapping alive, as transformers 5 does
+
+
+def _as_a_file_on_disk(path) -> None:
+    """Leave ``path`` as a downloaded checkpoint is: written back and out of the page cache, so
+    the mapping's pages are read in by its own faults (fresh pages just written are dirty and
+    can sit in the writer's per-core LRU batches, where MADV_PAGEOUT cannot take them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _resident_kib(path) -> int:
@@ -214,18 +228,21 @@ def test_the_file_pages_the_weights_left_are_handed_back(tmp_path):
     """The loader keeps the file mapped after the copies: its pages must not stay resident (the
     6B model's footprint would double).
 
-    Pinned to one core: pages a thread on another core read last can sit in that core's LRU
-    batch (up to ~15 folios), which MADV_PAGEOUT cannot take until the batch drains, a residue
-    that is nothing beside 6B's 11.5 GB but is all of this tiny model's 400 KiB."""
-    if hasattr(os, "sched_getaffinity"):
-        cores = os.sched_getaffinity(0)
+    One thread on one core: a page another core touched last can sit in that core's LRU batch,
+    out of MADV_PAGEOUT's reach until the batch drains (torch's worker threads keep their own
+    cores when the main thread is pinned), a residue that is nothing beside 6B's 11.5 GB but is
+    all of this tiny model's 400 KiB."""
+    threads = torch.get_num_threads()
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    torch.set_num_threads(1)
+    if cores:
         os.sched_setaffinity(0, {min(cores)})
-        try:
-            _check_the_pages_are_handed_back(tmp_path)
-        finally:
-            os.sched_setaffinity(0, cores)
-    else:
+    try:
         _check_the_pages_are_handed_back(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+        if cores:
+            os.sched_setaffinity(0, cores)
 
 
 def _check_the_pages_are_handed_back(tmp_path):
