@@ -14,6 +14,7 @@ What is new, each switchable for an ablation (config field, else environment var
   int8/int4   ``quant_kernel``      / CHATGLM_QUANT_KERNEL = auto | cpu | cpu_w8a8 | cuda | npu | math
               (kernels of ``model.quantize(8 | 4)``, see "Weight-only quantization")
   long prompt ``prefill_chunk``     / CHATGLM_PREFILL_CHUNK = auto (1024) | N tokens | 0 (off)
+  int4 unpack ``int4_dequant``      / CHATGLM_INT4_DEQUANT = auto | compiled | eager  (CPU prefill)
 
 Internally activations are batch-first, ``[batch, seq, hidden]``, and attention runs in BNSD
 (``[batch, heads, seq, head_dim]``), the layout the fused NPU kernels and SDPA take; the public
@@ -93,6 +94,7 @@ _OPTION_SPECS = (
     ("quant_kernel", "CHATGLM_QUANT_KERNEL", ("auto", "cpu", "cpu_w8a8", "cuda", "npu", "math"), "auto"),
     ("linear_backend", "CHATGLM_LINEAR", ("auto", "gemv", "aten"), "auto"),
     ("cpu_weights", "CHATGLM_CPU_WEIGHTS", ("auto", "copy", "mapped"), "auto"),
+    ("int4_dequant", "CHATGLM_INT4_DEQUANT", ("auto", "compiled", "eager"), "auto"),
 )
 OPTION_CHOICES: Mapping[str, tuple] = MappingProxyType({spec[0]: spec[2] for spec in _OPTION_SPECS})
 # A prompt longer than this runs through the cache in chunks of this many tokens: every prompt
@@ -133,6 +135,7 @@ class RuntimeOptions:
     quant_kernel: str = "auto"
     linear_backend: str = "auto"
     cpu_weights: str = "auto"  # auto/copy: copy weights out of a private file mapping; mapped: leave them
+    int4_dequant: str = "auto"  # CPU int4 prefill unpacking: auto/compiled (inductor kernel) or eager
     graph_backend: Any = "auto"
     prefill_chunk: int = 0  # tokens per prefill chunk; 0 = the whole prompt at once
 
@@ -1703,6 +1706,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 logger.info(f"copied {moved / 2**30:.2f} GiB of weights out of the checkpoint's file mapping")
         for module in self.modules():
             if isinstance(module, QuantizedLinear):
+                module.int4_dequant = self.options.int4_dequant
                 module.select_kernel(device, dtype, backends.quant_kernel)
         self._rope = self.rotary_pos_emb(self.seq_length)
         self._phases = {"prefill": self.prefill, "decode": self.decode_one_token}
@@ -2037,6 +2041,19 @@ def _parse_tool_call(code: str) -> Dict[str, Any]:
     return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
 
 
+def _saved_output_layer(value):
+    """config ``quantization_output_layer`` as ``quantize(output_layer=...)`` takes it: true,
+    false or 8 as saved; absent (THUDM's pre-quantized checkpoints): unquantized."""
+    if value is None:
+        return False
+    if isinstance(value, bool) or (_is_int(value) and value == 8):
+        return value
+    raise ValueError(
+        f"config.json: quantization_output_layer={value!r} is not valid; it must be true, false "
+        "or 8 (as quantize() saves it); fix or remove the field"
+    )
+
+
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     """ChatGLM with its language-model head (``transformer.output_layer``), ``generate`` and chat."""
 
@@ -2053,7 +2070,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             self.quantize(
                 self.config.quantization_bit,
                 empty_init=True,
-                output_layer=bool(getattr(config, "quantization_output_layer", None)),
+                output_layer=_saved_output_layer(getattr(config, "quantization_output_layer", None)),
                 group_size=getattr(config, "quantization_group_size", None) or 0,
             )
         self.post_init()
@@ -2178,7 +2195,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         bits: int,
         empty_init: bool = False,
         device=None,
-        output_layer: Optional[bool] = None,
+        output_layer: Any = None,
         group_size: Optional[int] = None,
     ):
         """Weight-only quantization in place (the original's signature); returns the model.
@@ -2187,7 +2204,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         default 128, or 64/32 where 128 does not divide every layer; 0 = per output channel,
         THUDM's layout); 0 does nothing. Replaces
         query_key_value, dense, dense_h_to_4h and dense_4h_to_h of every block, and the output
-        layer when ``output_layer`` (default: on for 8 bits, off for 4). ``empty_init`` allocates
+        layer: ``output_layer`` None (default) int8, True the blocks' bits, False unquantized
+        (THUDM's int4 layout), 8 int8. ``empty_init`` allocates
         empty int8 storage for a loader to fill; ``device`` places the quantized weights.
         The kernel follows config ``quant_kernel`` / CHATGLM_QUANT_KERNEL (auto by device).
         """
@@ -2681,37 +2699,131 @@ def _kernel_aligned(t: torch.Tensor) -> torch.Tensor:
 _DEQUANT_CHUNK_ROWS = 4096
 
 
-def _dequantized_gemm(layer, x, gemm_dtype):
+def _int4_halves(weight: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stored int4 [rows, in // 2] -> float32 (even, odd): the weight's even input columns (the
+    bytes' high nibbles) and its odd ones, each [rows, in // 2] in byte order, with the values
+    :func:`dequantize_weight` gives them. A GEMM of ``[x[:, 0::2], x[:, 1::2]]`` against
+    ``[even, odd]`` is the layer's product, and each half is a plain elementwise function of the
+    contiguous bytes, which a compiler vectorises (interleaving the two nibbles of a byte, the
+    stored order, is what made unpacking slow).
+
+    Float arithmetic throughout, exact on integers: ``floor(b / 16)`` is the arithmetic shift that
+    sign-extends the high nibble, and ``((b + 8) mod 16) - 8`` the sign-extended low one."""
+    rows = weight.shape[0]
+    groups = scale.shape[1] if scale.dim() == 2 else 1
+    b = weight.view(rows, groups, -1).float()
+    high = torch.floor(b * 0.0625)
+    shifted = b + 8
+    low = shifted - torch.floor(shifted * 0.0625) * 16 - 8
+    s = scale.float().view(rows, groups, 1)
+    return (high * s).view(rows, -1), (low * s).view(rows, -1)
+
+
+def _int4_halves_into(weight, scale, even: torch.Tensor, odd: torch.Tensor) -> None:
+    high, low = _int4_halves(weight, scale)
+    even.copy_(high)
+    odd.copy_(low)
+
+
+class _Int4Unpacker:
+    """``_int4_halves_into`` as an inductor kernel (one pass over the bytes: 1.8 ms for a 4096 x
+    4096 layer against 44 ms in eager ops on a 2-core Xeon), compiled at the first prefill once
+    per input width (the row count is dynamic), or the same function in eager ops.
+
+    ``auto`` falls back to eager, with one warning, where inductor cannot compile here (no C++
+    compiler, an old torch); ``compiled`` makes that an error."""
+
+    _compiled = None
+    failure: Optional[str] = None  # why the compiled kernel is not used (auto), once known
+
+    @classmethod
+    def run(cls, mode: str, weight, scale, even, odd) -> None:
+        if mode == "eager" or cls.failure is not None:
+            if mode == "compiled":
+                raise RuntimeError(cls._error())
+            _int4_halves_into(weight, scale, even, odd)
+            return
+        if cls._compiled is None:
+            cls._compiled = torch.compile(_int4_halves_into, fullgraph=True, dynamic=False)
+        for t in (weight, scale, even, odd):
+            torch._dynamo.maybe_mark_dynamic(t, 0)  # one kernel per input width, any row count
+        try:
+            cls._compiled(weight, scale, even, odd)
+        except Exception as exc:  # the compiler's own failure, not a wrong input (checked before)
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            cls.failure = f"{type(exc).__name__}: {first_line}"
+            if mode == "compiled":
+                raise RuntimeError(cls._error()) from None
+            logger.warning(
+                f"int4 prefill: unpacking in eager ops (slower) because inductor could not compile "
+                f"its kernel here ({cls.failure}); set CHATGLM_INT4_DEQUANT=eager to skip the attempt"
+            )
+            _int4_halves_into(weight, scale, even, odd)
+
+    @classmethod
+    def _error(cls) -> str:
+        return (
+            f"int4_dequant='compiled' needs inductor to compile its CPU kernel, which failed here "
+            f"({cls.failure}); install a C++ compiler (g++) or set CHATGLM_INT4_DEQUANT=eager (or auto)"
+        )
+
+
+def _even_odd_columns(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [m, in] with its columns reordered to match :func:`_int4_halves` (even, then odd)."""
+    return torch.cat((x[:, 0::2], x[:, 1::2]), dim=1)
+
+
+def _dequantized_gemm(layer, x, gemm_dtype, int4_dequant: str = "eager"):
     """Prefill path: the weight dequantized to ``gemm_dtype`` and ordinary GEMMs.
 
     int8's per-output-channel scale commutes with the GEMM, so its weight is only converted and
-    the scale applied to the output. In eager mode the weight goes through one reused buffer,
-    ``_DEQUANT_CHUNK_ROWS`` output channels at a time; a compiled graph takes the whole weight
-    and lets the compiler plan the memory.
+    the scale applied to the output. int4 is unpacked into its even and odd input columns
+    (:func:`_int4_halves`) against the activation's columns in that order. In eager mode the
+    weight goes through one reused buffer, ``_DEQUANT_CHUNK_ROWS`` output channels at a time; a
+    compiled graph takes the whole weight and lets the compiler plan the memory.
     """
     xg = x.to(gemm_dtype)
+    if layer.bits == 4:
+        xg = _even_odd_columns(xg)
     if _is_compiling():
         if layer.bits == 8:
             out = F.linear(xg, layer.weight.to(gemm_dtype)) * layer.weight_scale.to(gemm_dtype)
         else:
-            out = F.linear(xg, dequantize_weight(layer.weight, layer.weight_scale, 4).to(gemm_dtype))
+            even, odd = _int4_halves(layer.weight, layer.weight_scale)
+            out = F.linear(xg, torch.cat((even, odd), dim=1).to(gemm_dtype))
         return out.to(x.dtype)
     rows = min(_DEQUANT_CHUNK_ROWS, layer.out_features)
     buffer = layer.scratch.get((rows, layer.in_features), gemm_dtype, x.device)
     out_t = torch.empty(layer.out_features, x.shape[0], dtype=gemm_dtype, device=x.device)  # [out, m]
+    half = layer.in_features // 2
     for start in range(0, layer.out_features, rows):
         stop = min(start + rows, layer.out_features)
         chunk = buffer[: stop - start]
         if layer.bits == 8:
             chunk.copy_(layer.weight[start:stop])
         else:
-            scale = layer.weight_scale[start:stop]
-            chunk.copy_(dequantize_weight(layer.weight[start:stop], scale, 4))
+            weight, scale = layer.weight[start:stop], layer.weight_scale[start:stop]
+            _Int4Unpacker.run(int4_dequant, weight, scale, chunk[:, :half], chunk[:, half:])
         torch.mm(chunk, xg.t(), out=out_t[start:stop])
     out = out_t.t()
     if layer.bits == 8:
         out = out * layer.weight_scale.to(gemm_dtype)
     return out.to(x.dtype).contiguous()
+
+
+def _resolve_int4_dequant(option: Optional[str]) -> str:
+    """The layer's ``int4_dequant`` (None: CHATGLM_INT4_DEQUANT), checked; ``auto`` once the
+    compiled kernel is known not to build here is ``eager``."""
+    source = "config.int4_dequant"
+    if option is None:
+        option, source = os.environ.get("CHATGLM_INT4_DEQUANT") or "auto", "CHATGLM_INT4_DEQUANT"
+    option = str(option).strip().lower()
+    allowed = OPTION_CHOICES["int4_dequant"]
+    if option not in allowed:
+        raise ValueError(f"{source}={option!r} is not valid; use one of: {', '.join(allowed)}")
+    if option == "auto" and _Int4Unpacker.failure is not None:
+        return "eager"
+    return option
 
 
 class _CpuKernel:
@@ -2747,23 +2859,26 @@ class _CpuKernel:
         scales = _scales_per_group(layer, group).t().contiguous()  # [in // group, out]
         # The kernel computes (q - 8) * scale + zero; symmetric int4 has zero = 0.
         scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1).to(torch.bfloat16)
-        # With AMX the int4 kernel itself is the fastest prefill (its AMX path for many rows):
-        # 4096x4096, 128 rows, 2 threads: 82-90 ms against 113-177 ms unpacking + bf16 GEMM on a
-        # Sapphire Rapids VM (shared; the whole small preset at one thread: both about 250 ms).
-        dequantize_prefill = fast_half and not _cpu_has_amx()
-        return (packed, scales_and_zeros, group, dequantize_prefill)
+        # Prefill from 64 rows: unpacking (one compiled pass, _Int4Unpacker) + a half GEMM,
+        # 4096x4096 at 128 rows on a 2-core Sapphire Rapids VM: 5.3 ms against 28.5 ms for the
+        # int4 kernel's own AMX path. Unpacked in eager ops (44 ms there) the AMX kernel is faster.
+        mode = _resolve_int4_dequant(layer.int4_dequant)
+        dequantize_prefill = fast_half and (mode != "eager" or not _cpu_has_amx())
+        return (packed, scales_and_zeros, group, mode, dequantize_prefill)
 
     @staticmethod
     def matmul(layer, x):
         state = layer._kernel_state
-        fast_half = state[-1]  # int4: dequantize for prefill (only with fast half GEMMs)
-        if x.shape[0] >= _CPU_GEMV_MAX_ROWS and (layer.bits == 8 or fast_half):
-            return _dequantized_gemm(layer, x, x.dtype if fast_half else torch.float32)
+        if x.shape[0] >= _CPU_GEMV_MAX_ROWS:
+            if layer.bits == 8:
+                return _dequantized_gemm(layer, x, x.dtype if state[-1] else torch.float32)
+            if state[-1]:  # int4: dequantize for prefill (only with fast half GEMMs)
+                return _dequantized_gemm(layer, x, x.dtype, state[3])
         xb = _kernel_aligned(x.to(torch.bfloat16))
         if layer.bits == 8:
             out = torch._weight_int8pack_mm(xb, layer.weight, state[0])
         else:
-            packed, scales_and_zeros, group, _ = state
+            packed, scales_and_zeros, group = state[:3]
             out = torch._weight_int4pack_mm_for_cpu(xb, packed, group, scales_and_zeros)
         return out.to(x.dtype)
 
@@ -3007,6 +3122,7 @@ class QuantizedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.kernel_option: Optional[str] = None  # None: CHATGLM_QUANT_KERNEL, else auto
+        self.int4_dequant: Optional[str] = None  # None: CHATGLM_INT4_DEQUANT, else auto
         self.scratch = DequantScratch()
         self.kernel_name: Optional[str] = None
         self._kernel_key = None
@@ -3048,7 +3164,7 @@ class QuantizedLinear(nn.Module):
 
         def key():
             stored = (self.weight, self.weight_scale)
-            return (name, device, dtype, *[(t.data_ptr(), t._version) for t in stored])
+            return (name, device, dtype, self.int4_dequant, *[(t.data_ptr(), t._version) for t in stored])
 
         if key() == self._kernel_key:
             return
@@ -3100,12 +3216,30 @@ _QUANTIZED_BLOCK_LINEARS = (
 )
 
 
+def _output_layer_bits(bits: int, output_layer) -> int:
+    """Bits of the output layer for ``quantize(bits, output_layer=...)``. None (default) is int8
+    for both widths: under int4 blocks it is the layer a decode step reads most of after them
+    (the 6B vocabulary: 266 M weights, in bf16 15 % of int4's bytes per token), and int8 per
+    channel adds a small fraction of int4's logits error (llama.cpp too keeps this tensor wider
+    than Q4_0). True: the blocks' bits; False: unquantized (THUDM's int4 layout); 8: int8."""
+    if output_layer is None:
+        return 8
+    if isinstance(output_layer, bool):
+        return bits if output_layer else 0
+    if _is_int(output_layer) and output_layer == 8:
+        return 8
+    raise ValueError(
+        f"quantize(output_layer={output_layer!r}): use True (the blocks' bits), False (unquantized) "
+        "or 8 (int8), or leave it out (int8)"
+    )
+
+
 def quantize_model(
     model,
     bits: int,
     empty_init: bool = False,
     device=None,
-    output_layer: Optional[bool] = None,
+    output_layer: Any = None,
     group_size: Optional[int] = None,
 ):
     """``ChatGLMForConditionalGeneration.quantize``: replace the block linears (and, for int8 by
@@ -3123,7 +3257,7 @@ def quantize_model(
             f"the model is already quantized to {model.config.quantization_bit} bits; reload the "
             f"unquantized checkpoint to quantize it to {bits}"
         )
-    output_layer = bits == 8 if output_layer is None else bool(output_layer)
+    output_bits = _output_layer_bits(bits, output_layer)
     targets = [
         (block, names) for block in model.transformer.encoder.layers for names in _QUANTIZED_BLOCK_LINEARS
     ]
@@ -3149,7 +3283,7 @@ def quantize_model(
             if bits == 4 and not _int4_kernels_take(getattr(getattr(b, p), n))
         }
     )
-    if output_layer and bits == 4 and not _int4_kernels_take(model.transformer.output_layer):
+    if output_bits == 4 and not _int4_kernels_take(model.transformer.output_layer):
         int8_names.append("output_layer")
     if int8_names:
         logger.warning(
@@ -3188,13 +3322,14 @@ def quantize_model(
         for block, (parent_name, name) in targets:
             parent = getattr(block, parent_name)
             setattr(parent, name, convert(getattr(parent, name), layer_bits(parent_name, name)))
-        if output_layer:
+        if output_bits:
             model.transformer.output_layer = convert(
-                model.transformer.output_layer, 8 if "output_layer" in int8_names else bits
+                model.transformer.output_layer, 8 if "output_layer" in int8_names else output_bits
             )
     model.quantized = True
     model.config.quantization_bit = bits
     model.config.quantization_group_size = group_size
-    model.config.quantization_output_layer = output_layer
+    # true: the blocks' bits; false: unquantized; 8: int8 under int4 blocks
+    model.config.quantization_output_layer = True if output_bits == bits else (output_bits or False)
     model.transformer._backend_key = None  # kernels are chosen at the next forward
     return model

@@ -220,17 +220,111 @@ def test_cpu_kernel_takes_a_misaligned_weight_and_activation(bits, kernel, rows,
 
 
 @pytest.mark.parametrize("gemm_dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("bits", [8, 4])
-def test_prefill_path_dequantizes_in_chunks_through_one_buffer(monkeypatch, bits, gemm_dtype):
+@pytest.mark.parametrize("bits, unpack", [(8, "eager"), (4, "eager"), (4, "compiled")])
+def test_prefill_path_dequantizes_in_chunks_through_one_buffer(monkeypatch, bits, unpack, gemm_dtype):
     # int4 takes this path only on CPUs with native half GEMMs: exercise it directly.
     monkeypatch.setattr(M, "_DEQUANT_CHUNK_ROWS", 40)  # 96 outputs: chunks of 40, 40, 16
     layer = _layer(160, 96, bits, 32, torch.float32, "cpu")
     x = torch.randn(70, 160, generator=torch.Generator().manual_seed(12))
     expected = x.double() @ M.dequantize_weight(layer.weight, layer.weight_scale, bits).double().t()
-    out = M._dequantized_gemm(layer, x, gemm_dtype)
+    out = M._dequantized_gemm(layer, x, gemm_dtype, unpack)
     assert out.shape == (70, 96) and out.dtype == torch.float32
     assert rel_error(out, expected) <= (1e-6 if gemm_dtype == torch.float32 else 6e-3)
     assert layer.scratch.buffer.numel() == 40 * 160
+
+
+def _every_byte_weight(rows: int, in_features: int) -> torch.Tensor:
+    """An int4 stored weight [rows, in // 2] holding every byte value (every nibble pair)."""
+    return (torch.arange(rows * in_features // 2) * 7 % 256).to(torch.uint8).view(torch.int8).view(rows, -1)
+
+
+@pytest.mark.parametrize("scale_shape", [(48, 4), (48,)], ids=["grouped", "per-channel"])
+def test_int4_even_odd_halves_are_the_dequantized_weight_in_column_order(scale_shape):
+    weight = _every_byte_weight(48, 128)
+    scale = torch.rand(scale_shape, generator=torch.Generator().manual_seed(4)) + 0.01
+    even, odd = M._int4_halves(weight, scale)
+    reference = M.dequantize_weight(weight, scale, 4)
+    assert torch.equal(even, reference[:, 0::2]) and torch.equal(odd, reference[:, 1::2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_int4_unpacking_equals_the_eager_one(dtype):
+    weight = _every_byte_weight(96, 256)
+    scale = (torch.rand(96, 8, generator=torch.Generator().manual_seed(5)) + 0.01).to(dtype)
+    halves = {}
+    for mode in ("eager", "compiled"):
+        even, odd = torch.full((96, 128), float("nan"), dtype=dtype), torch.full((96, 128), float("nan"), dtype=dtype)
+        M._Int4Unpacker.run(mode, weight, scale, even, odd)
+        halves[mode] = (even, odd)
+    rows = 40  # another row count: the same compiled kernel (rows are dynamic)
+    even, odd = torch.empty(rows, 128, dtype=dtype), torch.empty(rows, 128, dtype=dtype)
+    M._Int4Unpacker.run("compiled", weight[:rows], scale[:rows], even, odd)
+    assert torch.equal(halves["compiled"][0], halves["eager"][0])
+    assert torch.equal(halves["compiled"][1], halves["eager"][1])
+    assert torch.equal(even, halves["eager"][0][:rows]) and torch.equal(odd, halves["eager"][1][:rows])
+    reference = M.dequantize_weight(weight, scale, 4).to(dtype)
+    assert torch.equal(torch.cat(halves["eager"], dim=1), M._even_odd_columns(reference))
+
+
+def _inductor_missing(monkeypatch):
+    """torch.compile as on a machine where inductor cannot build its kernel (no C++ compiler)."""
+
+    def compile_without_a_compiler(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(M._Int4Unpacker, "_compiled", None)
+    monkeypatch.setattr(M._Int4Unpacker, "failure", None)
+    monkeypatch.setattr(M.torch, "compile", compile_without_a_compiler)
+
+
+def test_int4_prefill_unpacks_in_eager_ops_with_one_warning_where_inductor_cannot_compile(
+    monkeypatch, caplog
+):
+    _inductor_missing(monkeypatch)
+    layer = _layer(160, 96, 4, 32, torch.float32, "cpu")
+    x = torch.randn(70, 160, generator=torch.Generator().manual_seed(13))
+    expected = x.double() @ M.dequantize_weight(layer.weight, layer.weight_scale, 4).double().t()
+    with caplog.at_level("WARNING"):
+        first = M._dequantized_gemm(layer, x, torch.float32, "auto")
+        second = M._dequantized_gemm(layer, x, torch.float32, "auto")
+    assert rel_error(first, expected) <= 1e-6 and torch.equal(first, second)
+    warnings = [r.getMessage() for r in caplog.records if "int4 prefill" in r.getMessage()]
+    assert len(warnings) == 1 and "No working C++ compiler" in warnings[0], warnings
+    assert M._resolve_int4_dequant("auto") == "eager"  # later layers skip the attempt
+
+
+def test_int4_dequant_compiled_says_why_it_cannot_run(monkeypatch):
+    _inductor_missing(monkeypatch)
+    layer = _layer(160, 96, 4, 32, torch.float32, "cpu")
+    x = torch.randn(70, 160)
+    with pytest.raises(RuntimeError, match=r"int4_dequant='compiled'.*C\+\+ compiler.*CHATGLM_INT4_DEQUANT=eager"):
+        M._dequantized_gemm(layer, x, torch.float32, "compiled")
+
+
+def test_int4_dequant_option_is_checked(monkeypatch):
+    monkeypatch.setenv("CHATGLM_INT4_DEQUANT", "fast")
+    with pytest.raises(ValueError, match="CHATGLM_INT4_DEQUANT='fast' is not valid; use one of: auto, compiled, eager"):
+        M._resolve_int4_dequant(None)
+    with pytest.raises(ValueError, match="CHATGLM_INT4_DEQUANT='fast' is not valid"):
+        M.RuntimeOptions.from_config(golden_config("tiny-chatglm3"))
+
+
+@pytest.mark.parametrize("unpack", ["eager", "compiled"])
+def test_int4_model_prefill_matches_the_math_reference_with_each_unpacking(monkeypatch, unpack):
+    # 80 prompt tokens: the quantized layers take the prefill path (from 64 rows).
+    monkeypatch.setenv("CHATGLM_INT4_DEQUANT", unpack)
+    ids = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(6))
+    logits = {}
+    for kernel in ("math", "cpu"):
+        model = build_golden_model("tiny-chatglm3", quant_kernel=kernel).to(torch.bfloat16).quantize(4, group_size=32)
+        with torch.no_grad():
+            logits[kernel] = model(ids).logits.float()
+    layers = [m for m in model.modules() if isinstance(m, M.QuantizedLinear) and m.bits == 4]
+    assert layers and {m._kernel_state[3] for m in layers} == {unpack}
+    assert rel_error(logits["cpu"], logits["math"]) <= 2e-2
 
 
 @pytest.mark.parametrize("rows", [1, 80])
@@ -295,7 +389,7 @@ def test_golden_fixture_logits_of_each_cpu_kernel_against_the_unquantized_model(
         assert top1 == 1.0
 
 
-def test_quantize_replaces_the_block_linears_and_the_output_layer_for_int8_only():
+def test_quantize_replaces_the_block_linears_and_makes_the_output_layer_int8():
     model8 = build_golden_model("tiny-chatglm3").quantize(8)
     model4 = build_golden_model("tiny-chatglm3").quantize(4, group_size=32)
     for model, bits in ((model8, 8), (model4, 4)):
@@ -307,8 +401,10 @@ def test_quantize_replaces_the_block_linears_and_the_output_layer_for_int8_only(
         ):
             assert isinstance(layer, M.QuantizedLinear) and layer.bits == bits
         assert model.config.quantization_bit == bits and model.quantized
-    assert isinstance(model8.transformer.output_layer, M.QuantizedLinear)
-    assert isinstance(model4.transformer.output_layer, torch.nn.Linear)
+    for model in (model8, model4):
+        assert isinstance(model.transformer.output_layer, M.QuantizedLinear)
+        assert model.transformer.output_layer.bits == 8
+    assert model8.config.quantization_output_layer is True and model4.config.quantization_output_layer == 8
     assert model4.config.quantization_group_size == 32
     # Default int4 group: 128 does not divide this model's widths (64, 160), 32 does.
     assert build_golden_model("tiny-chatglm3").quantize(4).config.quantization_group_size == 32
@@ -495,11 +591,47 @@ def test_save_pretrained_round_trip_gives_identical_logits(float_checkpoint, tmp
     for name in ("modeling_chatglm.py", "configuration_chatglm.py"):
         shutil.copyfile(REPO / name, out_dir / name)
     saved = json.loads((out_dir / "config.json").read_text())
-    assert saved["quantization_bit"] == bits and saved["quantization_output_layer"] == (bits == 8)
+    assert saved["quantization_bit"] == bits
+    assert saved["quantization_output_layer"] == (True if bits == 8 else 8)  # int8 either way
     reloaded = _load(out_dir)
     assert type(reloaded.transformer.encoder.layers[0].mlp.dense_h_to_4h).__name__ == "QuantizedLinear"
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, before)
+
+
+@pytest.mark.parametrize(
+    "output_layer, bits_there, saved", [(False, None, False), (True, 4, True), (8, 8, 8)], ids=str
+)
+def test_quantize_output_layer_choices_round_trip(float_checkpoint, tmp_path, output_layer, bits_there, saved):
+    model = _load(float_checkpoint).quantize(4, group_size=32, output_layer=output_layer)
+    head = model.transformer.output_layer
+    assert (getattr(head, "bits", None) if type(head).__name__ == "QuantizedLinear" else None) == bits_there
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        before = model(ids).logits
+    out_dir = tmp_path / f"saved_{uuid.uuid4().hex[:8]}"
+    model.save_pretrained(str(out_dir))
+    for name in ("modeling_chatglm.py", "configuration_chatglm.py"):
+        shutil.copyfile(REPO / name, out_dir / name)
+    assert json.loads((out_dir / "config.json").read_text())["quantization_output_layer"] == saved
+    with torch.no_grad():
+        assert torch.equal(_load(out_dir)(ids).logits, before)
+
+
+@pytest.mark.parametrize("value", [4, "int8", 16])
+def test_quantize_refuses_an_output_layer_choice_it_does_not_know(value):
+    with pytest.raises(ValueError, match=r"quantize\(output_layer=.*use True .*False .*or 8"):
+        build_golden_model("tiny-chatglm3").quantize(4, output_layer=value)
+
+
+def test_a_config_with_an_unknown_output_layer_value_is_refused(float_checkpoint, tmp_path):
+    out_dir = tmp_path / "bad_output_layer"
+    shutil.copytree(float_checkpoint, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config.update(quantization_bit=4, quantization_group_size=32, quantization_output_layer="yes")
+    (out_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantization_output_layer='yes' is not valid"):
+        _load(out_dir)
 
 
 def test_empty_init_on_meta_allocates_the_stored_layout():
