@@ -253,7 +253,10 @@ def test_compiled_int4_unpacking_equals_the_eager_one(dtype):
     scale = (torch.rand(96, 8, generator=torch.Generator().manual_seed(5)) + 0.01).to(dtype)
     halves = {}
     for mode in ("eager", "compiled"):
-        even, odd = torch.full((96, 128), float("nan"), dtype=dtype), torch.full((96, 128), float("nan"), dtype=dtype)
+        even, odd = (
+            torch.full((96, 128), float("nan"), dtype=dtype),
+            torch.full((96, 128), float("nan"), dtype=dtype),
+        )
         M._Int4Unpacker.run(mode, weight, scale, even, odd)
         halves[mode] = (even, odd)
     rows = 40  # another row count: the same compiled kernel (rows are dynamic)
@@ -300,13 +303,17 @@ def test_int4_dequant_compiled_says_why_it_cannot_run(monkeypatch):
     _inductor_missing(monkeypatch)
     layer = _layer(160, 96, 4, 32, torch.float32, "cpu")
     x = torch.randn(70, 160)
-    with pytest.raises(RuntimeError, match=r"int4_dequant='compiled'.*C\+\+ compiler.*CHATGLM_INT4_DEQUANT=eager"):
+    with pytest.raises(
+        RuntimeError, match=r"int4_dequant='compiled'.*C\+\+ compiler.*CHATGLM_INT4_DEQUANT=eager"
+    ):
         M._dequantized_gemm(layer, x, torch.float32, "compiled")
 
 
 def test_int4_dequant_option_is_checked(monkeypatch):
     monkeypatch.setenv("CHATGLM_INT4_DEQUANT", "fast")
-    with pytest.raises(ValueError, match="CHATGLM_INT4_DEQUANT='fast' is not valid; use one of: auto, compiled, eager"):
+    with pytest.raises(
+        ValueError, match="CHATGLM_INT4_DEQUANT='fast' is not valid; use one of: auto, compiled, eager"
+    ):
         M._resolve_int4_dequant(None)
     with pytest.raises(ValueError, match="CHATGLM_INT4_DEQUANT='fast' is not valid"):
         M.RuntimeOptions.from_config(golden_config("tiny-chatglm3"))
@@ -319,7 +326,11 @@ def test_int4_model_prefill_matches_the_math_reference_with_each_unpacking(monke
     ids = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(6))
     logits = {}
     for kernel in ("math", "cpu"):
-        model = build_golden_model("tiny-chatglm3", quant_kernel=kernel).to(torch.bfloat16).quantize(4, group_size=32)
+        model = (
+            build_golden_model("tiny-chatglm3", quant_kernel=kernel)
+            .to(torch.bfloat16)
+            .quantize(4, group_size=32)
+        )
         with torch.no_grad():
             logits[kernel] = model(ids).logits.float()
     layers = [m for m in model.modules() if isinstance(m, M.QuantizedLinear) and m.bits == 4]
@@ -602,7 +613,9 @@ def test_save_pretrained_round_trip_gives_identical_logits(float_checkpoint, tmp
 @pytest.mark.parametrize(
     "output_layer, bits_there, saved", [(False, None, False), (True, 4, True), (8, 8, 8)], ids=str
 )
-def test_quantize_output_layer_choices_round_trip(float_checkpoint, tmp_path, output_layer, bits_there, saved):
+def test_quantize_output_layer_choices_round_trip(
+    float_checkpoint, tmp_path, output_layer, bits_there, saved
+):
     model = _load(float_checkpoint).quantize(4, group_size=32, output_layer=output_layer)
     head = model.transformer.output_layer
     assert (getattr(head, "bits", None) if type(head).__name__ == "QuantizedLinear" else None) == bits_there
