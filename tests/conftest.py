@@ -1,6 +1,8 @@
 """Shared test set-up: repo on sys.path, private HF module cache, clean fast-path environment."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -12,8 +14,10 @@ for path in (str(REPO), str(TESTS)):
         sys.path.insert(0, path)
 
 # transformers copies remote code into HF_MODULES_CACHE (read when it is first imported): keep
-# the suite's copies away from the user's cache and from earlier runs.
-os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="chatglm-tests-hf-modules-")
+# the suite's copies away from the user's cache and from earlier runs (removed at exit).
+_HF_MODULES = tempfile.mkdtemp(prefix="chatglm-tests-hf-modules-")
+atexit.register(shutil.rmtree, _HF_MODULES, ignore_errors=True)
+os.environ["HF_MODULES_CACHE"] = _HF_MODULES
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -30,6 +34,9 @@ FAST_PATH_ENV = (
     "CHATGLM_GRAPH_BACKEND",
     "CHATGLM_QUANT_KERNEL",
     "CHATGLM_PREFILL_CHUNK",
+    "CHATGLM_LINEAR",
+    "CHATGLM_CPU_WEIGHTS",
+    "CHATGLM_INT4_DEQUANT",
 )
 
 
