@@ -2735,6 +2735,7 @@ class _Int4Unpacker:
 
     _compiled = None
     failure: Optional[str] = None  # why the compiled kernel is not used (auto), once known
+    limit_warned = False
 
     @classmethod
     def run(cls, mode: str, weight, scale, even, odd) -> None:
@@ -2744,12 +2745,24 @@ class _Int4Unpacker:
             _int4_halves_into(weight, scale, even, odd)
             return
         if cls._compiled is None:
+            _raise_recompile_limit()  # one variant per input width and dtype; models add widths
+            logger.info("int4 prefill: compiling the unpacking kernel (once per input width)")
             cls._compiled = torch.compile(_int4_halves_into, fullgraph=True, dynamic=False)
         for t in (weight, scale, even, odd):
             torch._dynamo.maybe_mark_dynamic(t, 0)  # one kernel per input width, any row count
         try:
             cls._compiled(weight, scale, even, odd)
         except Exception as exc:  # the compiler's own failure, not a wrong input (checked before)
+            if type(exc).__name__ == "FailOnRecompileLimitHit":  # more widths than dynamo keeps
+                if not cls.limit_warned:
+                    cls.limit_warned = True
+                    logger.warning(
+                        "int4 prefill: more layer widths in this process than dynamo's recompile "
+                        "limit; those past it unpack in eager ops (raise torch._dynamo.config."
+                        f"{_RECOMPILE_LIMIT_NAME} to compile them)"
+                    )
+                _int4_halves_into(weight, scale, even, odd)
+                return
             first_line = (str(exc).strip().splitlines() or [""])[0]
             cls.failure = f"{type(exc).__name__}: {first_line}"
             if mode == "compiled":
