@@ -609,17 +609,22 @@ def test_thudm_prequantized_checkpoint_loads_and_runs_on_cpu(float_checkpoint, t
         assert rel_error(cpu(ids).logits, expected) <= 1e-2
 
 
+def _save_with_our_files(model, tmp_path):
+    """``save_pretrained`` into a fresh folder beside our modeling files; (folder, its config)."""
+    out_dir = tmp_path / f"saved_{uuid.uuid4().hex[:8]}"
+    model.save_pretrained(str(out_dir))
+    for name in ("modeling_chatglm.py", "configuration_chatglm.py"):
+        shutil.copyfile(REPO / name, out_dir / name)
+    return out_dir, json.loads((out_dir / "config.json").read_text())
+
+
 @pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
 def test_save_pretrained_round_trip_gives_identical_logits(float_checkpoint, tmp_path, bits, group):
     model = _load(float_checkpoint).quantize(bits, group_size=group)
     ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         before = model(ids).logits
-    out_dir = tmp_path / f"saved_{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(str(out_dir))
-    for name in ("modeling_chatglm.py", "configuration_chatglm.py"):
-        shutil.copyfile(REPO / name, out_dir / name)
-    saved = json.loads((out_dir / "config.json").read_text())
+    out_dir, saved = _save_with_our_files(model, tmp_path)
     assert saved["quantization_bit"] == bits
     assert saved["quantization_output_layer"] == (True if bits == 8 else 8)  # int8 either way
     reloaded = _load(out_dir)
@@ -640,11 +645,8 @@ def test_quantize_output_layer_choices_round_trip(
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
         before = model(ids).logits
-    out_dir = tmp_path / f"saved_{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(str(out_dir))
-    for name in ("modeling_chatglm.py", "configuration_chatglm.py"):
-        shutil.copyfile(REPO / name, out_dir / name)
-    assert json.loads((out_dir / "config.json").read_text())["quantization_output_layer"] == saved
+    out_dir, config = _save_with_our_files(model, tmp_path)
+    assert config["quantization_output_layer"] == saved
     with torch.no_grad():
         assert torch.equal(_load(out_dir)(ids).logits, before)
 
