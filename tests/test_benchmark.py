@@ -1,6 +1,7 @@
 """benchmark_chatglm.py: runs on presets and checkpoints, reports, and refuses bad input in one line."""
 
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -578,9 +579,12 @@ def test_cpu_peak_memory_is_reset_per_phase():
     cpu = torch.device("cpu")
     reset_peak_memory(cpu)
     base, kind = peak_memory(cpu)
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # 64 MiB of fresh pages, touched: an anonymous mapping of its own (a tensor's allocation can be
+    # served from heap memory an earlier test left resident, and then RSS does not grow).
+    block = mmap.mmap(-1, 64 * 2**20)
+    torch.frombuffer(block, dtype=torch.uint8).fill_(1)
     grown = peak_memory(cpu)[0]
-    del block
+    block.close()
     reset_peak_memory(cpu)
     after = peak_memory(cpu)[0]
     assert kind == "peak RSS of the phase"
