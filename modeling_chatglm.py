@@ -2872,9 +2872,10 @@ class _CpuKernel:
     dtypes are rounded to bf16 for the product (accumulation is fp32 inside). From
     ``_CPU_GEMV_MAX_ROWS`` rows (prefill) the weight is dequantized into a reused buffer and an
     ordinary GEMM runs: fp32 unless the CPU has native half GEMMs. int8 needs only a conversion
-    (its per-output-channel scale is applied to the GEMM's output); int4 on a CPU without fast
-    half GEMMs stays on the int4 kernel, which measured as fast as unpacking plus an fp32 GEMM,
-    and so does int4 on an AMX CPU, where that kernel is up to 2x faster than unpacking.
+    (its per-output-channel scale is applied to the GEMM's output); int4 is unpacked into even
+    and odd input columns (``_Int4Unpacker``) for a half GEMM, and stays on the int4 kernel on a
+    CPU without fast half GEMMs (where that kernel measured as fast as unpacking plus an fp32
+    GEMM) and on an AMX CPU whose unpacking runs in eager ops (the kernel is faster there).
     """
 
     GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
@@ -3281,8 +3282,8 @@ def quantize_model(
     output_layer: Any = None,
     group_size: Optional[int] = None,
 ):
-    """``ChatGLMForConditionalGeneration.quantize``: replace the block linears (and, for int8 by
-    default, the output layer) of ``model`` by :class:`QuantizedLinear` layers in place; returns
+    """``ChatGLMForConditionalGeneration.quantize``: replace the block linears (and the output
+    layer, int8 by default) of ``model`` by :class:`QuantizedLinear` layers in place; returns
     ``model``."""
     if bits == 0:
         return model
