@@ -2528,7 +2528,20 @@ QUANT_GROUP_SIZE = 128  # default int4 group; divides every chatglm3-6b input wi
 # buffer + ordinary GEMM" (prefill). Measured crossover on a 2-core AVX2 EPYC, 4096x13696 int8:
 # 64 rows 166 ms (int8pack) vs 179 ms (dequantize + fp32 GEMM); 128 rows 375 vs 320 ms.
 _CPU_GEMV_MAX_ROWS = 64
-_QUANT_KERNEL_CHOICES = OPTION_CHOICES["quant_kernel"]
+_OPTION_ENV = MappingProxyType({spec[0]: spec[1] for spec in _OPTION_SPECS})
+
+
+def _layer_option(field: str, option: Optional[str]) -> Tuple[str, str]:
+    """A quantized layer's own ``field`` option, checked: ``option`` (from config.<field>), else
+    its environment variable, else auto; returns (value, where it came from)."""
+    source = f"config.{field}"
+    if option is None:
+        option, source = os.environ.get(_OPTION_ENV[field]) or "auto", _OPTION_ENV[field]
+    option = str(option).strip().lower()
+    allowed = OPTION_CHOICES[field]
+    if option not in allowed:
+        raise ValueError(f"{source}={option!r} is not valid; use one of: {', '.join(allowed)}")
+    return option, source
 
 
 def _int4_to_unsigned_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -2739,11 +2752,16 @@ class _Int4Unpacker:
 
     @classmethod
     def run(cls, mode: str, weight, scale, even, odd) -> None:
-        if mode == "eager" or cls.failure is not None:
+        if mode == "eager" or not cls._run_compiled(mode, weight, scale, even, odd):
+            _int4_halves_into(weight, scale, even, odd)
+
+    @classmethod
+    def _run_compiled(cls, mode: str, weight, scale, even, odd) -> bool:
+        """The compiled kernel on these operands; False where the eager ops must run instead."""
+        if cls.failure is not None:
             if mode == "compiled":
                 raise RuntimeError(cls._error())
-            _int4_halves_into(weight, scale, even, odd)
-            return
+            return False
         if cls._compiled is None:
             _raise_recompile_limit()  # one variant per input width and dtype; models add widths
             logger.info("int4 prefill: compiling the unpacking kernel (once per input width)")
@@ -2752,6 +2770,7 @@ class _Int4Unpacker:
             torch._dynamo.maybe_mark_dynamic(t, 0)  # one kernel per input width, any row count
         try:
             cls._compiled(weight, scale, even, odd)
+            return True
         except Exception as exc:  # the compiler's own failure, not a wrong input (checked before)
             if type(exc).__name__ == "FailOnRecompileLimitHit":  # more widths than dynamo keeps
                 if not cls.limit_warned:
@@ -2761,8 +2780,7 @@ class _Int4Unpacker:
                         "limit; those past it unpack in eager ops (raise torch._dynamo.config."
                         f"{_RECOMPILE_LIMIT_NAME} to compile them)"
                     )
-                _int4_halves_into(weight, scale, even, odd)
-                return
+                return False
             first_line = (str(exc).strip().splitlines() or [""])[0]
             cls.failure = f"{type(exc).__name__}: {first_line}"
             if mode == "compiled":
@@ -2771,7 +2789,7 @@ class _Int4Unpacker:
                 f"int4 prefill: unpacking in eager ops (slower) because inductor could not compile "
                 f"its kernel here ({cls.failure}); set CHATGLM_INT4_DEQUANT=eager to skip the attempt"
             )
-            _int4_halves_into(weight, scale, even, odd)
+            return False
 
     @classmethod
     def _error(cls) -> str:
@@ -2853,13 +2871,7 @@ _DEQUANTIZED_GEMM = _opaque_op(
 def _resolve_int4_dequant(option: Optional[str]) -> str:
     """The layer's ``int4_dequant`` (None: CHATGLM_INT4_DEQUANT), checked; ``auto`` once the
     compiled kernel is known not to build here is ``eager``."""
-    source = "config.int4_dequant"
-    if option is None:
-        option, source = os.environ.get("CHATGLM_INT4_DEQUANT") or "auto", "CHATGLM_INT4_DEQUANT"
-    option = str(option).strip().lower()
-    allowed = OPTION_CHOICES["int4_dequant"]
-    if option not in allowed:
-        raise ValueError(f"{source}={option!r} is not valid; use one of: {', '.join(allowed)}")
+    option, _ = _layer_option("int4_dequant", option)
     if option == "auto" and _Int4Unpacker.failure is not None:
         return "eager"
     return option
@@ -3085,12 +3097,7 @@ def _quant_kernel_available(name: str, bits: int) -> bool:
 
 def resolve_quant_kernel(option: Optional[str], device: torch.device, dtype: torch.dtype, bits: int) -> str:
     """The kernel name for ``option`` (config ``quant_kernel`` > CHATGLM_QUANT_KERNEL > auto)."""
-    source = "config.quant_kernel"
-    if option is None:
-        option, source = os.environ.get("CHATGLM_QUANT_KERNEL") or "auto", "CHATGLM_QUANT_KERNEL"
-    option = str(option).strip().lower()
-    if option not in _QUANT_KERNEL_CHOICES:
-        raise ValueError(f"{source}={option!r} is not valid; use one of: {', '.join(_QUANT_KERNEL_CHOICES)}")
+    option, source = _layer_option("quant_kernel", option)
     kind = device.type
     if option == "auto":
         if kind == "npu" and dtype not in _NPU_KERNEL_DTYPES:
