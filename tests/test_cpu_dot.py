@@ -1,0 +1,234 @@
+"""The cpu_dot kernel: int8 activations x int8/int4 weights in integer dot products (C, built at
+first use). Each instruction-set path the CPU can run is checked against the product it defines:
+activations rounded to int8 per block (absmax / 127, ties to even), times the dequantized weight."""
+
+import pytest
+import torch
+from golden_protocol import golden_config
+from helpers import CountingBackend
+
+import modeling_chatglm as M
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# The kernel's paths (CG_PATH) and the CPU flags each needs; 0 is plain C and runs anywhere.
+_PATH_FLAGS = {2: {"avx512f", "avx512bw", "avx512_vnni"}, 1: {"avx2", "fma"}, 0: set()}
+
+needs_kernel = pytest.mark.skipif(
+    M._NativeDot.load() is None, reason=f"the cpu_dot kernel does not build here: {M._NativeDot.failure}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("CHATGLM_QUANT_KERNEL", raising=False)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def path_libraries():
+    return {}
+
+
+def _library(path_libraries, path):
+    missing = _PATH_FLAGS[path] - _cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))} (path {path})")
+    if path not in path_libraries:
+        path_libraries[path] = M._NativeDot.build((f"CG_PATH={path}",))
+    lib = path_libraries[path]
+    assert lib.cg_path() == path
+    return lib
+
+
+def rel_error(actual, expected) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def block_quantized(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x rounded to int8 per block of columns as the kernel defines it, in float64."""
+    rows, cols = x.shape
+    blocks = x.float().view(rows, cols // block, block)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))  # fp32, as in C
+    q = torch.round(blocks * inverse).clamp(-127, 127)
+    return (q.double() * (amax.double() / 127)).view(rows, cols)
+
+
+def _stored(bits, out_features, in_features, group, scale_dtype, offset=0, seed=0):
+    """A stored layer (random bytes, every nibble) and its scales; ``offset``: the weight is a view
+    that many bytes into a buffer (unaligned, as in a mapped checkpoint)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (out_features, in_features * bits // 8)
+    raw = torch.randint(-128, 128, (shape[0] * shape[1] + offset,), dtype=torch.int8, generator=g)
+    weight = raw[offset:].view(shape)
+    scale_shape = (out_features, in_features // group) if bits == 4 and group else (out_features,)
+    scale = (torch.rand(scale_shape, generator=g) * 0.02 + 1e-3).to(scale_dtype)
+    return weight, scale
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", [2, 1, 0])
+@pytest.mark.parametrize(
+    "bits, out_features, in_features, group, scale_dtype, offset",
+    [
+        (8, 67, 192, 0, torch.bfloat16, 0),  # 67 rows: four at a time and three single ones
+        (8, 96, 4096, 0, torch.float32, 1),
+        (4, 67, 256, 0, torch.bfloat16, 3),  # per output channel (THUDM's int4 layout)
+        (4, 64, 512, 128, torch.bfloat16, 0),
+        (4, 40, 1024, 256, torch.float32, 0),
+    ],
+    ids=["int8", "int8-fp32-scale-unaligned", "int4-per-channel", "int4-g128", "int4-g256-fp32-scale"],
+)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_each_path_is_the_product_of_block_quantized_activations(
+    path_libraries, path, bits, out_features, in_features, group, scale_dtype, offset, rows
+):
+    lib = _library(path_libraries, path)
+    weight, scale = _stored(bits, out_features, in_features, group, scale_dtype, offset)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)) * 3
+    out = M._native_dot_gemm(lib, x, weight, scale, bits, group or in_features)
+    dense = M.dequantize_weight(weight, scale, bits).double()
+    exact = block_quantized(x, M._NATIVE_DOT_BLOCK[bits]) @ dense.t()
+    assert out.dtype == torch.float32 and out.shape == (rows, out_features)
+    assert rel_error(out, exact) <= 2e-6  # fp32 sums of exact integer dot products
+    # ...and not the unquantized product: the activations' rounding is visible.
+    assert rel_error(out, x.double() @ dense.t()) > 1e-4
+
+
+@needs_kernel
+def test_the_kernel_refuses_widths_its_blocks_do_not_divide():
+    weight, scale = _stored(4, 8, 192, 0, torch.bfloat16)  # 192 columns: not a multiple of 128
+    with pytest.raises(RuntimeError, match="refused its operands"):
+        M._native_dot_gemm(M._NativeDot.load(), torch.randn(1, 192), weight, scale, 4, 192)
+
+
+def _layer(in_features, out_features, bits, group, dtype, kernel):
+    linear = torch.nn.Linear(in_features, out_features, bias=True)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.05)
+        linear.bias.copy_(torch.randn(linear.bias.shape, generator=g) * 0.05)
+    layer = M.QuantizedLinear.from_linear(linear.to(dtype), bits, group)
+    layer.kernel_option = kernel
+    return layer
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 128)])
+def test_quantized_layer_decodes_with_cpu_dot_and_dequantizes_for_prefill(bits, group, dtype):
+    layer = _layer(256, 96, bits, group, dtype, "cpu_dot")
+    dense = M.dequantize_weight(layer.weight, layer.weight_scale, bits).double()
+    bias = layer.bias.double()
+    tolerance = 2e-6 if dtype == torch.float32 else 6e-3  # the output's rounding to dtype
+    for rows in (1, 5, 80):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        with torch.no_grad():
+            out = layer(x)
+        assert layer.kernel_name == "cpu_dot" and out.dtype == dtype and out.shape == (rows, 96)
+        if rows < M._CPU_GEMV_MAX_ROWS:  # decode: int8 activations
+            expected = block_quantized(x, M._NATIVE_DOT_BLOCK[bits]) @ dense.t() + bias
+        else:  # prefill: the dequantized weight in a GEMM (bf16/fp16: a half GEMM)
+            expected = x.double() @ dense.t() + bias
+            tolerance = max(tolerance, 1e-5)
+        assert rel_error(out, expected) <= tolerance, rows
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "bits, in_features, group",
+    [(4, 256, 32), (4, 192, 0), (8, 96, 0)],
+    ids=["int4-g32", "int4-192", "int8-96"],
+)
+def test_layers_cpu_dot_cannot_take_run_the_cpu_kernel(bits, in_features, group):
+    layer = _layer(in_features, 64, bits, group, torch.bfloat16, "cpu_dot")
+    x = torch.randn(2, in_features).bfloat16()
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.kernel_name == "cpu"
+    expected = x.double() @ M.dequantize_weight(layer.weight, layer.weight_scale, bits).double().t()
+    assert rel_error(out, expected + layer.bias.double()) <= 1e-2
+
+
+def _model_256(**options):
+    """chatglm3's flags at widths cpu_dot takes (2 layers, hidden 256, ffn 512), random weights
+    by the golden fixtures' recipe (seed 0)."""
+    from chatglm_protocol import randomize_
+    from configuration_chatglm import ChatGLMConfig
+
+    sizes = dict(
+        hidden_size=256, num_attention_heads=4, kv_channels=64, multi_query_group_num=2, ffn_hidden_size=512
+    )
+    config = ChatGLMConfig(
+        **{**golden_config("tiny-chatglm3"), **sizes, **options, "torch_dtype": torch.float32}
+    )
+    return randomize_(M.ChatGLMForConditionalGeneration(config, empty_init=True), 0).eval()
+
+
+@needs_kernel
+def test_auto_takes_cpu_dot_for_int4_layers_where_it_is_vectorised_and_cpu_for_int8():
+    model = _model_256().to(torch.bfloat16).quantize(4)  # the output layer: int8
+    with torch.no_grad():
+        model(torch.ones(1, 3, dtype=torch.long))
+    kernels = {(m.bits, m.kernel_name) for m in model.modules() if isinstance(m, M.QuantizedLinear)}
+    int4 = "cpu_dot" if M._NativeDot.vectorised() else "cpu"
+    assert kernels == {(4, int4), (8, "cpu")}, kernels
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_model_decode_with_cpu_dot_follows_the_math_reference(bits):
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(7))
+    scores = {}
+    for kernel in ("math", "cpu_dot"):
+        model = _model_256(quant_kernel=kernel).to(torch.bfloat16).quantize(bits)
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        names = {m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)}
+        assert names == {kernel}, names
+        scores[kernel] = torch.stack(out.scores).float()
+    # The first score is the prefill (5 prompt tokens: the dot kernel too); the rest are decode
+    # steps through the cache. int8 activations add well under 1 % to the bf16 model's logits.
+    assert rel_error(scores["cpu_dot"], scores["math"]) <= 2e-2
+
+
+@needs_kernel
+def test_graph_mode_calls_the_kernel_as_one_op():
+    layer = _layer(256, 96, 4, 128, torch.bfloat16, "cpu_dot")
+    x = torch.randn(1, 256).bfloat16()
+    backend = CountingBackend()
+    with torch.no_grad():
+        expected = layer(x)
+        compiled = torch.compile(layer, backend=backend, fullgraph=True)
+        assert torch.equal(compiled(x), expected)
+    targets = [str(node.target) for node in backend.graphs[0].graph.nodes if node.op == "call_function"]
+    assert "chatglm3.native_dot.default" in targets, targets
+
+
+def test_without_a_compiler_auto_keeps_cpu_and_cpu_dot_says_why(monkeypatch):
+    monkeypatch.setattr(M._NativeDot, "lib", None)
+    monkeypatch.setattr(M._NativeDot, "failure", None)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    cpu = torch.device("cpu")
+    assert M.resolve_quant_kernel("auto", cpu, torch.bfloat16, 4) == "cpu"
+    assert "did not run" in M._NativeDot.failure
+    with pytest.raises(RuntimeError) as raised:
+        M.resolve_quant_kernel("cpu_dot", cpu, torch.bfloat16, 4)
+    message = str(raised.value)
+    assert "\n" not in message and "config.quant_kernel='cpu_dot'" in message
+    assert "install a C compiler" in message and "CHATGLM_QUANT_KERNEL=cpu" in message
