@@ -3092,32 +3092,41 @@ static inline float cg_hsum256(__m256 v) {
 }
 #endif
 
-/* int8 weight [n, k] (per output channel scale) x int8 activations in blocks of 64. */
+#if CG_PATH == 2
+/* a in lane 0 and b in lane 8, zero elsewhere; a in lanes 0-7 and b in lanes 8-15. */
+static inline __m512i cg_two_lanes(int32_t a, int32_t b) {
+    return _mm512_inserti64x4(_mm512_zextsi128_si512(_mm_cvtsi32_si128(a)),
+                              _mm256_zextsi128_si256(_mm_cvtsi32_si128(b)), 1);
+}
+static inline __m512 cg_two_halves(float a, float b) {
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+#endif
+
+/* int8 weight [n, k] (per output channel scale) x int8 activations in blocks of 32. */
 static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const int32_t *xsum, int64_t k) {
-    int64_t blocks = k / 64;
+    int64_t blocks = k / 32;
 #if CG_PATH == 2
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
-        /* (w + 128) as u8 times q: the sum is w.q + 128 * sum(q), removed up front. */
-        __m512i d = _mm512_zextsi128_si512(_mm_cvtsi32_si128(-128 * xsum[b]));
+    for (int64_t b = 0; b < k / 64; b++) {
+        /* (w + 128) as u8 times q: the sum is w.q + 128 * sum(q), removed up front; lanes 0-7
+           hold the first 32-column block, lanes 8-15 the second. */
+        __m512i d = cg_two_lanes(-128 * xsum[2 * b], -128 * xsum[2 * b + 1]);
         __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + b * 64)), flip);
         d = _mm512_dpbusd_epi32(d, wu, _mm512_loadu_si512((const void *)(q + b * 64)));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs[b]), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), cg_two_halves(xs[2 * b], xs[2 * b + 1]), acc);
     }
     return _mm512_reduce_add_ps(acc);
 #elif CG_PATH == 1
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
-        __m256i d = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * 64 + h * 32));
-            __m256i qv = _mm256_loadu_si256((const __m256i *)(q + b * 64 + h * 32));
-            /* |w| (u8, up to 128) times q with w's sign: pairs stay within int16. */
-            __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(qv, wv));
-            d = _mm256_add_epi32(d, _mm256_madd_epi16(p, ones));
-        }
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * 32));
+        __m256i qv = _mm256_loadu_si256((const __m256i *)(q + b * 32));
+        /* |w| (u8, up to 128) times q with w's sign: pairs stay within int16. */
+        __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(qv, wv));
+        __m256i d = _mm256_madd_epi16(p, ones);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[b]), acc);
     }
     (void)xsum;
@@ -3126,7 +3135,7 @@ static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const in
     float acc = 0.f;
     for (int64_t b = 0; b < blocks; b++) {
         int32_t d = 0;
-        for (int64_t i = 0; i < 64; i++) d += (int32_t)w[b * 64 + i] * (int32_t)q[b * 64 + i];
+        for (int64_t i = 0; i < 32; i++) d += (int32_t)w[b * 32 + i] * (int32_t)q[b * 32 + i];
         acc += (float)d * xs[b];
     }
     (void)xsum;
@@ -3204,8 +3213,8 @@ static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float 
     for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < k / 64; b++) {
         __m512i qv = _mm512_loadu_si512((const void *)(q + b * 64));
-        __m512i init = _mm512_zextsi128_si512(_mm_cvtsi32_si128(-128 * xsum[b]));
-        __m512 s = _mm512_set1_ps(xs[b]);
+        __m512i init = cg_two_lanes(-128 * xsum[2 * b], -128 * xsum[2 * b + 1]);
+        __m512 s = cg_two_halves(xs[2 * b], xs[2 * b + 1]);
         for (int r = 0; r < 4; r++) {
             __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + r * k + b * 64)), flip);
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wu, qv)), s, acc[r]);
@@ -3247,8 +3256,8 @@ static void cg_dot4_x4(const int8_t *w, int64_t k, const int8_t *qe, const int8_
 /* y[m, n] = x[m, k] . dequantized(w)[n, k]^T, activations quantized per block; 0 on success. */
 int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
             const void *ws, int ws_bf16, int64_t group, float *y, int threads) {
-    int64_t block = bits == 8 ? 64 : 128, blocks = k / block;
-    if (k % block || (bits == 4 && (group % 128 || k % group))) return 1;
+    int64_t block = bits == 8 ? 32 : 128, blocks = k / block;
+    if (k % (bits == 8 ? 64 : 128) || (bits == 4 && (group % 128 || k % group))) return 1;
     int8_t *q = (int8_t *)malloc((size_t)(m * k));
     float *xs = (float *)malloc((size_t)(m * blocks) * sizeof(float));
     int32_t *xsum = (int32_t *)malloc((size_t)(m * blocks) * sizeof(int32_t));
@@ -3286,9 +3295,11 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
 }
 """
 
-# The cpu_dot kernel's operands, per layer: int8 takes activation blocks of 64 columns; int4 of
-# 128 (one 64-byte vector of packed weights) inside each scale group.
-_NATIVE_DOT_BLOCK = {8: 64, 4: 128}
+# The cpu_dot kernel's activation blocks (columns rounded with one scale: int8 32, as llama.cpp's
+# Q8_0; int4 128, one 64-byte vector of packed weights, inside a scale group) and the widths it
+# takes (one vector: int8 64 columns, int4 128).
+_NATIVE_DOT_BLOCK = MappingProxyType({8: 32, 4: 128})
+_NATIVE_DOT_WIDTH = MappingProxyType({8: 64, 4: 128})
 
 
 class _NativeDot:
@@ -3411,7 +3422,7 @@ class _CpuDotKernel:
     """int8 activations x int8 / int4 weights in integer dot products (AVX-512 VNNI ``vpdpbusd``,
     else AVX2, else plain C: ``_NATIVE_DOT_SOURCE``), what llama.cpp's Q8_0 / Q4_0 do, on the
     stored THUDM layout itself (no repacked copy). Each row of ``x`` is quantized to int8 per
-    block (int8 layers: 64 columns; int4: 128, inside a scale group), absmax / 127, rounded to
+    block (int8 layers: 32 columns; int4: 128, inside a scale group), absmax / 127, rounded to
     nearest even; the block's integer sum is scaled once. From ``_CPU_GEMV_MAX_ROWS`` rows
     (prefill) the weight is dequantized for an ordinary GEMM, as in ``_CpuKernel``.
 
@@ -3421,7 +3432,7 @@ class _CpuDotKernel:
 
     @staticmethod
     def takes(layer) -> bool:
-        block = _NATIVE_DOT_BLOCK[layer.bits]
+        block = _NATIVE_DOT_WIDTH[layer.bits]
         group = layer.group_size or layer.in_features
         return layer.in_features % block == 0 and group % block == 0
 
