@@ -3083,7 +3083,7 @@ static void cg_quantize_row(const float *x, int64_t k, int64_t block, int split,
     }
 }
 
-#if CG_PATH == 1
+#if CG_PATH >= 1
 static inline float cg_hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -3105,7 +3105,6 @@ static inline __m512 cg_two_halves(float a, float b) {
 
 /* int8 weight [n, k] (per output channel scale) x int8 activations in blocks of 32. */
 static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const int32_t *xsum, int64_t k) {
-    int64_t blocks = k / 32;
 #if CG_PATH == 2
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 acc = _mm512_setzero_ps();
@@ -3121,7 +3120,7 @@ static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const in
 #elif CG_PATH == 1
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
+    for (int64_t b = 0; b < k / 32; b++) {
         __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * 32));
         __m256i qv = _mm256_loadu_si256((const __m256i *)(q + b * 32));
         /* |w| (u8, up to 128) times q with w's sign: pairs stay within int16. */
@@ -3133,7 +3132,7 @@ static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const in
     return cg_hsum256(acc);
 #else
     float acc = 0.f;
-    for (int64_t b = 0; b < blocks; b++) {
+    for (int64_t b = 0; b < k / 32; b++) {
         int32_t d = 0;
         for (int64_t i = 0; i < 32; i++) d += (int32_t)w[b * 32 + i] * (int32_t)q[b * 32 + i];
         acc += (float)d * xs[b];
@@ -3144,12 +3143,50 @@ static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const in
 }
 
 /* int4 weight [n, k/2] in THUDM's order (byte j: column 2j in the high nibble, 2j+1 in the low,
-   both signed) x int8 activations split into even/odd columns, in blocks of 128 columns (64 bytes).
-   ws: the row's scales, one per `group` columns (a multiple of 128). */
+   both signed) x int8 activations split into even/odd columns, in blocks of `bc` columns (128, or
+   64 where the width or the group is not a multiple of 128); ws: the row's scales, one per
+   `group` columns (a multiple of bc). 32 bytes (64 columns) at a time: AVX2, else plain C. */
+static float cg_dot4_any(const int8_t *w, const int8_t *qe, const int8_t *qo, const float *xs,
+                         const int32_t *xsum, const void *ws, int bf16, int64_t group, int64_t k, int64_t bc) {
+    int64_t chunks = k / 64, per_block = bc / 64;
+    float acc_s = 0.f;
+#if CG_PATH >= 1
+    const __m256i flip = _mm256_set1_epi8((char)0x88), low = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+#endif
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t b = c / per_block, o = c * 32;
+        float s = xs[b] * cg_scale(ws, bf16, c * 64 / group);
+        if (c % per_block == 0) acc_s -= 8.f * (float)xsum[b] * s; /* the nibbles' +8, once a block */
+#if CG_PATH >= 1
+        __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + o)), flip);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low), lo = _mm256_and_si256(v, low);
+        __m256i p = _mm256_add_epi16(
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(qe + o))),
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(qo + o))));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_set1_ps(s), acc);
+#else
+        int32_t d = 0;
+        for (int64_t i = 0; i < 32; i++) {
+            int32_t hi = ((w[o + i] >> 4) & 15), lo = (w[o + i] & 15); /* q + 8 after the xor below */
+            hi ^= 8; lo ^= 8;
+            d += hi * qe[o + i] + lo * qo[o + i];
+        }
+        acc_s += (float)d * s;
+#endif
+    }
+#if CG_PATH >= 1
+    acc_s += cg_hsum256(acc);
+#endif
+    return acc_s;
+}
+
+#if CG_PATH == 2
+/* The same for bc = 128 with 64-byte vectors (AVX-512 VNNI), one row. */
 static float cg_dot4(const int8_t *w, const int8_t *qe, const int8_t *qo, const float *xs,
                      const int32_t *xsum, const void *ws, int bf16, int64_t group, int64_t k) {
     int64_t blocks = k / 128, per_group = group / 128;
-#if CG_PATH == 2
     const __m512i flip = _mm512_set1_epi8((char)0x88), low = _mm512_set1_epi8(0x0F);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (int64_t g = 0, b = 0; g < blocks / per_group; g++) {
@@ -3167,41 +3204,8 @@ static float cg_dot4(const int8_t *w, const int8_t *qe, const int8_t *qo, const 
         }
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#elif CG_PATH == 1
-    const __m256i flip = _mm256_set1_epi8((char)0x88), low = _mm256_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
-        __m256i d = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            int64_t o = b * 64 + h * 32;
-            __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + o)), flip);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low), lo = _mm256_and_si256(v, low);
-            __m256i p = _mm256_add_epi16(
-                _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(qe + o))),
-                _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(qo + o))));
-            d = _mm256_add_epi32(d, _mm256_madd_epi16(p, ones));
-        }
-        float s = xs[b] * cg_scale(ws, bf16, b / per_group);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s), acc);
-        acc = _mm256_sub_ps(acc, _mm256_setr_ps(8.f * (float)xsum[b] * s, 0, 0, 0, 0, 0, 0, 0));
-    }
-    return cg_hsum256(acc);
-#else
-    float acc = 0.f;
-    for (int64_t b = 0; b < blocks; b++) {
-        int32_t d = 0;
-        for (int64_t i = 0; i < 64; i++) {
-            int8_t byte = w[b * 64 + i];
-            int32_t hi = byte >> 4, lo = (int8_t)(byte << 4) >> 4;
-            d += hi * qe[b * 64 + i] + lo * qo[b * 64 + i];
-        }
-        acc += (float)d * xs[b] * cg_scale(ws, bf16, b / per_group);
-    }
-    (void)xsum;
-    return acc;
-#endif
 }
+#endif
 
 #if CG_PATH == 2
 /* Four output rows at a time (AVX-512): the activation block is loaded once for all four, and
@@ -3251,13 +3255,51 @@ static void cg_dot4_x4(const int8_t *w, int64_t k, const int8_t *qe, const int8_
     }
     for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
+
+/* Four rows, blocks of 64 columns (bc = 64): a 64-byte vector holds two blocks, lanes 0-7 the
+   first and 8-15 the second; a last half vector (k % 128 == 64) is loaded zero-extended. */
+static void cg_dot4_x4_fine(const int8_t *w, int64_t k, const int8_t *qe, const int8_t *qo, const float *xs,
+                            const int32_t *xsum, const void *ws, int64_t groups, int bf16, int64_t group,
+                            float *out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x88), low = _mm512_set1_epi8(0x0F);
+    int64_t stride = k / 2, blocks = k / 64;
+    __m512 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b += 2) {
+        int whole = b + 1 < blocks;
+        int64_t g0 = b * 64 / group, g1 = whole ? (b + 1) * 64 / group : g0;
+        __m512i ev, od, init;
+        if (whole) {
+            ev = _mm512_loadu_si512((const void *)(qe + b * 32));
+            od = _mm512_loadu_si512((const void *)(qo + b * 32));
+            init = cg_two_lanes(-8 * xsum[b], -8 * xsum[b + 1]);
+        } else {
+            ev = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(qe + b * 32)));
+            od = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(qo + b * 32)));
+            init = _mm512_zextsi128_si512(_mm_cvtsi32_si128(-8 * xsum[b]));
+        }
+        float x0 = xs[b], x1 = whole ? xs[b + 1] : 0.f;
+        for (int r = 0; r < 4; r++) {
+            const int8_t *row = w + r * stride + b * 32;
+            _mm_prefetch((const char *)(row + 512), _MM_HINT_T0);
+            __m512i raw = whole ? _mm512_loadu_si512((const void *)row)
+                                : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)row));
+            __m512i v = _mm512_xor_si512(raw, flip);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low), lo = _mm512_and_si512(v, low);
+            __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, hi, ev), lo, od);
+            __m512 s = cg_two_halves(x0 * cg_scale(ws, bf16, r * groups + g0), x1 * cg_scale(ws, bf16, r * groups + g1));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
 #endif
 
 /* y[m, n] = x[m, k] . dequantized(w)[n, k]^T, activations quantized per block; 0 on success. */
 int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
             const void *ws, int ws_bf16, int64_t group, float *y, int threads) {
-    int64_t block = bits == 8 ? 32 : 128, blocks = k / block;
-    if (k % (bits == 8 ? 64 : 128) || (bits == 4 && (group % 128 || k % group))) return 1;
+    if (k % 64 || (bits == 4 && (group % 64 || k % group))) return 1;
+    int64_t block = bits == 8 ? 32 : (k % 128 || group % 128 ? 64 : 128), blocks = k / block;
     int8_t *q = (int8_t *)malloc((size_t)(m * k));
     float *xs = (float *)malloc((size_t)(m * blocks) * sizeof(float));
     int32_t *xsum = (int32_t *)malloc((size_t)(m * blocks) * sizeof(int32_t));
@@ -3275,16 +3317,21 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
             const int8_t *qr = q + r * k;
             float v[4] = {0.f, 0.f, 0.f, 0.f};
 #if CG_PATH == 2
+            const float *xr = xs + r * blocks;
+            const int32_t *sr = xsum + r * blocks;
+            const int8_t *wj = w + j * row_bytes;
             if (count == 4) {
-                if (bits == 8) cg_dot8_x4(w + j * row_bytes, k, qr, xs + r * blocks, xsum + r * blocks, v);
-                else cg_dot4_x4(w + j * row_bytes, k, qr, qr + k / 2, xs + r * blocks, xsum + r * blocks,
-                                row_scale, groups, ws_bf16, group / 128, v);
+                if (bits == 8) cg_dot8_x4(wj, k, qr, xr, sr, v);
+                else if (block == 128) cg_dot4_x4(wj, k, qr, qr + k / 2, xr, sr, row_scale, groups, ws_bf16, group / 128, v);
+                else cg_dot4_x4_fine(wj, k, qr, qr + k / 2, xr, sr, row_scale, groups, ws_bf16, group, v);
+            } else if (bits == 4 && block == 128) {
+                v[0] = cg_dot4(wj, qr, qr + k / 2, xr, sr, row_scale, ws_bf16, group, k);
             } else
 #endif
             {
                 if (bits == 8) v[0] = cg_dot8(w + j * row_bytes, qr, xs + r * blocks, xsum + r * blocks, k);
-                else v[0] = cg_dot4(w + j * row_bytes, qr, qr + k / 2, xs + r * blocks, xsum + r * blocks,
-                                    row_scale, ws_bf16, group, k);
+                else v[0] = cg_dot4_any(w + j * row_bytes, qr, qr + k / 2, xs + r * blocks, xsum + r * blocks,
+                                        row_scale, ws_bf16, group, k, block);
             }
             for (int64_t i = 0; i < count; i++)
                 y[r * n + j + i] = bits == 8 ? v[i] * cg_scale(ws, ws_bf16, j + i) : v[i];
@@ -3295,11 +3342,18 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
 }
 """
 
-# The cpu_dot kernel's activation blocks (columns rounded with one scale: int8 32, as llama.cpp's
-# Q8_0; int4 128, one 64-byte vector of packed weights, inside a scale group) and the widths it
-# takes (one vector: int8 64 columns, int4 128).
-_NATIVE_DOT_BLOCK = MappingProxyType({8: 32, 4: 128})
-_NATIVE_DOT_WIDTH = MappingProxyType({8: 64, 4: 128})
+# The widths the cpu_dot kernel takes: int8 and int4 layers whose in_features (and, int4, scale
+# group) are multiples of 64 columns.
+_NATIVE_DOT_WIDTH = 64
+
+
+def _native_dot_block(bits: int, in_features: int, group: int) -> int:
+    """Columns of the activation the cpu_dot kernel rounds with one scale: int8 32 (llama.cpp
+    Q8_0's block); int4 128 (one 64-byte vector of packed weights), or 64 where the width or the
+    scale group is not a multiple of 128 (e.g. ffn 2752 with groups of 64)."""
+    if bits == 8:
+        return 32
+    return 64 if in_features % 128 or group % 128 else 128
 
 
 class _NativeDot:
@@ -3369,6 +3423,11 @@ class _NativeDot:
                 cls.lib = cls.build()
             except RuntimeError as exc:
                 cls.failure = str(exc)
+                # Once per process: auto then runs torch's (slower) kernels, and should say why.
+                logger.warning(
+                    f"quant_kernel cpu_dot is unavailable here ({cls.failure}); the cpu kernel runs "
+                    "instead (install a C compiler with OpenMP, e.g. gcc, for the faster int4 decode)"
+                )
         return cls.lib
 
     @classmethod
@@ -3422,19 +3481,17 @@ class _CpuDotKernel:
     """int8 activations x int8 / int4 weights in integer dot products (AVX-512 VNNI ``vpdpbusd``,
     else AVX2, else plain C: ``_NATIVE_DOT_SOURCE``), what llama.cpp's Q8_0 / Q4_0 do, on the
     stored THUDM layout itself (no repacked copy). Each row of ``x`` is quantized to int8 per
-    block (int8 layers: 32 columns; int4: 128, inside a scale group), absmax / 127, rounded to
-    nearest even; the block's integer sum is scaled once. From ``_CPU_GEMV_MAX_ROWS`` rows
+    block (``_native_dot_block``: int8 32 columns, int4 128 or 64, inside a scale group),
+    absmax / 127, rounded to nearest even; the block's integer sum is scaled once. From ``_CPU_GEMV_MAX_ROWS`` rows
     (prefill) the weight is dequantized for an ordinary GEMM, as in ``_CpuKernel``.
 
-    Takes int8 layers with in_features a multiple of 64 and int4 ones with in_features and the
-    scale group multiples of 128 (per-channel too); ``QuantizedLinear.select_kernel`` gives any
-    other layer the ``cpu`` kernel."""
+    Takes layers whose in_features (and int4 scale group, or per channel) are multiples of 64;
+    ``QuantizedLinear.select_kernel`` gives any other layer the ``cpu`` kernel."""
 
     @staticmethod
     def takes(layer) -> bool:
-        block = _NATIVE_DOT_WIDTH[layer.bits]
         group = layer.group_size or layer.in_features
-        return layer.in_features % block == 0 and group % block == 0
+        return layer.in_features % _NATIVE_DOT_WIDTH == 0 and group % _NATIVE_DOT_WIDTH == 0
 
     @staticmethod
     def prepare(layer, dtype):

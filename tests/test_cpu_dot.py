@@ -89,8 +89,21 @@ def _stored(bits, out_features, in_features, group, scale_dtype, offset=0, seed=
         (4, 67, 256, 0, torch.bfloat16, 3),  # per output channel (THUDM's int4 layout)
         (4, 64, 512, 128, torch.bfloat16, 0),
         (4, 40, 1024, 256, torch.float32, 0),
+        # Blocks of 64 columns: a width or group that is not a multiple of 128 (a half vector last).
+        (4, 67, 192, 0, torch.bfloat16, 5),
+        (4, 44, 704, 64, torch.bfloat16, 0),
+        (4, 40, 512, 64, torch.float32, 0),
     ],
-    ids=["int8", "int8-fp32-scale-unaligned", "int4-per-channel", "int4-g128", "int4-g256-fp32-scale"],
+    ids=[
+        "int8",
+        "int8-fp32-scale-unaligned",
+        "int4-per-channel",
+        "int4-g128",
+        "int4-g256-fp32-scale",
+        "int4-per-channel-192",
+        "int4-704-g64",
+        "int4-g64-fp32-scale",
+    ],
 )
 @pytest.mark.parametrize("rows", [1, 3])
 def test_each_path_is_the_product_of_block_quantized_activations(
@@ -101,7 +114,7 @@ def test_each_path_is_the_product_of_block_quantized_activations(
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)) * 3
     out = M._native_dot_gemm(lib, x, weight, scale, bits, group or in_features)
     dense = M.dequantize_weight(weight, scale, bits).double()
-    exact = block_quantized(x, M._NATIVE_DOT_BLOCK[bits]) @ dense.t()
+    exact = block_quantized(x, M._native_dot_block(bits, in_features, group or in_features)) @ dense.t()
     assert out.dtype == torch.float32 and out.shape == (rows, out_features)
     assert rel_error(out, exact) <= 2e-6  # fp32 sums of exact integer dot products
     # ...and not the unquantized product: the activations' rounding is visible.
@@ -110,9 +123,9 @@ def test_each_path_is_the_product_of_block_quantized_activations(
 
 @needs_kernel
 def test_the_kernel_refuses_widths_its_blocks_do_not_divide():
-    weight, scale = _stored(4, 8, 192, 0, torch.bfloat16)  # 192 columns: not a multiple of 128
+    weight, scale = _stored(4, 8, 96, 0, torch.bfloat16)  # 96 columns: not a multiple of 64
     with pytest.raises(RuntimeError, match="refused its operands"):
-        M._native_dot_gemm(M._NativeDot.load(), torch.randn(1, 192), weight, scale, 4, 192)
+        M._native_dot_gemm(M._NativeDot.load(), torch.randn(1, 96), weight, scale, 4, 96)
 
 
 def _layer(in_features, out_features, bits, group, dtype, kernel):
@@ -128,7 +141,7 @@ def _layer(in_features, out_features, bits, group, dtype, kernel):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 128)])
+@pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 128), (4, 64)])
 def test_quantized_layer_decodes_with_cpu_dot_and_dequantizes_for_prefill(bits, group, dtype):
     layer = _layer(256, 96, bits, group, dtype, "cpu_dot")
     dense = M.dequantize_weight(layer.weight, layer.weight_scale, bits).double()
@@ -140,7 +153,8 @@ def test_quantized_layer_decodes_with_cpu_dot_and_dequantizes_for_prefill(bits, 
             out = layer(x)
         assert layer.kernel_name == "cpu_dot" and out.dtype == dtype and out.shape == (rows, 96)
         if rows < M._CPU_GEMV_MAX_ROWS:  # decode: int8 activations
-            expected = block_quantized(x, M._NATIVE_DOT_BLOCK[bits]) @ dense.t() + bias
+            block = M._native_dot_block(bits, 256, layer.group_size or 256)
+            expected = block_quantized(x, block) @ dense.t() + bias
         else:  # prefill: the dequantized weight in a GEMM (bf16/fp16: a half GEMM)
             expected = x.double() @ dense.t() + bias
             tolerance = max(tolerance, 1e-5)
@@ -150,8 +164,8 @@ def test_quantized_layer_decodes_with_cpu_dot_and_dequantizes_for_prefill(bits, 
 @needs_kernel
 @pytest.mark.parametrize(
     "bits, in_features, group",
-    [(4, 256, 32), (4, 192, 0), (8, 96, 0)],
-    ids=["int4-g32", "int4-192", "int8-96"],
+    [(4, 256, 32), (4, 160, 0), (8, 96, 0)],
+    ids=["int4-g32", "int4-160", "int8-96"],
 )
 def test_layers_cpu_dot_cannot_take_run_the_cpu_kernel(bits, in_features, group):
     layer = _layer(in_features, 64, bits, group, torch.bfloat16, "cpu_dot")
@@ -220,13 +234,17 @@ def test_graph_mode_calls_the_kernel_as_one_op():
     assert "chatglm3.native_dot.default" in targets, targets
 
 
-def test_without_a_compiler_auto_keeps_cpu_and_cpu_dot_says_why(monkeypatch):
+def test_without_a_compiler_auto_keeps_cpu_and_cpu_dot_says_why(monkeypatch, caplog):
     monkeypatch.setattr(M._NativeDot, "lib", None)
     monkeypatch.setattr(M._NativeDot, "failure", None)
     monkeypatch.setenv("CC", "/nonexistent/cc")
     cpu = torch.device("cpu")
-    assert M.resolve_quant_kernel("auto", cpu, torch.bfloat16, 4) == "cpu"
+    with caplog.at_level("WARNING"):
+        assert M.resolve_quant_kernel("auto", cpu, torch.bfloat16, 4) == "cpu"
+        assert M.resolve_quant_kernel("auto", cpu, torch.bfloat16, 4) == "cpu"
     assert "did not run" in M._NativeDot.failure
+    warnings = [r.getMessage() for r in caplog.records if "cpu_dot is unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "/nonexistent/cc" in warnings[0], warnings  # once, with the cause
     with pytest.raises(RuntimeError) as raised:
         M.resolve_quant_kernel("cpu_dot", cpu, torch.bfloat16, 4)
     message = str(raised.value)

@@ -732,7 +732,7 @@ def test_auto_kernel_never_fails_and_picks_cpu_here_and_set_runtime_options_chan
     # before the first forward.
     assert model.transformer.backends.quant_kernel == ("cpu_dot" if M._cpu_dot_auto(4) else "cpu")
     model(torch.ones(1, 3, dtype=torch.long))
-    # Groups of 32 are finer than cpu_dot's blocks of 128 columns: every layer takes cpu.
+    # Groups of 32 are finer than cpu_dot's blocks of 64 columns: every layer takes cpu.
     assert {m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)} == {"cpu"}
     model.transformer.set_runtime_options(quant_kernel="math")
     model(torch.ones(1, 3, dtype=torch.long))
