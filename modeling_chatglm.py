@@ -3441,6 +3441,8 @@ def _native_dot_gemm(lib, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     """``lib``'s product: x [m, in] (any float dtype) against the stored layer, fp32 [m, out]."""
     x = x.float().contiguous()
     out = x.new_empty(x.shape[0], weight.shape[0])
+    if x.shape[0] == 0:  # an empty batch: nothing to compute (and no zero-byte allocation in C)
+        return out
     status = lib.cg_gemm(
         bits,
         x.data_ptr(),

@@ -114,6 +114,13 @@ def test_each_path_is_the_product_of_block_quantized_activations(
 
 
 @needs_kernel
+def test_an_empty_batch_gives_an_empty_product():
+    weight, scale = _stored(4, 8, 128, 0, torch.bfloat16)
+    out = M._native_dot_gemm(M._NativeDot.load(), torch.randn(0, 128), weight, scale, 4, 128)
+    assert out.shape == (0, 8)
+
+
+@needs_kernel
 def test_the_kernel_refuses_widths_its_blocks_do_not_divide():
     weight, scale = _stored(4, 8, 96, 0, torch.bfloat16)  # 96 columns: not a multiple of 64
     with pytest.raises(RuntimeError, match="refused its operands"):
