@@ -3508,10 +3508,11 @@ class _CpuDotKernel:
         scale = scale.contiguous()
         group = layer.group_size or layer.in_features
         mode = _resolve_int4_dequant(layer.int4_dequant) if layer.bits == 4 else "eager"
-        # Prefill (64 rows and more) dequantizes for a GEMM, as the cpu kernel does; an int4
-        # layer on a CPU without fast half GEMMs, or whose unpacking runs in eager ops on AMX,
-        # keeps the dot kernel instead (row by row; not timed against torch's int4 kernel there).
-        dequantize_prefill = layer.bits == 8 or (fast_half and (mode != "eager" or not _cpu_has_amx()))
+        # Prefill (64 rows and more) dequantizes for a GEMM, as the cpu kernel does: a half GEMM
+        # where the CPU has fast ones, else fp32 (on an AVX2 CPU unpacking plus an fp32 GEMM
+        # measured as fast as torch's int4 kernel). An int4 layer whose unpacking runs in eager
+        # ops on AMX (44 ms for 4096x4096) keeps the dot kernel for its rows instead.
+        dequantize_prefill = layer.bits == 8 or mode != "eager" or not _cpu_has_amx()
         gemm_dtype = None if fast_half else torch.float32
         return (scale, group, mode, gemm_dtype, dequantize_prefill)
 

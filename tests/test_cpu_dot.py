@@ -161,6 +161,22 @@ def test_quantized_layer_decodes_with_cpu_dot_and_dequantizes_for_prefill(bits, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_dequantizes_to_fp32_on_a_cpu_without_fast_half_gemms(monkeypatch, bits):
+    monkeypatch.setattr(M, "_cpu_has_fast_half_gemm", lambda: False)  # e.g. AVX2, Cascade Lake
+    layer = _layer(256, 96, bits, 0, torch.bfloat16, "cpu_dot")
+    x = torch.randn(80, 256, generator=torch.Generator().manual_seed(9)).bfloat16()
+    calls = []
+    real = M._dequantized_gemm
+    monkeypatch.setattr(M, "_dequantized_gemm", lambda *a: calls.append(a[2]) or real(*a))
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.kernel_name == "cpu_dot" and calls == [torch.float32]
+    dense = M.dequantize_weight(layer.weight, layer.weight_scale, bits).double()
+    assert rel_error(out, x.double() @ dense.t() + layer.bias.double()) <= 6e-3
+
+
+@needs_kernel
 @pytest.mark.parametrize(
     "bits, in_features, group",
     [(4, 256, 32), (4, 160, 0), (8, 96, 0)],
