@@ -1712,7 +1712,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         for module in self.modules():
             if isinstance(module, QuantizedLinear):
                 module.int4_dequant = self.options.int4_dequant
-                module.select_kernel(device, dtype, backends.quant_kernel)
+                # The model's option, resolved for the layer's own bits (auto differs by bits).
+                kernel = resolve_quant_kernel(self.options.quant_kernel, device, dtype, module.bits)
+                module.select_kernel(device, dtype, kernel)
         self._rope = self.rotary_pos_emb(self.seq_length)
         self._phases = {"prefill": self.prefill, "decode": self.decode_one_token}
         self._graphs = {}
@@ -3765,8 +3767,6 @@ class QuantizedLinear(nn.Module):
         name = name or resolve_quant_kernel(self.kernel_option, device, dtype, self.bits)
         if name == "cpu_dot" and not _CpuDotKernel.takes(self):
             name = "cpu"  # a width or group its blocks do not divide (see _CpuDotKernel)
-        elif name == "cpu_dot" and _layer_option("quant_kernel", self.kernel_option)[0] == "auto":
-            name = resolve_quant_kernel("auto", device, dtype, self.bits)  # by this layer's bits
 
         def key():
             stored = (self.weight, self.weight_scale)

@@ -218,6 +218,16 @@ def test_auto_takes_cpu_dot_for_int4_layers_where_it_is_vectorised_and_cpu_for_i
 
 
 @needs_kernel
+def test_cpu_dot_named_at_run_time_takes_the_int8_layers_too():
+    model = _model_256().to(torch.bfloat16).quantize(4)  # the output layer: int8
+    model.transformer.set_runtime_options(quant_kernel="cpu_dot")
+    with torch.no_grad():
+        model(torch.ones(1, 3, dtype=torch.long))
+    kernels = {(m.bits, m.kernel_name) for m in model.modules() if isinstance(m, M.QuantizedLinear)}
+    assert kernels == {(4, "cpu_dot"), (8, "cpu_dot")}, kernels
+
+
+@needs_kernel
 @pytest.mark.parametrize("bits", [8, 4])
 def test_model_decode_with_cpu_dot_follows_the_math_reference(bits):
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(7))
