@@ -3526,9 +3526,9 @@ class _CpuDotKernel:
         return _NATIVE_DOT(x, layer.weight, scale, layer.bits, group).to(x.dtype)
 
 
-def _native_dot_error() -> str:
+def _native_dot_error(source: str = "quant_kernel") -> str:
     return (
-        f"quant_kernel='cpu_dot' builds a C kernel at first use, which failed here "
+        f"{source}='cpu_dot' builds a C kernel at first use, which failed here "
         f"({_NativeDot.failure}); install a C compiler with OpenMP (gcc) or set CHATGLM_QUANT_KERNEL=cpu"
     )
 
@@ -3669,7 +3669,7 @@ def resolve_quant_kernel(option: Optional[str], device: torch.device, dtype: tor
     if option == "cpu_w8a8" and bits != 8:
         raise ValueError(f"{source}='cpu_w8a8' is an int8 kernel; use cpu (or auto) for {bits}-bit layers")
     if option == "cpu_dot" and _NativeDot.load() is None:
-        raise RuntimeError(_native_dot_error().replace("quant_kernel=", f"{source}=", 1))
+        raise RuntimeError(_native_dot_error(source))
     if not _quant_kernel_available(option, bits):
         raise RuntimeError(
             f"{source}={option!r} needs a kernel this torch {torch.__version__} lacks "
