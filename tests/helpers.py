@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 
 class CountingBackend:
     """A torch.compile backend that records every graph it is handed and runs it eagerly."""
@@ -39,3 +41,18 @@ def write_our_stand_ins(directory, names):
     for name in names:
         (directory / name).write_bytes(f"# our fast {name}\n".encode())
     return directory
+
+
+def quantized_layer(in_features, out_features, bits, group, dtype, kernel, seed=0):
+    """A QuantizedLinear from a random nn.Linear (weights and bias * 0.05, seeded) with its
+    ``kernel_option`` set."""
+    import modeling_chatglm as M
+
+    linear = torch.nn.Linear(in_features, out_features, bias=True)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * 0.05)
+        linear.bias.copy_(torch.randn(linear.bias.shape, generator=generator) * 0.05)
+    layer = M.QuantizedLinear.from_linear(linear.to(dtype), bits, group)
+    layer.kernel_option = kernel
+    return layer

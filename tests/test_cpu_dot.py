@@ -5,7 +5,7 @@ activations rounded to int8 per block (absmax / 127, ties to even), times the de
 import pytest
 import torch
 from golden_protocol import golden_config
-from helpers import CountingBackend
+from helpers import CountingBackend, quantized_layer
 
 import modeling_chatglm as M
 
@@ -127,22 +127,11 @@ def test_the_kernel_refuses_widths_its_blocks_do_not_divide():
         M._native_dot_gemm(M._NativeDot.load(), torch.randn(1, 96), weight, scale, 4, 96)
 
 
-def _layer(in_features, out_features, bits, group, dtype, kernel):
-    linear = torch.nn.Linear(in_features, out_features, bias=True)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(3)
-        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.05)
-        linear.bias.copy_(torch.randn(linear.bias.shape, generator=g) * 0.05)
-    layer = M.QuantizedLinear.from_linear(linear.to(dtype), bits, group)
-    layer.kernel_option = kernel
-    return layer
-
-
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 128), (4, 64)])
 def test_quantized_layer_decodes_with_cpu_dot_and_dequantizes_for_prefill(bits, group, dtype):
-    layer = _layer(256, 96, bits, group, dtype, "cpu_dot")
+    layer = quantized_layer(256, 96, bits, group, dtype, "cpu_dot", seed=3)
     dense = M.dequantize_weight(layer.weight, layer.weight_scale, bits).double()
     bias = layer.bias.double()
     tolerance = 2e-6 if dtype == torch.float32 else 6e-3  # the output's rounding to dtype
@@ -164,7 +153,7 @@ def test_quantized_layer_decodes_with_cpu_dot_and_dequantizes_for_prefill(bits, 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_prefill_dequantizes_to_fp32_on_a_cpu_without_fast_half_gemms(monkeypatch, bits):
     monkeypatch.setattr(M, "_cpu_has_fast_half_gemm", lambda: False)  # e.g. AVX2, Cascade Lake
-    layer = _layer(256, 96, bits, 0, torch.bfloat16, "cpu_dot")
+    layer = quantized_layer(256, 96, bits, 0, torch.bfloat16, "cpu_dot", seed=3)
     x = torch.randn(80, 256, generator=torch.Generator().manual_seed(9)).bfloat16()
     calls = []
     real = M._dequantized_gemm
@@ -183,7 +172,7 @@ def test_prefill_dequantizes_to_fp32_on_a_cpu_without_fast_half_gemms(monkeypatc
     ids=["int4-g32", "int4-160", "int8-96"],
 )
 def test_layers_cpu_dot_cannot_take_run_the_cpu_kernel(bits, in_features, group):
-    layer = _layer(in_features, 64, bits, group, torch.bfloat16, "cpu_dot")
+    layer = quantized_layer(in_features, 64, bits, group, torch.bfloat16, "cpu_dot", seed=3)
     x = torch.randn(2, in_features).bfloat16()
     with torch.no_grad():
         out = layer(x)
@@ -248,7 +237,7 @@ def test_model_decode_with_cpu_dot_follows_the_math_reference(bits):
 
 @needs_kernel
 def test_graph_mode_calls_the_kernel_as_one_op():
-    layer = _layer(256, 96, 4, 128, torch.bfloat16, "cpu_dot")
+    layer = quantized_layer(256, 96, 4, 128, torch.bfloat16, "cpu_dot", seed=3)
     x = torch.randn(1, 256).bfloat16()
     backend = CountingBackend()
     torch._dynamo.reset()  # conftest clears the CHATGLM_* variables; a fresh dynamo cache here

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 from golden_protocol import build_golden_model, golden_config
 from helpers import CountingBackend
+from helpers import quantized_layer as _layer
 from npu_reference import import_model_module, install_fake_torch_npu
 
 import modeling_chatglm as M
@@ -102,17 +103,6 @@ def test_quantize_weight_error_is_bounded_by_the_step(bits, group):
 
 
 # --- every kernel equals the math reference -----------------------------------------------
-
-
-def _layer(in_features, out_features, bits, group, dtype, kernel, seed=0):
-    linear = torch.nn.Linear(in_features, out_features, bias=True)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(seed)
-        linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * 0.05)
-        linear.bias.copy_(torch.randn(linear.bias.shape, generator=generator) * 0.05)
-    layer = M.QuantizedLinear.from_linear(linear.to(dtype), bits, group)
-    layer.kernel_option = kernel
-    return layer
 
 
 def _tolerance(kernel, dtype, rows, bits):
