@@ -218,9 +218,10 @@ def config_problem(config) -> Optional[str]:
     bits = present.get("quantization_bit") or 0
     if bits not in (0, 4, 8) or isinstance(bits, bool):
         return f"quantization_bit={bits!r} must be 0, 4 or 8"
-    group_size = present.get("quantization_group_size")
-    if group_size is not None and (not _is_int(group_size) or group_size < 0):
-        return f"quantization_group_size={group_size!r} must be null or an integer >= 0"
+    for name in ("quantization_group_size", "quantization_int8_group_size"):
+        group_size = present.get(name)
+        if group_size is not None and (not _is_int(group_size) or group_size < 0):
+            return f"{name}={group_size!r} must be null or an integer >= 0"
     heads, groups = present["num_attention_heads"], present.get("multi_query_group_num")
     if present.get("multi_query_attention"):
         if not _is_int(groups) or groups < 1:
@@ -722,10 +723,15 @@ class Backends:
 
 
 def resolve_backends(
-    options: RuntimeOptions, device, dtype: torch.dtype, chip: Optional[str] = None, bits: int = 0
+    options: RuntimeOptions,
+    device,
+    dtype: torch.dtype,
+    chip: Optional[str] = None,
+    bits: int = 0,
+    grouped: bool = False,
 ) -> Backends:
     """The one resolver: kernels, cache writer, quantized-matmul kernel (for ``bits``-bit weights,
-    0 = unquantized) and per-phase compile settings for tensors of ``dtype`` on ``device`` (a
+    0 = unquantized; ``grouped``: scales per group of input columns) and per-phase compile settings for tensors of ``dtype`` on ``device`` (a
     ``torch.device`` or its type name); ``chip`` is the NPU's name (looked up when omitted)."""
     kind = device if isinstance(device, str) else device.type
     if dtype not in _SUPPORTED_DTYPES:
@@ -783,6 +789,7 @@ def resolve_backends(
             device if isinstance(device, torch.device) else torch.device(kind),
             dtype,
             bits,
+            grouped,
         )
         if options.quant_kernel == "auto" and quant == "math" and kind in QUANT_KERNELS:
             fallbacks.append(
@@ -1704,7 +1711,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         """Resolve the backends for ``device``/``dtype`` and set up what depends on them: the
         quantized layers' kernels, the rotary table, the phase functions (compiled in graph
         mode: one per phase and instance, each with its phase's settings)."""
-        backends = resolve_backends(self.options, device, dtype, bits=self.config.quantization_bit or 0)
+        bits = self.config.quantization_bit or 0
+        grouped = bool(
+            getattr(
+                self.config, "quantization_int8_group_size" if bits == 8 else "quantization_group_size", 0
+            )
+        )
+        backends = resolve_backends(self.options, device, dtype, bits=bits, grouped=grouped)
         if device.type == "cpu" and self.options.cpu_weights != "mapped":
             moved = move_weights_off_files(self)
             if moved:
@@ -1712,8 +1725,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         for module in self.modules():
             if isinstance(module, QuantizedLinear):
                 module.int4_dequant = self.options.int4_dequant
-                # The model's option, resolved for the layer's own bits (auto differs by bits).
-                kernel = resolve_quant_kernel(self.options.quant_kernel, device, dtype, module.bits)
+                # The model's option, resolved for the layer's own bits and scales (auto differs).
+                kernel = resolve_quant_kernel(
+                    self.options.quant_kernel, device, dtype, module.bits, module.weight_scale.dim() == 2
+                )
                 module.select_kernel(device, dtype, kernel)
         self._rope = self.rotary_pos_emb(self.seq_length)
         self._phases = {"prefill": self.prefill, "decode": self.decode_one_token}
@@ -2079,6 +2094,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 empty_init=True,
                 output_layer=_saved_output_layer(getattr(config, "quantization_output_layer", None)),
                 group_size=getattr(config, "quantization_group_size", None) or 0,
+                int8_group_size=getattr(config, "quantization_int8_group_size", None) or 0,
             )
         self.post_init()
 
@@ -2204,19 +2220,22 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         device=None,
         output_layer: Any = None,
         group_size: Optional[int] = None,
+        int8_group_size: Optional[int] = None,
     ):
         """Weight-only quantization in place (the original's signature); returns the model.
 
-        ``bits``: 8 (per output channel) or 4 (grouped, ``group_size`` input columns per scale,
-        default 128, or 64/32 where 128 does not divide every layer; 0 = per output channel,
-        THUDM's layout); 0 does nothing. Replaces
+        ``bits``: 8 or 4; 0 does nothing. int4 layers have one scale per ``group_size`` input
+        columns (default 128, or 64/32 where 128 does not divide every layer); int8 layers (all
+        of them under ``quantize(8)``, and the output layer by default) one per
+        ``int8_group_size`` (default 32, llama.cpp Q8_0's block, or 64/128 likewise); 0 = one
+        scale per output channel, THUDM's layout. Replaces
         query_key_value, dense, dense_h_to_4h and dense_4h_to_h of every block, and the output
         layer: ``output_layer`` None (default) int8, True the blocks' bits, False unquantized
         (THUDM's int4 layout), 8 int8. ``empty_init`` allocates
         empty int8 storage for a loader to fill; ``device`` places the quantized weights.
         The kernel follows config ``quant_kernel`` / CHATGLM_QUANT_KERNEL (auto by device).
         """
-        return quantize_model(self, bits, empty_init, device, output_layer, group_size)
+        return quantize_model(self, bits, empty_init, device, output_layer, group_size, int8_group_size)
 
     # --- chat helpers ---------------------------------------------------------------------
 
@@ -2531,6 +2550,7 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
 # ---------------------------------------------------------------------------------------------
 
 QUANT_GROUP_SIZE = 128  # default int4 group; divides every chatglm3-6b input width (4096, 13696)
+INT8_GROUP_SIZE = 32  # default int8 group: llama.cpp Q8_0's block
 # Rows from which the CPU kernel leaves the weight-only GEMV kernels for "dequantize into a reused
 # buffer + ordinary GEMM" (prefill). Measured crossover on a 2-core AVX2 EPYC, 4096x13696 int8:
 # 64 rows 166 ms (int8pack) vs 179 ms (dequantize + fp32 GEMM); 128 rows 375 vs 320 ms.
@@ -2583,13 +2603,13 @@ _QUANTIZE_ROWS_PER_CHUNK = 2048  # bounds the float temporaries of a 6B-sized la
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0):
     """Round-to-nearest symmetric quantization of a float [out, in] weight.
 
-    Returns ``(q, scale)`` in the stored layout: 8 bits per output channel (absmax / 127); 4 bits
-    per group of ``group_size`` input columns (0 = one group per output channel, THUDM's
-    layout) with the least-squares scale among ``_INT4_SCALE_CANDIDATES``. Scales are rounded
+    Returns ``(q, scale)`` in the stored layout, one scale per group of ``group_size`` input
+    columns (0 = one per output channel, THUDM's layout): 8 bits absmax / 127; 4 bits the
+    least-squares scale among ``_INT4_SCALE_CANDIDATES``. Scales are rounded
     to the weight's dtype *before* dividing, so q matches the scale that is kept.
     """
     out_features, in_features = weight.shape
-    group = in_features if bits == 8 or not group_size else group_size
+    group = group_size or in_features
     qs, scales = [], []
     for start in range(0, out_features, _QUANTIZE_ROWS_PER_CHUNK):
         rows = weight[start : start + _QUANTIZE_ROWS_PER_CHUNK].detach().float()
@@ -2619,7 +2639,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = 0):
     q, scale = torch.cat(qs), torch.cat(scales)
     if bits == 4:
         q = pack_int4(q)
-    if bits == 8 or not group_size:
+    if not group_size:
         scale = scale[:, 0]
     return q, scale.to(weight.dtype)
 
@@ -2815,7 +2835,7 @@ def _dequantized_gemm(layer, x, gemm_dtype, int4_dequant: str = "eager"):
     """Prefill path: the weight dequantized to ``gemm_dtype`` and ordinary GEMMs.
 
     int8's per-output-channel scale commutes with the GEMM, so its weight is only converted and
-    the scale applied to the output. int4 is unpacked into its even and odd input columns
+    the scale applied to the output (grouped int8 is multiplied out). int4 is unpacked into its even and odd input columns
     (:func:`_int4_halves`) against the activation's columns in that order. The weight goes
     through one reused buffer, ``_DEQUANT_CHUNK_ROWS`` output channels at a time, in graph mode
     too (one opaque op): a compiled graph that dequantized the whole weight allocated a new
@@ -2841,7 +2861,14 @@ def _chunked_dequantized_gemm(x, weight, scale, bits: int, gemm_dtype, int4_dequ
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
         chunk = buffer[: stop - start]
-        if bits == 8:
+        if bits == 8 and scale.dim() == 2:  # grouped: the scale does not commute
+            groups = scale.shape[1]
+            torch.mul(
+                weight[start:stop].view(stop - start, groups, -1),
+                scale[start:stop, :, None].to(gemm_dtype),
+                out=chunk.view(stop - start, groups, -1),
+            )
+        elif bits == 8:
             chunk.copy_(weight[start:stop])
         else:
             _Int4Unpacker.run(
@@ -2849,7 +2876,7 @@ def _chunked_dequantized_gemm(x, weight, scale, bits: int, gemm_dtype, int4_dequ
             )
         torch.mm(chunk, xg.t(), out=out_t[start:stop])
     out = out_t.t()
-    if bits == 8:
+    if bits == 8 and scale.dim() == 1:
         out = out * scale.to(gemm_dtype)
     return out.to(x.dtype).contiguous()
 
@@ -2902,6 +2929,10 @@ class _CpuKernel:
     @staticmethod
     def prepare(layer, dtype):
         fast_half = _cpu_has_fast_half_gemm()
+        if layer.bits == 8 and layer.weight_scale.dim() == 2:
+            # Grouped int8, which torch's kernel does not take (cpu_dot does): every row count
+            # dequantizes for a GEMM.
+            return (None, fast_half)
         if layer.bits == 8:
             # The kernel reads the stored weight itself: realign it in place when it is not (a
             # copy, once, replacing e.g. an mmap-ed checkpoint view; no second copy is kept).
@@ -2928,7 +2959,7 @@ class _CpuKernel:
     @staticmethod
     def matmul(layer, x):
         state = layer._kernel_state
-        if x.shape[0] >= _CPU_GEMV_MAX_ROWS:
+        if x.shape[0] >= _CPU_GEMV_MAX_ROWS or state[0] is None:
             if layer.bits == 8:
                 return _dequantized_gemm(layer, x, x.dtype if state[-1] else torch.float32)
             if state[-1]:  # int4: dequantize for prefill (only with fast half GEMMs)
@@ -2992,6 +3023,11 @@ class _CpuDynamicInt8Kernel:
     def prepare(layer, dtype):
         if layer.bits != 8:
             raise ValueError("the cpu_w8a8 kernel is int8 only; use cpu (or auto) for int4")
+        if layer.weight_scale.dim() == 2:
+            raise ValueError(
+                f"the cpu_w8a8 kernel takes one int8 scale per output channel, not groups of "
+                f"{layer.group_size}; quantize with int8_group_size=0, or use cpu_dot (or auto)"
+            )
         weight = _kernel_aligned(layer.weight.data)
         packed = torch.ops.onednn.qlinear_prepack(weight, [1, layer.in_features])  # own copy
         zero_points = torch.zeros(layer.out_features, dtype=torch.int64)
@@ -3105,8 +3141,13 @@ static inline __m512 cg_two_halves(float a, float b) {
 }
 #endif
 
-/* int8 weight [n, k] (per output channel scale) x int8 activations in blocks of 32. */
-static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const int32_t *xsum, int64_t k) {
+/* int8 weight [n, k] x int8 activations in blocks of 32. ws: the row's scales, one per `group`
+   columns (a multiple of 32); per output channel (group == k) the caller applies it instead. */
+static inline float cg_scale8(const void *ws, int bf16, int64_t group, int64_t k, int64_t b) {
+    return group == k ? 1.f : cg_scale(ws, bf16, b * 32 / group);
+}
+static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const int32_t *xsum,
+                     const void *ws, int bf16, int64_t group, int64_t k) {
 #if CG_PATH == 2
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 acc = _mm512_setzero_ps();
@@ -3116,7 +3157,9 @@ static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const in
         __m512i d = cg_two_lanes(-128 * xsum[2 * b], -128 * xsum[2 * b + 1]);
         __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + b * 64)), flip);
         d = _mm512_dpbusd_epi32(d, wu, _mm512_loadu_si512((const void *)(q + b * 64)));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), cg_two_halves(xs[2 * b], xs[2 * b + 1]), acc);
+        __m512 s = cg_two_halves(xs[2 * b] * cg_scale8(ws, bf16, group, k, 2 * b),
+                                 xs[2 * b + 1] * cg_scale8(ws, bf16, group, k, 2 * b + 1));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc);
     }
     return _mm512_reduce_add_ps(acc);
 #elif CG_PATH == 1
@@ -3128,7 +3171,8 @@ static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const in
         /* |w| (u8, up to 128) times q with w's sign: pairs stay within int16. */
         __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(qv, wv));
         __m256i d = _mm256_madd_epi16(p, ones);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[b]), acc);
+        __m256 s = _mm256_set1_ps(xs[b] * cg_scale8(ws, bf16, group, k, b));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);
     }
     (void)xsum;
     return cg_hsum256(acc);
@@ -3137,7 +3181,7 @@ static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const in
     for (int64_t b = 0; b < k / 32; b++) {
         int32_t d = 0;
         for (int64_t i = 0; i < 32; i++) d += (int32_t)w[b * 32 + i] * (int32_t)q[b * 32 + i];
-        acc += (float)d * xs[b];
+        acc += (float)d * xs[b] * cg_scale8(ws, bf16, group, k, b);
     }
     (void)xsum;
     return acc;
@@ -3213,17 +3257,21 @@ static float cg_dot4(const int8_t *w, const int8_t *qe, const int8_t *qo, const 
 /* Four output rows at a time (AVX-512): the activation block is loaded once for all four, and
    four independent accumulations keep the dot-product units busy. */
 static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float *xs,
-                       const int32_t *xsum, float *out) {
+                       const int32_t *xsum, const void *ws, int bf16, int64_t group, float *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
+    int64_t groups = k / group;
     __m512 acc[4];
     for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < k / 64; b++) {
         __m512i qv = _mm512_loadu_si512((const void *)(q + b * 64));
         __m512i init = cg_two_lanes(-128 * xsum[2 * b], -128 * xsum[2 * b + 1]);
         __m512 s = cg_two_halves(xs[2 * b], xs[2 * b + 1]);
+        int64_t g0 = 2 * b * 32 / group, g1 = (2 * b + 1) * 32 / group;
         for (int r = 0; r < 4; r++) {
             __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + r * k + b * 64)), flip);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wu, qv)), s, acc[r]);
+            __m512 sr = groups == 1 ? s : _mm512_mul_ps(s, cg_two_halves(cg_scale(ws, bf16, r * groups + g0),
+                                                                          cg_scale(ws, bf16, r * groups + g1)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wu, qv)), sr, acc[r]);
         }
     }
     for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
@@ -3300,7 +3348,7 @@ static void cg_dot4_x4_fine(const int8_t *w, int64_t k, const int8_t *qe, const 
 /* y[m, n] = x[m, k] . dequantized(w)[n, k]^T, activations quantized per block; 0 on success. */
 int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
             const void *ws, int ws_bf16, int64_t group, float *y, int threads) {
-    if (k % 64 || (bits == 4 && (group % 64 || k % group))) return 1;
+    if (k % 64 || group % (bits == 8 ? 32 : 64) || k % group) return 1;
     int64_t block = bits == 8 ? 32 : (k % 128 || group % 128 ? 64 : 128), blocks = k / block;
     int8_t *q = (int8_t *)malloc((size_t)(m * k));
     float *xs = (float *)malloc((size_t)(m * blocks) * sizeof(float));
@@ -3314,7 +3362,7 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
     for (int64_t t = 0; t < tiles + (n - 4 * tiles); t++) {
         int64_t j = t < tiles ? 4 * t : 4 * tiles + (t - tiles);
         int64_t count = t < tiles ? 4 : 1;
-        const char *row_scale = (const char *)ws + j * (bits == 8 ? 1 : groups) * (ws_bf16 ? 2 : 4);
+        const char *row_scale = (const char *)ws + j * groups * (ws_bf16 ? 2 : 4);
         for (int64_t r = 0; r < m; r++) {
             const int8_t *qr = q + r * k;
             float v[4] = {0.f, 0.f, 0.f, 0.f};
@@ -3323,7 +3371,7 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
             const int32_t *sr = xsum + r * blocks;
             const int8_t *wj = w + j * row_bytes;
             if (count == 4) {
-                if (bits == 8) cg_dot8_x4(wj, k, qr, xr, sr, v);
+                if (bits == 8) cg_dot8_x4(wj, k, qr, xr, sr, row_scale, ws_bf16, group, v);
                 else if (block == 128) cg_dot4_x4(wj, k, qr, qr + k / 2, xr, sr, row_scale, groups, ws_bf16, group / 128, v);
                 else cg_dot4_x4_fine(wj, k, qr, qr + k / 2, xr, sr, row_scale, groups, ws_bf16, group, v);
             } else if (bits == 4 && block == 128) {
@@ -3331,12 +3379,13 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
             } else
 #endif
             {
-                if (bits == 8) v[0] = cg_dot8(w + j * row_bytes, qr, xs + r * blocks, xsum + r * blocks, k);
+                if (bits == 8)
+                    v[0] = cg_dot8(w + j * row_bytes, qr, xs + r * blocks, xsum + r * blocks, row_scale, ws_bf16, group, k);
                 else v[0] = cg_dot4_any(w + j * row_bytes, qr, qr + k / 2, xs + r * blocks, xsum + r * blocks,
                                         row_scale, ws_bf16, group, k, block);
             }
             for (int64_t i = 0; i < count; i++)
-                y[r * n + j + i] = bits == 8 ? v[i] * cg_scale(ws, ws_bf16, j + i) : v[i];
+                y[r * n + j + i] = bits == 8 && groups == 1 ? v[i] * cg_scale(ws, ws_bf16, j + i) : v[i];
         }
     }
     free(q); free(xs); free(xsum);
@@ -3496,7 +3545,8 @@ class _CpuDotKernel:
     @staticmethod
     def takes(layer) -> bool:
         group = layer.group_size or layer.in_features
-        return layer.in_features % _NATIVE_DOT_WIDTH == 0 and group % _NATIVE_DOT_WIDTH == 0
+        group_unit = _NATIVE_DOT_WIDTH if layer.bits == 4 else _native_dot_block(8, layer.in_features, group)
+        return layer.in_features % _NATIVE_DOT_WIDTH == 0 and group % group_unit == 0
 
     @staticmethod
     def prepare(layer, dtype):
@@ -3549,8 +3599,8 @@ class _CudaKernel:
 
     @staticmethod
     def prepare(layer, dtype):
-        if layer.bits == 8:
-            return (layer.weight_scale.to(dtype),)
+        if layer.bits == 8:  # grouped int8: the reference path (dequantize, then a matmul)
+            return (layer.weight_scale.to(dtype),) if layer.weight_scale.dim() == 1 else ()
         group, tiles = _divisor_group(layer, _CudaKernel.GROUPS), _tinygemm_tiles(layer)
         if group is None or tiles is None:
             return ()
@@ -3564,10 +3614,10 @@ class _CudaKernel:
     @staticmethod
     def matmul(layer, x):
         state = layer._kernel_state
-        if layer.bits == 8:
-            return F.linear(x, layer.weight.to(x.dtype)) * state[0]
         if not state:
             return _MathKernel.matmul(layer, x)
+        if layer.bits == 8:
+            return F.linear(x, layer.weight.to(x.dtype)) * state[0]
         packed, scales_and_zeros, group = state
         out = torch._weight_int4pack_mm(x.to(torch.bfloat16), packed, group, scales_and_zeros)
         return out.to(x.dtype)
@@ -3582,17 +3632,19 @@ class _NpuKernel:
     def prepare(layer, dtype):
         npu = _require_torch_npu("the npu quantized-matmul kernel")
         if layer.bits == 8:
-            # The transposed view of our [out, in] weight is the documented fast per-channel input.
-            return (layer.weight.t(), layer.weight_scale.to(dtype), 0)
-        values = unpack_int4(layer.weight).to(torch.int32).t().contiguous()  # [in, out]
-        packed = npu.npu_convert_weight_to_int4pack(values)
+            # The transposed view of our [out, in] weight is the documented fast per-channel
+            # input; per-group int8 takes the same [in, out] weight (Atlas A2/A3).
+            packed = layer.weight.t()
+        else:
+            values = unpack_int4(layer.weight).to(torch.int32).t().contiguous()  # [in, out]
+            packed = npu.npu_convert_weight_to_int4pack(values)
         if layer.weight_scale.dim() == 1:
             return (packed, layer.weight_scale.to(dtype), 0)
         group = layer.group_size
         if group % 32 or group >= layer.in_features:
             raise ValueError(
                 f"npu_weight_quant_batchmatmul needs a group size that is a multiple of 32 below "
-                f"in_features ({layer.in_features}), not {group}; quantize with group_size=128"
+                f"in_features ({layer.in_features}), not {group}; quantize with {'int8_' if layer.bits == 8 else ''}group_size=128"
             )
         return (packed, layer.weight_scale.t().contiguous().to(dtype), group)
 
@@ -3636,26 +3688,33 @@ def _quant_kernel_available(name: str, bits: int) -> bool:
     return True
 
 
-def _cpu_dot_auto(bits: int) -> bool:
-    """Whether auto picks ``cpu_dot`` here: for int4 layers, where its kernel builds with
-    AVX-512 VNNI. Measured on a 2-core Xeon (27392x4096, one row, several runs): int4 19-21 GB/s
-    against 14.5-16 for torch's kernel, at about the same accuracy (teacher-forced decode, mean
-    logits cosine against fp32: 0.94810 against 0.94838 on a 4-layer hidden-1024 checkpoint).
-    int8 stays on ``cpu`` (weight-only): 25-27 against 23 GB/s there, but the int8 activations
-    cost a visible share of its small error (0.99935 against 0.99949); ``cpu_dot`` is available
-    by name for it. Its AVX2 path read less than torch's kernels on that CPU (int4 6.5 GB/s) and
-    is not measured on an AVX2-only CPU, so auto keeps ``cpu`` there."""
+def _cpu_dot_auto(bits: int, grouped: bool = False) -> bool:
+    """Whether auto picks ``cpu_dot`` here. int4 layers: where its kernel builds with AVX-512
+    VNNI. Measured on a 2-core Xeon (27392x4096, one row, several runs): 19-21 GB/s against
+    14.5-16 for torch's kernel, at about the same accuracy (teacher-forced decode, mean logits
+    cosine against fp32: 0.94810 against 0.94838 on a 4-layer hidden-1024 checkpoint). Its AVX2
+    path read less than torch's kernel on that CPU (6.5 GB/s) and is not measured on an AVX2-only
+    CPU, so auto keeps ``cpu`` there. Grouped int8 layers (the default): wherever it builds, as
+    torch has no kernel for their scales (``cpu`` dequantizes them per call). Per-channel int8
+    (THUDM's layout) stays on weight-only ``cpu``: ``cpu_dot`` is faster (25-27 against 23 GB/s
+    per layer) but its int8 activations cost a visible share of that layout's error (0.99935
+    against 0.99949)."""
+    if bits == 8 and grouped:
+        return _NativeDot.load() is not None
     return bits == 4 and _NativeDot.vectorised()
 
 
-def resolve_quant_kernel(option: Optional[str], device: torch.device, dtype: torch.dtype, bits: int) -> str:
-    """The kernel name for ``option`` (config ``quant_kernel`` > CHATGLM_QUANT_KERNEL > auto)."""
+def resolve_quant_kernel(
+    option: Optional[str], device: torch.device, dtype: torch.dtype, bits: int, grouped: bool = False
+) -> str:
+    """The kernel name for ``option`` (config ``quant_kernel`` > CHATGLM_QUANT_KERNEL > auto) and
+    ``bits``-bit layers (``grouped``: scales per group of input columns)."""
     option, source = _layer_option("quant_kernel", option)
     kind = device.type
     if option == "auto":
         if kind == "npu" and dtype not in _NPU_KERNEL_DTYPES:
             return "math"
-        if kind == "cpu" and _cpu_dot_auto(bits):
+        if kind == "cpu" and _cpu_dot_auto(bits, grouped):
             return "cpu_dot"
         return kind if kind in QUANT_KERNELS and _quant_kernel_available(kind, bits) else "math"
     # Like the attention backends, an explicit "npu" runs wherever torch_npu imports (the tests
@@ -3703,11 +3762,12 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"QuantizedLinear supports 8 or 4 bits, not {bits!r}")
-        group_size = 0 if bits == 8 else int(group_size or 0)
-        if bits == 4 and (in_features % 2 or (group_size and in_features % group_size)):
+        group_size = int(group_size or 0)
+        if (bits == 4 and in_features % 2) or (group_size and in_features % group_size):
             raise ValueError(
-                f"int4 needs an even in_features ({in_features}) divisible by the group size "
-                f"({group_size}); pass a group_size that divides it (e.g. 32), or 0 for per-channel"
+                f"int{bits} needs an in_features ({in_features}){' that is even and' if bits == 4 else ''} "
+                f"divisible by the group size ({group_size}); pass a group_size that divides it "
+                "(e.g. 32), or 0 for per-channel"
             )
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -3764,7 +3824,9 @@ class QuantizedLinear(nn.Module):
         """Choose the kernel for activations of ``dtype`` on ``device`` (``name``: the model's
         resolved ``backends.quant_kernel``) and prepare its operands (repacking happens only
         when the choice, the device or the stored weight changed)."""
-        name = name or resolve_quant_kernel(self.kernel_option, device, dtype, self.bits)
+        name = name or resolve_quant_kernel(
+            self.kernel_option, device, dtype, self.bits, self.weight_scale.dim() == 2
+        )
         if name == "cpu_dot" and not _CpuDotKernel.takes(self):
             name = "cpu"  # a width or group its blocks do not divide (see _CpuDotKernel)
 
@@ -3805,12 +3867,21 @@ def _int4_kernels_take(linear) -> bool:
     return linear.in_features % _INT4_MIN_GROUP == 0
 
 
-def _default_group_size(widths) -> int:
-    """QUANT_GROUP_SIZE, or the largest smaller power of two (>= 32) dividing every width."""
-    for group in (QUANT_GROUP_SIZE, 64, 32):
+def _default_group_size(widths, bits: int = 4) -> int:
+    """int4: QUANT_GROUP_SIZE, or the largest smaller power of two (>= 32) dividing every width;
+    int8: INT8_GROUP_SIZE, or the smallest larger one (<= 128) likewise."""
+    for group in (QUANT_GROUP_SIZE, 64, 32) if bits == 4 else (INT8_GROUP_SIZE, 64, 128):
         if all(width % group == 0 for width in widths):
             return group
     return 0  # per output channel
+
+
+def _group_size_argument(name: str, value) -> None:
+    if value is not None and (not _is_int(value) or value < 0):
+        raise ValueError(
+            f"quantize({name}={value!r}): use a positive integer dividing every such layer's "
+            "input width (e.g. 128, 64, 32), or 0 for one scale per output channel"
+        )
 
 
 # The linear layers quantize() replaces in every GLMBlock, as in THUDM's quantization.py.
@@ -3847,6 +3918,7 @@ def quantize_model(
     device=None,
     output_layer: Any = None,
     group_size: Optional[int] = None,
+    int8_group_size: Optional[int] = None,
 ):
     """``ChatGLMForConditionalGeneration.quantize``: replace the block linears (and the output
     layer, int8 by default) of ``model`` by :class:`QuantizedLinear` layers in place; returns
@@ -3867,11 +3939,9 @@ def quantize_model(
     targets = [
         (block, names) for block in model.transformer.encoder.layers for names in _QUANTIZED_BLOCK_LINEARS
     ]
-    if bits == 4 and group_size is not None and (not _is_int(group_size) or group_size < 0):
-        raise ValueError(
-            f"quantize(4, group_size={group_size!r}): use a positive integer dividing every layer's "
-            "input width (e.g. 128, 64, 32), or 0 for one scale per output channel"
-        )
+    if bits == 4:
+        _group_size_argument("group_size", group_size)
+    _group_size_argument("int8_group_size", int8_group_size)
     for block, (parent_name, name) in targets:
         linear = getattr(getattr(block, parent_name), name)
         if not isinstance(linear, nn.Linear):
@@ -3900,26 +3970,33 @@ def quantize_model(
     def layer_bits(parent_name, name):
         return 8 if f"{parent_name}.{name}" in int8_names else bits
 
-    if bits == 8:
-        group_size = 0
-    elif group_size is None:
-        widths = [getattr(getattr(b, p), n).in_features for b, (p, n) in targets if layer_bits(p, n) == 4]
-        group_size = _default_group_size(widths)
-    else:
-        group_size = int(group_size)
-    for block, (parent_name, name) in targets:
-        linear = getattr(getattr(block, parent_name), name)
-        if layer_bits(parent_name, name) == 4 and group_size and linear.in_features % group_size:
-            raise ValueError(
-                f"group_size={group_size} does not divide {parent_name}.{name}'s in_features "
-                f"({linear.in_features}); pass a group_size that does (e.g. 32), or 0 for per-channel"
-            )
+    output_layer_bits = 8 if "output_layer" in int8_names else output_bits
+    layers = [(f"{p}.{n}", getattr(getattr(b, p), n), layer_bits(p, n)) for b, (p, n) in targets]
+    if output_bits:
+        layers.append(("output_layer", model.transformer.output_layer, output_layer_bits))
+    groups = {}
+    for layer_bits_, argument, name in (
+        (4, group_size, "group_size"),
+        (8, int8_group_size, "int8_group_size"),
+    ):
+        widths = [linear.in_features for _, linear, b in layers if b == layer_bits_]
+        groups[layer_bits_] = group = (
+            0
+            if bits == 8 and layer_bits_ == 4
+            else (_default_group_size(widths, layer_bits_) if argument is None else int(argument))
+        )
+        for label, linear, b in layers:
+            if b == layer_bits_ and group and linear.in_features % group:
+                raise ValueError(
+                    f"{name}={group} does not divide {label}'s in_features ({linear.in_features}); "
+                    f"pass one that does (e.g. 32), or 0 for per-channel"
+                )
     scratch = DequantScratch()  # one prefill buffer for the whole model
     option = getattr(model.config, "quant_kernel", None)
 
     def convert(linear, layer_bits):
         layer = QuantizedLinear.from_linear(
-            linear, layer_bits, group_size, empty_init=empty_init, device=device
+            linear, layer_bits, groups[layer_bits], empty_init=empty_init, device=device
         )
         layer.scratch, layer.kernel_option = scratch, option
         return layer
@@ -3929,12 +4006,11 @@ def quantize_model(
             parent = getattr(block, parent_name)
             setattr(parent, name, convert(getattr(parent, name), layer_bits(parent_name, name)))
         if output_bits:
-            model.transformer.output_layer = convert(
-                model.transformer.output_layer, 8 if "output_layer" in int8_names else output_bits
-            )
+            model.transformer.output_layer = convert(model.transformer.output_layer, output_layer_bits)
     model.quantized = True
     model.config.quantization_bit = bits
-    model.config.quantization_group_size = group_size
+    model.config.quantization_group_size = groups[4]
+    model.config.quantization_int8_group_size = groups[8]
     # true: the blocks' bits; false: unquantized; 8: int8 under int4 blocks
     model.config.quantization_output_layer = True if output_bits == bits else (output_bits or False)
     model.transformer._backend_key = None  # kernels are chosen at the next forward

@@ -66,7 +66,7 @@ def _stored(bits, out_features, in_features, group, scale_dtype, offset=0, seed=
     shape = (out_features, in_features * bits // 8)
     raw = torch.randint(-128, 128, (shape[0] * shape[1] + offset,), dtype=torch.int8, generator=g)
     weight = raw[offset:].view(shape)
-    scale_shape = (out_features, in_features // group) if bits == 4 and group else (out_features,)
+    scale_shape = (out_features, in_features // group) if group else (out_features,)
     scale = (torch.rand(scale_shape, generator=g) * 0.02 + 1e-3).to(scale_dtype)
     return weight, scale
 
@@ -78,6 +78,9 @@ def _stored(bits, out_features, in_features, group, scale_dtype, offset=0, seed=
     [
         (8, 67, 192, 0, torch.bfloat16, 0),  # 67 rows: four at a time and three single ones
         (8, 96, 4096, 0, torch.float32, 1),
+        (8, 67, 192, 32, torch.bfloat16, 0),  # int8 in groups (the default: Q8_0's 32)
+        (8, 40, 512, 64, torch.float32, 7),
+        (8, 44, 384, 128, torch.bfloat16, 0),
         (4, 67, 256, 0, torch.bfloat16, 3),  # per output channel (THUDM's int4 layout)
         (4, 64, 512, 128, torch.bfloat16, 0),
         (4, 40, 1024, 256, torch.float32, 0),
@@ -89,6 +92,9 @@ def _stored(bits, out_features, in_features, group, scale_dtype, offset=0, seed=
     ids=[
         "int8",
         "int8-fp32-scale-unaligned",
+        "int8-g32",
+        "int8-g64-fp32-scale-unaligned",
+        "int8-g128",
         "int4-per-channel",
         "int4-g128",
         "int4-g256-fp32-scale",
@@ -129,7 +135,7 @@ def test_the_kernel_refuses_widths_its_blocks_do_not_divide():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 128), (4, 64)])
+@pytest.mark.parametrize("bits, group", [(8, 0), (8, 32), (4, 0), (4, 128), (4, 64)])
 def test_quantized_layer_decodes_with_cpu_dot_and_dequantizes_for_prefill(bits, group, dtype):
     layer = quantized_layer(256, 96, bits, group, dtype, "cpu_dot", seed=3)
     dense = M.dequantize_weight(layer.weight, layer.weight_scale, bits).double()
@@ -150,10 +156,10 @@ def test_quantized_layer_decodes_with_cpu_dot_and_dequantizes_for_prefill(bits, 
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits", [8, 4])
-def test_prefill_dequantizes_to_fp32_on_a_cpu_without_fast_half_gemms(monkeypatch, bits):
+@pytest.mark.parametrize("bits, group", [(8, 0), (8, 32), (4, 0)])
+def test_prefill_dequantizes_to_fp32_on_a_cpu_without_fast_half_gemms(monkeypatch, bits, group):
     monkeypatch.setattr(M, "_cpu_has_fast_half_gemm", lambda: False)  # e.g. AVX2, Cascade Lake
-    layer = quantized_layer(256, 96, bits, 0, torch.bfloat16, "cpu_dot", seed=3)
+    layer = quantized_layer(256, 96, bits, group, torch.bfloat16, "cpu_dot", seed=3)
     x = torch.randn(80, 256, generator=torch.Generator().manual_seed(9)).bfloat16()
     calls = []
     real = M._dequantized_gemm
@@ -168,8 +174,8 @@ def test_prefill_dequantizes_to_fp32_on_a_cpu_without_fast_half_gemms(monkeypatc
 @needs_kernel
 @pytest.mark.parametrize(
     "bits, in_features, group",
-    [(4, 256, 32), (4, 160, 0), (8, 96, 0)],
-    ids=["int4-g32", "int4-160", "int8-96"],
+    [(4, 256, 32), (4, 160, 0), (8, 96, 0), (8, 96, 32)],
+    ids=["int4-g32", "int4-160", "int8-96", "int8-96-g32"],
 )
 def test_layers_cpu_dot_cannot_take_run_the_cpu_kernel(bits, in_features, group):
     layer = quantized_layer(in_features, 64, bits, group, torch.bfloat16, "cpu_dot", seed=3)
@@ -197,18 +203,20 @@ def _model_256(**options):
 
 
 @needs_kernel
-def test_auto_takes_cpu_dot_for_int4_layers_where_it_is_vectorised_and_cpu_for_int8():
-    model = _model_256().to(torch.bfloat16).quantize(4)  # the output layer: int8
+@pytest.mark.parametrize("int8_group", [None, 0], ids=["int8-grouped", "int8-per-channel"])
+def test_auto_takes_cpu_dot_for_int4_and_grouped_int8_layers_and_cpu_for_per_channel_int8(int8_group):
+    model = _model_256().to(torch.bfloat16).quantize(4, int8_group_size=int8_group)  # output layer: int8
     with torch.no_grad():
         model(torch.ones(1, 3, dtype=torch.long))
     kernels = {(m.bits, m.kernel_name) for m in model.modules() if isinstance(m, M.QuantizedLinear)}
     int4 = "cpu_dot" if M._NativeDot.vectorised() else "cpu"
-    assert kernels == {(4, int4), (8, "cpu")}, kernels
+    # Grouped int8 (the default) takes cpu_dot on any path: torch's kernel does not take its scales.
+    assert kernels == {(4, int4), (8, "cpu" if int8_group == 0 else "cpu_dot")}, kernels
 
 
 @needs_kernel
 def test_cpu_dot_named_at_run_time_takes_the_int8_layers_too():
-    model = _model_256().to(torch.bfloat16).quantize(4)  # the output layer: int8
+    model = _model_256().to(torch.bfloat16).quantize(4, int8_group_size=0)  # output layer: int8
     model.transformer.set_runtime_options(quant_kernel="cpu_dot")
     with torch.no_grad():
         model(torch.ones(1, 3, dtype=torch.long))

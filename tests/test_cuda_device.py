@@ -19,7 +19,7 @@ def rel_error(actual, expected) -> float:
 
 @pytest.mark.parametrize("rows", [1, 5, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("bits, group", [(8, 0), (4, 32), (4, 128), (4, 0)])
+@pytest.mark.parametrize("bits, group", [(8, 0), (8, 32), (4, 32), (4, 128), (4, 0)])
 def test_cuda_kernel_matches_the_math_reference_per_layer(bits, group, dtype, rows):
     generator = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(256, 384, bias=True)

@@ -24,10 +24,13 @@ needs_w8a8 = pytest.mark.skipif(
     not M._quant_kernel_available("cpu_w8a8", 8),
     reason="this torch has no oneDNN int8 linear (onednn.qlinear_pointwise)",
 )
+# (bits, kernel, int8_group_size): int8 in the default groups (which torch's kernel does not take:
+# cpu dequantizes them) and per output channel (torch's kernel), int4, W8A8 (per channel only).
 CPU_KERNELS = [
-    pytest.param(8, "cpu", id="8-cpu"),
-    pytest.param(4, "cpu", id="4-cpu"),
-    pytest.param(8, "cpu_w8a8", id="8-cpu_w8a8", marks=needs_w8a8),
+    pytest.param(8, "cpu", None, id="8-cpu"),
+    pytest.param(8, "cpu", 0, id="8-cpu-per-channel"),
+    pytest.param(4, "cpu", None, id="4-cpu"),
+    pytest.param(8, "cpu_w8a8", 0, id="8-cpu_w8a8", marks=needs_w8a8),
 ]
 
 
@@ -82,7 +85,7 @@ def test_int4_packing_is_thudms_nibble_order():
     assert M.pack_int4(torch.tensor([[1, -2]], dtype=torch.int8)).view(torch.uint8).item() == 0x1E
 
 
-@pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 32)])
+@pytest.mark.parametrize("bits, group", [(8, 0), (8, 32), (4, 0), (4, 32)])
 def test_quantize_weight_error_is_bounded_by_the_step(bits, group):
     weight = torch.randn(96, 160, generator=torch.Generator().manual_seed(1))
     q, scale = M.quantize_weight(weight, bits, group)
@@ -115,7 +118,7 @@ def _tolerance(kernel, dtype, rows, bits):
 
 @pytest.mark.parametrize("rows", [1, 3, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 32)])
+@pytest.mark.parametrize("bits, group", [(8, 0), (8, 32), (4, 0), (4, 32)])
 @pytest.mark.parametrize("in_out", TINY_IN_OUT, ids=str)
 def test_cpu_kernel_matches_the_math_reference_per_layer(in_out, bits, group, dtype, rows):
     layer = _layer(*in_out, bits, group, dtype, "cpu")
@@ -169,8 +172,9 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 import modeling_chatglm as M
 bits, rows, offset, kernel = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+group = int(sys.argv[6])
 g = torch.Generator().manual_seed(0)
-layer = M.QuantizedLinear.from_linear(torch.nn.Linear(64, 128).to(torch.bfloat16), bits, 32 if bits == 4 else 0)
+layer = M.QuantizedLinear.from_linear(torch.nn.Linear(64, 128).to(torch.bfloat16), bits, group)
 layer.kernel_option = kernel
 stored = layer.weight.data.clone()
 raw = torch.empty(stored.numel() + 128, dtype=torch.int8)
@@ -195,12 +199,14 @@ print("ok", err)
 
 @pytest.mark.parametrize("offset", [1, 40])
 @pytest.mark.parametrize("rows", [1, 4, 12])
-@pytest.mark.parametrize("bits, kernel", CPU_KERNELS)
-def test_cpu_kernel_takes_a_misaligned_weight_and_activation(bits, kernel, rows, offset):
+@pytest.mark.parametrize("bits, kernel, int8_group", CPU_KERNELS)
+def test_cpu_kernel_takes_a_misaligned_weight_and_activation(bits, kernel, int8_group, rows, offset):
     import subprocess
 
+    group = 32 if bits == 4 or int8_group is None else int8_group
+    args = [str(REPO), str(bits), str(rows), str(offset), kernel, str(group)]
     result = subprocess.run(
-        [sys.executable, "-c", _MISALIGNED_SCRIPT, str(REPO), str(bits), str(rows), str(offset), kernel],
+        [sys.executable, "-c", _MISALIGNED_SCRIPT, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -330,7 +336,7 @@ def test_int4_model_prefill_matches_the_math_reference_with_each_unpacking(monke
 
 @pytest.mark.parametrize("rows", [1, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("bits, group", [(8, 0), (4, 0), (4, 32)])
+@pytest.mark.parametrize("bits, group", [(8, 0), (8, 32), (4, 0), (4, 32)])
 def test_npu_kernel_follows_the_documented_op_and_matches_math(monkeypatch, bits, group, dtype, rows):
     fake = install_fake_torch_npu(monkeypatch)
     module = import_model_module()
@@ -370,21 +376,29 @@ def test_model_logits_cpu_kernel_match_math_reference(bits, group, dtype):
 # 8.5 %; every int8 kernel keeps all top-1 tokens.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
-    "bits, kernel, max_error",
-    [(8, "cpu", 0.015), (4, "cpu", 0.12), pytest.param(8, "cpu_w8a8", 0.02, marks=needs_w8a8)],
+    "bits, kernel, int8_group, max_error",
+    [
+        (8, "cpu", None, 0.015),
+        (8, "cpu", 0, 0.015),
+        (4, "cpu", None, 0.12),
+        pytest.param(8, "cpu_w8a8", 0, 0.02, marks=needs_w8a8),
+    ],
 )
 def test_golden_fixture_logits_of_each_cpu_kernel_against_the_unquantized_model(
-    bits, kernel, max_error, dtype
+    bits, kernel, int8_group, max_error, dtype
 ):
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = build_golden_model("tiny-chatglm3").to(dtype)(ids).logits
-        model = build_golden_model("tiny-chatglm3", quant_kernel=kernel).to(dtype).quantize(bits)
+        model = build_golden_model("tiny-chatglm3", quant_kernel=kernel).to(dtype)
+        model.quantize(bits, int8_group_size=int8_group)
         logits = model(ids).logits
     assert {m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)} == {kernel}
     error = rel_error(logits, reference)
     top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    print(f"golden int{bits} {kernel} {dtype}: logits relative error {error:.4f}, top-1 {top1:.3f}")
+    print(
+        f"golden int{bits} {kernel} {int8_group} {dtype}: logits relative error {error:.4f}, top-1 {top1:.3f}"
+    )
     assert error <= max_error
     if bits == 8:
         assert top1 == 1.0
@@ -434,27 +448,28 @@ def _small_random_model():
 # W8A8 adds the per-token rounding of every layer's input: measured 3.49 % (fp32) / 3.33 % (bf16
 # against the bf16 model) on this preset, seed 0, so it misses the 3 % target (bound 4 %).
 @pytest.mark.parametrize(
-    "bits, kernel, dtype, max_error",
+    "bits, kernel, int8_group, dtype, max_error",
     [
-        (8, "cpu", torch.float32, 0.03),
-        (4, "cpu", torch.float32, 0.28),
-        pytest.param(8, "cpu_w8a8", torch.float32, 0.04, marks=needs_w8a8),
-        pytest.param(8, "cpu_w8a8", torch.bfloat16, 0.04, marks=needs_w8a8),
+        (8, "cpu", None, torch.float32, 0.03),
+        (8, "cpu", 0, torch.float32, 0.03),
+        (4, "cpu", None, torch.float32, 0.28),
+        pytest.param(8, "cpu_w8a8", 0, torch.float32, 0.04, marks=needs_w8a8),
+        pytest.param(8, "cpu_w8a8", 0, torch.bfloat16, 0.04, marks=needs_w8a8),
     ],
 )
-def test_quantized_logits_stay_close_to_the_unquantized_model(bits, kernel, dtype, max_error):
+def test_quantized_logits_stay_close_to_the_unquantized_model(bits, kernel, int8_group, dtype, max_error):
     model = _small_random_model().to(dtype)
     model.transformer.set_runtime_options(quant_kernel=kernel)
     ids = torch.randint(3, 32768, (1, 64), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         reference = model(ids).logits[0, -32:]
-        model.quantize(bits)
+        model.quantize(bits, int8_group_size=int8_group)
         quantized = model(ids).logits[0, -32:]
     assert {m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)} == {kernel}
     error = rel_error(quantized, reference)
     top1 = (quantized.argmax(-1) == reference.argmax(-1)).float().mean().item()
     print(
-        f"int{bits} {kernel} {dtype}: logits relative error vs the unquantized {dtype} model {error:.4f}, "
+        f"int{bits} {kernel} {int8_group} {dtype}: logits relative error vs the unquantized {dtype} model {error:.4f}, "
         f"top-1 agreement over 32 teacher-forced steps {top1:.3f}"
     )
     assert error <= max_error
@@ -464,16 +479,19 @@ def test_quantized_logits_stay_close_to_the_unquantized_model(bits, kernel, dtyp
 
 
 @pytest.mark.parametrize("kv_cache", ["tuple", "static"])
-@pytest.mark.parametrize("bits, kernel", CPU_KERNELS)
-def test_quantized_generate_in_graph_mode_has_no_graph_breaks_and_matches_eager(bits, kernel, kv_cache):
+@pytest.mark.parametrize("bits, kernel, int8_group", CPU_KERNELS)
+def test_quantized_generate_in_graph_mode_has_no_graph_breaks_and_matches_eager(
+    bits, kernel, int8_group, kv_cache
+):
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(5))
-    eager = build_golden_model("tiny-chatglm3", kv_cache=kv_cache, quant_kernel=kernel).quantize(bits)
+    eager = build_golden_model("tiny-chatglm3", kv_cache=kv_cache, quant_kernel=kernel)
+    eager.quantize(bits, int8_group_size=int8_group)
     expected = eager.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
     backend = CountingBackend()
     graph = build_golden_model(
         "tiny-chatglm3", kv_cache=kv_cache, exe_mode="dynamo", graph_backend=backend, quant_kernel=kernel
     )
-    graph.quantize(bits)
+    graph.quantize(bits, int8_group_size=int8_group)
     torch._dynamo.utils.counters.clear()
     tokens = graph.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(tokens, expected)
@@ -617,6 +635,7 @@ def test_save_pretrained_round_trip_gives_identical_logits(float_checkpoint, tmp
     out_dir, saved = _save_with_our_files(model, tmp_path)
     assert saved["quantization_bit"] == bits
     assert saved["quantization_output_layer"] == (True if bits == 8 else 8)  # int8 either way
+    assert saved["quantization_int8_group_size"] == 32  # the int8 layers' default groups
     reloaded = _load(out_dir)
     assert type(reloaded.transformer.encoder.layers[0].mlp.dense_h_to_4h).__name__ == "QuantizedLinear"
     with torch.no_grad():
@@ -662,13 +681,61 @@ def test_empty_init_on_meta_allocates_the_stored_layout():
 
     from configuration_chatglm import ChatGLMConfig
 
-    for extra, scale_shape in (({}, (320,)), ({"quantization_group_size": 32}, (320, 2))):
-        config = ChatGLMConfig(**{**golden_config("tiny-chatglm3"), "quantization_bit": 4, **extra})
+    # Absent group fields are THUDM's layout (and an earlier save's int8): one scale per channel.
+    for bits, extra, scale_shape in (
+        (4, {}, (320,)),
+        (4, {"quantization_group_size": 32}, (320, 2)),
+        (8, {}, (320,)),
+        (8, {"quantization_group_size": 0}, (320,)),
+        (8, {"quantization_int8_group_size": 32}, (320, 2)),
+    ):
+        config = ChatGLMConfig(**{**golden_config("tiny-chatglm3"), "quantization_bit": bits, **extra})
         with torch.device("meta"):
             model = M.ChatGLMForConditionalGeneration(config, empty_init=False)
         layer = model.transformer.encoder.layers[0].mlp.dense_h_to_4h
-        assert layer.weight.shape == (320, 32) and layer.weight.dtype == torch.int8
+        assert layer.weight.shape == (320, 64 * bits // 8) and layer.weight.dtype == torch.int8
         assert layer.weight_scale.shape == scale_shape
+
+
+def test_int8_groups_default_to_32_and_per_channel_round_trips(float_checkpoint, tmp_path):
+    grouped = build_golden_model("tiny-chatglm3").quantize(8)
+    layer = grouped.transformer.encoder.layers[0].mlp.dense_4h_to_h  # in_features 160
+    assert layer.group_size == 32 and layer.weight_scale.shape == (64, 5)
+    assert grouped.config.quantization_int8_group_size == 32
+    model = _load(float_checkpoint).quantize(8, int8_group_size=0)
+    assert model.transformer.output_layer.weight_scale.dim() == 1
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        before = model(ids).logits
+    out_dir, saved = _save_with_our_files(model, tmp_path)
+    assert saved["quantization_int8_group_size"] == 0
+    reloaded = _load(out_dir)
+    assert reloaded.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight_scale.dim() == 1
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(int8_group_size=48), r"int8_group_size=48 does not divide .*in_features \(64\); pass one"),
+        (dict(int8_group_size=-1), r"quantize\(int8_group_size=-1\): use a positive integer"),
+        (dict(int8_group_size="32"), r"quantize\(int8_group_size='32'\)"),
+    ],
+)
+def test_quantize_refuses_an_int8_group_it_cannot_use(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_golden_model("tiny-chatglm3").quantize(8, **kwargs)
+
+
+def test_a_config_with_a_negative_int8_group_is_refused(float_checkpoint, tmp_path):
+    out_dir = tmp_path / "bad_int8_group"
+    shutil.copytree(float_checkpoint, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config.update(quantization_bit=8, quantization_int8_group_size=-2)
+    (out_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"quantization_int8_group_size=-2 must be null or an integer >= 0"):
+        _load(out_dir)
 
 
 def test_thudm_per_channel_scale_loads_into_a_grouped_layer():
@@ -722,8 +789,10 @@ def test_auto_kernel_never_fails_and_picks_cpu_here_and_set_runtime_options_chan
     # before the first forward.
     assert model.transformer.backends.quant_kernel == ("cpu_dot" if M._cpu_dot_auto(4) else "cpu")
     model(torch.ones(1, 3, dtype=torch.long))
-    # Groups of 32 are finer than cpu_dot's blocks of 64 columns: every layer takes cpu.
-    assert {m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)} == {"cpu"}
+    # int4 groups of 32 are finer than cpu_dot's blocks of 64 columns: those layers take cpu; the
+    # output layer (int8 in groups of 32, which torch's kernel does not take) takes cpu_dot.
+    kernels = {m.bits: m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)}
+    assert kernels == {4: "cpu", 8: "cpu_dot" if M._cpu_dot_auto(8, grouped=True) else "cpu"}
     model.transformer.set_runtime_options(quant_kernel="math")
     model(torch.ones(1, 3, dtype=torch.long))
     assert {m.kernel_name for m in model.modules() if isinstance(m, M.QuantizedLinear)} == {"math"}
