@@ -1712,11 +1712,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         quantized layers' kernels, the rotary table, the phase functions (compiled in graph
         mode: one per phase and instance, each with its phase's settings)."""
         bits = self.config.quantization_bit or 0
-        grouped = bool(
-            getattr(
-                self.config, "quantization_int8_group_size" if bits == 8 else "quantization_group_size", 0
-            )
-        )
+        grouped = bits == 8 and bool(getattr(self.config, "quantization_int8_group_size", 0))  # int8 only
         backends = resolve_backends(self.options, device, dtype, bits=bits, grouped=grouped)
         if device.type == "cpu" and self.options.cpu_weights != "mapped":
             moved = move_weights_off_files(self)
