@@ -134,6 +134,25 @@ def test_the_kernel_refuses_widths_its_blocks_do_not_divide():
 
 
 @needs_kernel
+@pytest.mark.parametrize("path", [2, 1, 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group", [32, 96])
+def test_grouped_int8_dequantizes_in_c_to_the_eager_ops_values(monkeypatch, path_libraries, path, dtype, group):
+    # 37 rows (no multiple of the threads' share) x 192 columns; the weight a view 3 bytes into a
+    # buffer (unaligned) and the rows a slice, as prefill's chunks are.
+    weight, scale = _stored(8, 40, 192, group, dtype, offset=3, seed=5)
+    weight, scale = weight[2:39], scale[2:39]
+    monkeypatch.setattr(M._NativeDot, "lib", _library(path_libraries, path))
+    out = torch.full((37, 192), float("nan"), dtype=dtype)
+    M._dequantize_int8_groups(weight, scale, out)
+    monkeypatch.setattr(M._NativeDot, "lib", None)  # the eager ops
+    eager = torch.empty_like(out)
+    M._dequantize_int8_groups(weight, scale, eager)
+    assert torch.equal(out, eager)
+    assert torch.equal(out, M.dequantize_weight(weight, scale, 8).to(dtype))
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bits, group", [(8, 0), (8, 32), (4, 0), (4, 128), (4, 64)])
 def test_quantized_layer_decodes_with_cpu_dot_and_dequantizes_for_prefill(bits, group, dtype):
