@@ -137,7 +137,9 @@ def test_the_kernel_refuses_widths_its_blocks_do_not_divide():
 @pytest.mark.parametrize("path", [2, 1, 0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("group", [32, 96])
-def test_grouped_int8_dequantizes_in_c_to_the_eager_ops_values(monkeypatch, path_libraries, path, dtype, group):
+def test_grouped_int8_dequantizes_in_c_to_the_eager_ops_values(
+    monkeypatch, path_libraries, path, dtype, group
+):
     # 37 rows (no multiple of the threads' share) x 192 columns; the weight a view 3 bytes into a
     # buffer (unaligned) and the rows a slice, as prefill's chunks are.
     weight, scale = _stored(8, 40, 192, group, dtype, offset=3, seed=5)
