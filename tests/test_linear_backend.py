@@ -80,7 +80,9 @@ def test_gemv_in_a_full_graph_is_one_op_with_the_eager_result(bias):
     assert not any("aten.mv" in target or "addmv" in target for target in seen), seen
 
 
-def test_auto_is_gemv_for_half_weights_on_a_cpu_only():
+def test_auto_is_gemv_for_half_weights_on_a_cpu_only(monkeypatch):
+    monkeypatch.setattr(modeling, "_cpu_has_fast_half_gemm", lambda: True)
+    monkeypatch.setattr(modeling, "_cpu_has_amx", lambda: True)  # a Xeon with AMX: gemv for bf16
     options = modeling.RuntimeOptions()
     for dtype, want in ((torch.bfloat16, "gemv"), (torch.float16, "gemv"), (torch.float32, "aten")):
         chosen = modeling.resolve_backends(options, "cpu", dtype)
@@ -90,6 +92,20 @@ def test_auto_is_gemv_for_half_weights_on_a_cpu_only():
     assert modeling.resolve_backends(forced, "cpu", torch.float32).linear == "gemv"
     with pytest.raises(ValueError, match="CHATGLM_LINEAR=aten"):
         modeling.resolve_backends(forced, "cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "fast_half, amx, want", [(True, False, "aten"), (False, False, "gemv"), (True, True, "gemv")]
+)
+def test_auto_keeps_bf16_on_aten_where_the_cpu_has_bf16_dot_products_but_no_amx(
+    monkeypatch, fast_half, amx, want
+):
+    # Zen 4/5 (AVX512-BF16, no AMX): oneDNN's GEMM measured faster than ATen's mv for one row.
+    monkeypatch.setattr(modeling, "_cpu_has_fast_half_gemm", lambda: fast_half)
+    monkeypatch.setattr(modeling, "_cpu_has_amx", lambda: amx)
+    options = modeling.RuntimeOptions()
+    assert modeling.resolve_backends(options, "cpu", torch.bfloat16).linear == want
+    assert modeling.resolve_backends(options, "cpu", torch.float16).linear == "gemv"
 
 
 def test_a_bad_linear_variable_is_refused_by_name(monkeypatch):
