@@ -79,6 +79,8 @@ def _stored(bits, out_features, in_features, group, scale_dtype, offset=0, seed=
         (8, 67, 192, 0, torch.bfloat16, 0),  # 67 rows: four at a time and three single ones
         (8, 96, 4096, 0, torch.float32, 1),
         (8, 67, 192, 32, torch.bfloat16, 0),  # int8 in groups (the default: Q8_0's 32)
+        (8, 67, 1344, 32, torch.bfloat16, 0),  # 21 blocks of 64: eight, eight and five
+        (8, 40, 640, 32, torch.float32, 3),
         (8, 40, 512, 64, torch.float32, 7),
         (8, 44, 384, 128, torch.bfloat16, 0),
         (4, 67, 256, 0, torch.bfloat16, 3),  # per output channel (THUDM's int4 layout)
@@ -93,6 +95,8 @@ def _stored(bits, out_features, in_features, group, scale_dtype, offset=0, seed=
         "int8",
         "int8-fp32-scale-unaligned",
         "int8-g32",
+        "int8-g32-1344",
+        "int8-g32-fp32-scale-unaligned",
         "int8-g64-fp32-scale-unaligned",
         "int8-g128",
         "int4-per-channel",
