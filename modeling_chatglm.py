@@ -97,7 +97,7 @@ _OPTION_SPECS = (
         ("auto", "cpu", "cpu_dot", "cpu_w8a8", "cuda", "npu", "math"),
         "auto",
     ),
-    ("linear_backend", "CHATGLM_LINEAR", ("auto", "gemv", "aten"), "auto"),
+    ("linear_backend", "CHATGLM_LINEAR", ("auto", "dot", "gemv", "aten"), "auto"),
     ("cpu_weights", "CHATGLM_CPU_WEIGHTS", ("auto", "copy", "mapped"), "auto"),
     ("int4_dequant", "CHATGLM_INT4_DEQUANT", ("auto", "compiled", "eager"), "auto"),
 )
@@ -651,6 +651,51 @@ def _linear_gemv(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def _dot_gemv_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [k] bf16 . weight [n, k] bf16 (contiguous, CPU) (+ bias [n] bf16): the cpu_dot library's
+    bf16 kernel, float32 sums rounded once to bf16 (as ``torch.mv``'s)."""
+    lib = _NativeDot.load()
+    if lib is None:
+        raise RuntimeError(_native_dot_error("linear_backend", "dot"))
+    y = torch.empty(weight.shape[0], dtype=torch.float32)
+    lib.cg_gemv_bf16(
+        x.data_ptr(),
+        weight.shape[1],
+        weight.data_ptr(),
+        weight.shape[0],
+        0 if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return y.to(x.dtype)
+
+
+_DOT_GEMV = _opaque_op("dot_gemv", _dot_gemv_eager, lambda x, weight, bias: x.new_empty(weight.shape[0]))
+
+
+def _linear_dot(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One bf16 row (a batch-1 decode step) on a CPU through our C kernel (``cg_gemv_bf16`` in
+    ``_NATIVE_DOT_SOURCE``: AVX512-BF16 ``vdpbf16ps``, four weight rows at a time, prefetching the
+    next tile). On a CPU with AVX512-BF16 and no AMX (AMD Zen 4/5) ATen's ``mv`` and oneDNN's
+    GEMM are compute-bound for one row; this reads the weight at the memory's rate. Anything
+    else (several rows, other dtypes, a layer DeepSpeed or quantization replaced) runs the
+    layer's own forward. Numerically a product in float32 sums (in another order than ATen's),
+    rounded once per output."""
+    weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
+    if (
+        x.shape[-1] != x.numel()
+        or type(linear) is not nn.Linear
+        or x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
+        or not weight.is_contiguous()
+        or (bias is not None and bias.dtype != torch.bfloat16)
+    ):
+        return linear(x)
+    row = x.reshape(-1).contiguous()
+    out = _DOT_GEMV(row, weight, bias) if _is_compiling() else _dot_gemv_eager(row, weight, bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 # ---------------------------------------------------------------------------------------------
 # The op tables and the one resolver: what runs a forward on a device and dtype.
 # ---------------------------------------------------------------------------------------------
@@ -667,19 +712,23 @@ CACHE_WRITERS: Mapping[str, Callable] = MappingProxyType(
     {"npu": _cache_write_npu, "index_copy": torch.Tensor.index_copy_}
 )
 # aten: ``project(linear, x)`` is the call of the layer itself (its F.linear: oneDNN/MKL on a CPU).
-LINEAR_BACKENDS: Mapping[str, Callable] = MappingProxyType({"gemv": _linear_gemv, "aten": nn.Module.__call__})
+LINEAR_BACKENDS: Mapping[str, Callable] = MappingProxyType(
+    {"dot": _linear_dot, "gemv": _linear_gemv, "aten": nn.Module.__call__}
+)
 # Where auto picks the gemv: CPUs, for these weight dtypes (measured faster than oneDNN's GEMM).
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _gemv_is_faster(dtype: torch.dtype) -> bool:
-    """auto's choice for one-row steps on a CPU. The gemv, except bf16 on a CPU with native bf16
-    dot products but no AMX (AMD Zen 4/5): there ATen's mv is compute-bound and oneDNN's GEMM
-    reads the weight 1.6-2x faster (2-core EPYC Zen 4: 27392x4096 7.0 against 13.4 GB/s,
-    65024x1024 7.9 against 14.1; the small preset's decode 26.3 against 20.1 ms/token)."""
-    if dtype not in _GEMV_DTYPES:
-        return False
-    return not (dtype == torch.bfloat16 and _cpu_has_fast_half_gemm() and not _cpu_has_amx())
+def _auto_linear(kind: str, dtype: torch.dtype) -> str:
+    """auto's dense projections. On a CPU, for bf16/fp16: the gemv (measured faster than oneDNN's
+    GEMM for one row on Xeons, AMX included), except bf16 on a CPU with AVX512-BF16 but no AMX
+    (AMD Zen 4/5), where ATen's mv is compute-bound (2-core EPYC Zen 4, 27392x4096: mv 7.0,
+    oneDNN 13.4 GB/s): our ``dot`` kernel where it builds with AVX512-BF16, else oneDNN (aten)."""
+    if kind != "cpu" or dtype not in _GEMV_DTYPES:
+        return "aten"
+    if dtype == torch.bfloat16 and _cpu_has_fast_half_gemm() and not _cpu_has_amx():
+        return "dot" if _NativeDot.bf16_vectorised() else "aten"
+    return "gemv"
 
 
 def npu_chip_limits(chip: Optional[str]) -> Dict[str, Optional[str]]:
@@ -807,11 +856,13 @@ def resolve_backends(
             )
     linear = options.linear_backend
     if linear == "auto":
-        linear = "gemv" if kind == "cpu" and _gemv_is_faster(dtype) else "aten"
-    if linear == "gemv" and kind != "cpu":
+        linear = _auto_linear(kind, dtype)
+    if linear in ("gemv", "dot") and kind != "cpu":
         raise ValueError(
-            f"linear_backend='gemv' is a CPU kernel (the model is on {kind}); set CHATGLM_LINEAR=aten (or auto)"
+            f"linear_backend={linear!r} is a CPU kernel (the model is on {kind}); set CHATGLM_LINEAR=aten (or auto)"
         )
+    if linear == "dot" and _NativeDot.load() is None:
+        raise ValueError(_native_dot_error("linear_backend", "dot"))
     for note in fallbacks:
         logger.warning(note)
     compile_settings = None
@@ -3389,6 +3440,54 @@ static void cg_dot4_x4_fine(const int8_t *w, int64_t k, const int8_t *qe, const 
 }
 #endif
 
+/* One row of bf16 activations x a bf16 weight [n, k]: y[n] = x . w[j] (+ bias[j]) in float32
+   sums. With AVX512-BF16 (`vdpbf16ps`: pairs of bf16 products added into float32 lanes) four
+   rows at a time, reading as the int8 tiles do; elsewhere plain C (correct, not fast). */
+#if CG_PATH == 2 && defined(__AVX512BF16__)
+#  define CG_BF16 1
+#else
+#  define CG_BF16 0
+#endif
+int cg_bf16_path(void) { return CG_BF16; }
+
+void cg_gemv_bf16(const uint16_t *x, int64_t k, const uint16_t *w, int64_t n, const uint16_t *bias,
+                  float *y, int threads) {
+#if CG_BF16
+    int64_t tiles = n / 4, full = k / 32 * 32;
+    int near = 4 * k * 2 <= CG_NEAR_TILE;
+    __mmask32 tail = (__mmask32)((1ull << (k - full)) - 1ull);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tiles + (n - 4 * tiles); t++) {
+        int64_t j = t < tiles ? 4 * t : 4 * tiles + (t - tiles);
+        int count = t < tiles ? 4 : 1;
+        const uint16_t *wt = w + j * k;
+        __m512 acc[4];
+        for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < full; c += 32) {
+            if (near && count == 4)
+                for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(wt + 4 * k + c * 4 + r * 32), _MM_HINT_T0);
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + c));
+            for (int r = 0; r < count; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512((const void *)(wt + r * k + c)), xv);
+        }
+        if (tail) {
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + full);
+            for (int r = 0; r < count; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, wt + r * k + full), xv);
+        }
+        for (int r = 0; r < count; r++)
+            y[j + r] = _mm512_reduce_add_ps(acc[r]) + (bias ? cg_bf16(bias[j + r]) : 0.f);
+    }
+#else
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t j = 0; j < n; j++) {
+        float acc = 0.f;
+        for (int64_t i = 0; i < k; i++) acc += cg_bf16(w[j * k + i]) * cg_bf16(x[i]);
+        y[j] = acc + (bias ? cg_bf16(bias[j]) : 0.f);
+    }
+#endif
+}
+
 /* Grouped int8 [n, k] (scales ws, one per `group` columns of a row) -> out [n, k] = q * scale in
    float32 (out_bf16 0) or bfloat16 rounded to nearest even (1): prefill's dequantized weight in
    one pass over the bytes (eager ops take a conversion and a multiply). The compiler vectorises
@@ -3524,6 +3623,8 @@ class _NativeDot:
         lib.cg_path.restype = ctypes.c_int
         lib.cg_gemm.restype = ctypes.c_int
         lib.cg_dequant8.restype = None
+        lib.cg_bf16_path.restype = ctypes.c_int
+        lib.cg_gemv_bf16.restype = None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.cg_gemm.argtypes = [
             ctypes.c_int,
@@ -3539,6 +3640,7 @@ class _NativeDot:
             ctypes.c_int,
         ]
         lib.cg_dequant8.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int, ctypes.c_int]
+        lib.cg_gemv_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int]
         return lib
 
     @classmethod
@@ -3561,6 +3663,12 @@ class _NativeDot:
         """Whether the kernel built here uses AVX-512 VNNI dot products (auto picks it then)."""
         lib = cls.load()
         return lib is not None and lib.cg_path() == 2
+
+    @classmethod
+    def bf16_vectorised(cls) -> bool:
+        """Whether its bf16 kernel (linear_backend 'dot') uses AVX512-BF16 here."""
+        lib = cls.load()
+        return lib is not None and lib.cg_bf16_path() == 1
 
 
 def _native_dot_gemm(lib, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int, group: int):
@@ -3651,10 +3759,11 @@ class _CpuDotKernel:
         return _NATIVE_DOT(x, layer.weight, scale, layer.bits, group).to(x.dtype)
 
 
-def _native_dot_error(source: str = "quant_kernel") -> str:
+def _native_dot_error(source: str = "quant_kernel", value: str = "cpu_dot") -> str:
+    other = "CHATGLM_QUANT_KERNEL=cpu" if source == "quant_kernel" else "CHATGLM_LINEAR=aten (or auto)"
     return (
-        f"{source}='cpu_dot' builds a C kernel at first use, which failed here "
-        f"({_NativeDot.failure}); install a C compiler with OpenMP (gcc) or set CHATGLM_QUANT_KERNEL=cpu"
+        f"{source}={value!r} builds a C kernel at first use, which failed here "
+        f"({_NativeDot.failure}); install a C compiler with OpenMP (gcc) or set {other}"
     )
 
 

@@ -1,4 +1,4 @@
-"""The dense projections' backend (``linear_backend``: gemv / aten) and the weights' memory.
+"""The dense projections' backend (``linear_backend``: dot / gemv / aten) and the weights' memory.
 
 gemv runs a one-row step through ATen's matrix-vector kernel (``torch.mv``; in graph mode the
 opaque ``chatglm3::gemv`` op): it must compute the layer's own product, fall back to the layer's
@@ -49,6 +49,58 @@ def test_gemv_computes_the_layers_product_for_one_row(dtype, bias):
     assert (got.float() - want).abs().max() <= tolerance * want.abs().max()
 
 
+needs_dot = pytest.mark.skipif(
+    modeling._NativeDot.load() is None,
+    reason=f"the C kernels do not build here: {modeling._NativeDot.failure}",
+)
+
+
+@needs_dot
+@pytest.mark.parametrize("path", ["native", "plain-c"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("out_features, in_features", [(80, 96), (67, 1344), (5, 100)])
+def test_dot_computes_the_layers_product_for_one_row(monkeypatch, path, bias, out_features, in_features):
+    # 67 rows: four at a time and three single ones; 96 / 100 columns: a masked tail.
+    if path == "plain-c":
+        monkeypatch.setattr(modeling._NativeDot, "lib", modeling._NativeDot.build(("CG_PATH=0",)))
+    expected_path = 0 if path == "plain-c" else int(modeling._NativeDot.bf16_vectorised())
+    assert modeling._NativeDot.lib.cg_bf16_path() == expected_path
+    layer = _layer(torch.bfloat16, bias, in_features, out_features, seed=out_features)
+    x = torch.randn(1, 1, in_features).to(torch.bfloat16)
+    got = modeling._linear_dot(layer, x)
+    want = x.double().view(-1) @ layer.weight.double().t() + (layer.bias.double() if bias else 0)
+    assert got.shape == (1, 1, out_features) and got.dtype == torch.bfloat16
+    # float32 sums rounded once to bf16: within bf16's half ulp (2^-9) of the exact product, plus
+    # the sums' own rounding.
+    assert ((got.double().view(-1) - want).abs() <= 2**-8 * want.abs() + 1e-4 * want.abs().max()).all()
+
+
+@needs_dot
+def test_dot_leaves_what_it_does_not_take_to_the_layers_own_forward():
+    layer = _layer(torch.bfloat16, True)
+    rows = torch.randn(3, 96).to(torch.bfloat16)
+    assert torch.equal(modeling._linear_dot(layer, rows), layer(rows))
+    for dtype in (torch.float32, torch.float16):
+        other = _layer(dtype, True)
+        one = torch.randn(1, 96).to(dtype)
+        assert torch.equal(modeling._linear_dot(other, one), other(one))
+
+
+@needs_dot
+def test_dot_in_a_full_graph_is_one_op_with_the_eager_result():
+    layer = _layer(torch.bfloat16, True)
+    x = torch.randn(1, 1, 96).to(torch.bfloat16)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(lambda t: modeling._linear_dot(layer, t), fullgraph=True, backend=backend)
+    assert torch.equal(compiled(x), modeling._linear_dot(layer, x))
+    assert any("chatglm3.dot_gemv" in target for target in seen), seen
+
+
 def test_several_rows_and_replaced_layers_run_the_layers_own_forward():
     layer = _layer(torch.bfloat16, True)
     rows = torch.randn(3, 96).to(torch.bfloat16)
@@ -94,18 +146,35 @@ def test_auto_is_gemv_for_half_weights_on_a_cpu_only(monkeypatch):
         modeling.resolve_backends(forced, "cuda", torch.bfloat16)
 
 
-@pytest.mark.parametrize(
-    "fast_half, amx, want", [(True, False, "aten"), (False, False, "gemv"), (True, True, "gemv")]
-)
-def test_auto_keeps_bf16_on_aten_where_the_cpu_has_bf16_dot_products_but_no_amx(
-    monkeypatch, fast_half, amx, want
-):
-    # Zen 4/5 (AVX512-BF16, no AMX): oneDNN's GEMM measured faster than ATen's mv for one row.
+@pytest.mark.parametrize("fast_half, amx", [(False, False), (True, True)])
+def test_auto_keeps_the_gemv_for_bf16_elsewhere_on_a_cpu(monkeypatch, fast_half, amx):
+    # AVX2 (no native bf16 GEMMs) and AMX Xeons: ATen's mv measured the fastest for one row.
     monkeypatch.setattr(modeling, "_cpu_has_fast_half_gemm", lambda: fast_half)
     monkeypatch.setattr(modeling, "_cpu_has_amx", lambda: amx)
+    assert modeling.resolve_backends(modeling.RuntimeOptions(), "cpu", torch.bfloat16).linear == "gemv"
+
+
+@pytest.mark.parametrize("bf16_kernel, want", [(True, "dot"), (False, "aten")])
+def test_auto_takes_dot_for_bf16_on_a_cpu_with_avx512_bf16_and_no_amx(monkeypatch, bf16_kernel, want):
+    # Zen 4/5: ATen's mv and oneDNN's GEMM are compute-bound for one row; our kernel, else oneDNN.
+    monkeypatch.setattr(modeling, "_cpu_has_fast_half_gemm", lambda: True)
+    monkeypatch.setattr(modeling, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(modeling._NativeDot, "bf16_vectorised", lambda: bf16_kernel)
     options = modeling.RuntimeOptions()
     assert modeling.resolve_backends(options, "cpu", torch.bfloat16).linear == want
     assert modeling.resolve_backends(options, "cpu", torch.float16).linear == "gemv"
+
+
+def test_dot_is_refused_off_the_cpu_and_without_a_compiler(monkeypatch):
+    forced = modeling.RuntimeOptions(linear_backend="dot")
+    with pytest.raises(ValueError, match="CHATGLM_LINEAR=aten"):
+        modeling.resolve_backends(forced, "cuda", torch.bfloat16)
+    monkeypatch.setattr(modeling._NativeDot, "lib", None)
+    monkeypatch.setattr(modeling._NativeDot, "failure", "cc failed: no compiler")
+    with pytest.raises(
+        ValueError, match=r"linear_backend='dot' builds a C kernel .*no compiler.*CHATGLM_LINEAR=aten"
+    ):
+        modeling.resolve_backends(forced, "cpu", torch.bfloat16)
 
 
 def test_a_bad_linear_variable_is_refused_by_name(monkeypatch):
@@ -169,9 +238,10 @@ def test_bf16_model_on_gemv_gives_the_aten_models_tokens():
         linear: run_protocol(
             build_golden_model("tiny-chatglm3", dtype=torch.bfloat16, linear_backend=linear), *inputs
         )
-        for linear in ("aten", "gemv")
+        for linear in ("aten", "gemv", "dot")
     }
     assert torch.equal(runs["gemv"].greedy_tokens, runs["aten"].greedy_tokens)
+    assert torch.equal(runs["dot"].greedy_tokens, runs["aten"].greedy_tokens)
 
 
 # --- weights that are views of a file mapping --------------------------------------------------
