@@ -3339,10 +3339,14 @@ static float cg_dot4(const int8_t *w, const int8_t *qe, const int8_t *qo, const 
 
 #if CG_PATH == 2
 /* A tile (four rows) of at most this many bytes prefetches the next tile while it is read, so the
-   memory stays one tile ahead: four short streams (1 KiB rows) barely trained the hardware's
-   prefetcher, and reading ran at half speed (65024x1024 int8 12 against 25 GB/s, int4 16
-   against 30, 2-core EPYC Zen 4). Larger tiles prefetch within their rows (int4) or not (int8). */
-#define CG_NEAR_TILE 65536
+   memory stays one tile ahead: four short streams (1-3 KiB rows) barely trained the hardware's
+   prefetcher, and reading ran at half speed (2-core EPYC Zen 4, 2 threads: 65024x1024 int8 12
+   against 25 GB/s, 8192x2752 int8 20 against 25-32, int4 27392x4096 15-19 against 26-30).
+   From 16 KiB tiles on it was slower than without (int8 27392x4096 19-22 against 21-27 GB/s),
+   so larger tiles prefetch within their rows (int4) or not at all (int8). The bf16 kernel keeps
+   its next-tile prefetch up to 64 KiB (27392x4096, 32 KiB tiles: 90 % of the read yardstick). */
+#define CG_NEAR_TILE 12288
+#define CG_NEAR_TILE_BF16 65536
 /* Four output rows at a time (AVX-512): the activation block is loaded once for all four, and
    four independent accumulations keep the dot-product units busy. */
 static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float *xs,
@@ -3454,7 +3458,7 @@ void cg_gemv_bf16(const uint16_t *x, int64_t k, const uint16_t *w, int64_t n, co
                   float *y, int threads) {
 #if CG_BF16
     int64_t tiles = n / 4, full = k / 32 * 32;
-    int near = 4 * k * 2 <= CG_NEAR_TILE;
+    int near = 4 * k * 2 <= CG_NEAR_TILE_BF16;
     __mmask32 tail = (__mmask32)((1ull << (k - full)) - 1ull);
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tiles + (n - 4 * tiles); t++) {
@@ -3760,7 +3764,7 @@ class _CpuDotKernel:
 
 
 def _native_dot_error(source: str = "quant_kernel", value: str = "cpu_dot") -> str:
-    other = "CHATGLM_QUANT_KERNEL=cpu" if source == "quant_kernel" else "CHATGLM_LINEAR=aten (or auto)"
+    other = "CHATGLM_QUANT_KERNEL=cpu" if value == "cpu_dot" else "CHATGLM_LINEAR=aten (or auto)"
     return (
         f"{source}={value!r} builds a C kernel at first use, which failed here "
         f"({_NativeDot.failure}); install a C compiler with OpenMP (gcc) or set {other}"
