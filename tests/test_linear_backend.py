@@ -390,3 +390,18 @@ def test_a_shared_file_mapping_is_not_copied(tmp_path):
     layer.weight.data = shared[: 64 * 32 * 4].view(torch.float32).view(32, 64)
     assert modeling.move_weights_off_files(layer) == 0
     assert layer.weight.untyped_storage().data_ptr() == shared.untyped_storage().data_ptr()
+
+
+def test_large_weight_copies_ask_for_huge_pages_where_the_kernel_offers_them():
+    big = torch.randn(1024, 1024)  # 4 MiB
+    fresh = modeling._huge_page_empty_like(big)
+    if not modeling._transparent_huge_pages():
+        assert fresh is None  # ordinary memory then (the caller clones)
+        return
+    assert fresh.shape == big.shape and fresh.dtype == big.dtype and fresh.is_contiguous()
+    assert fresh.data_ptr() % (2 << 20) == 0  # whole huge pages from its first byte
+    fresh.copy_(big)
+    assert torch.equal(fresh, big)
+    del big
+    assert fresh.sum().isfinite()  # the memory outlives the source and stays readable
+    assert modeling._huge_page_empty_like(torch.zeros(1000)) is None  # under 2 MiB: not worth a page
