@@ -86,21 +86,6 @@ def test_dot_leaves_what_it_does_not_take_to_the_layers_own_forward():
         assert torch.equal(modeling._linear_dot(other, one), other(one))
 
 
-@needs_dot
-def test_dot_in_a_full_graph_is_one_op_with_the_eager_result():
-    layer = _layer(torch.bfloat16, True)
-    x = torch.randn(1, 1, 96).to(torch.bfloat16)
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
-        return gm.forward
-
-    compiled = torch.compile(lambda t: modeling._linear_dot(layer, t), fullgraph=True, backend=backend)
-    assert torch.equal(compiled(x), modeling._linear_dot(layer, x))
-    assert any("chatglm3.dot_gemv" in target for target in seen), seen
-
-
 def test_several_rows_and_replaced_layers_run_the_layers_own_forward():
     layer = _layer(torch.bfloat16, True)
     rows = torch.randn(3, 96).to(torch.bfloat16)
@@ -117,7 +102,12 @@ def test_several_rows_and_replaced_layers_run_the_layers_own_forward():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_in_a_full_graph_is_one_op_with_the_eager_result(bias):
+@pytest.mark.parametrize("linear", ["gemv", pytest.param("dot", marks=needs_dot)])
+def test_one_row_kernels_in_a_full_graph_are_one_op_with_the_eager_result(linear, bias):
+    project, op = {
+        "gemv": (modeling._linear_gemv, "chatglm3.gemv"),
+        "dot": (modeling._linear_dot, "chatglm3.dot_gemv"),
+    }[linear]
     layer = _layer(torch.bfloat16, bias)
     x = torch.randn(1, 1, 96).to(torch.bfloat16)
     seen = []
@@ -126,9 +116,9 @@ def test_gemv_in_a_full_graph_is_one_op_with_the_eager_result(bias):
         seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
         return gm.forward
 
-    compiled = torch.compile(lambda t: modeling._linear_gemv(layer, t), fullgraph=True, backend=backend)
-    assert torch.equal(compiled(x), modeling._linear_gemv(layer, x))
-    assert any("chatglm3.gemv" in target for target in seen), seen
+    compiled = torch.compile(lambda t: project(layer, t), fullgraph=True, backend=backend)
+    assert torch.equal(compiled(x), project(layer, x))
+    assert any(op in target for target in seen), seen
     assert not any("aten.mv" in target or "addmv" in target for target in seen), seen
 
 
