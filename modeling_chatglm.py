@@ -100,6 +100,7 @@ _OPTION_SPECS = (
     ),
     ("linear_backend", "CHATGLM_LINEAR", ("auto", "dot", "gemv", "aten"), "auto"),
     ("cpu_weights", "CHATGLM_CPU_WEIGHTS", ("auto", "copy", "mapped"), "auto"),
+    ("huge_pages", "CHATGLM_HUGE_PAGES", ("auto", "off"), "auto"),
     ("int4_dequant", "CHATGLM_INT4_DEQUANT", ("auto", "compiled", "eager"), "auto"),
 )
 OPTION_CHOICES: Mapping[str, tuple] = MappingProxyType({spec[0]: spec[2] for spec in _OPTION_SPECS})
@@ -141,6 +142,7 @@ class RuntimeOptions:
     quant_kernel: str = "auto"
     linear_backend: str = "auto"
     cpu_weights: str = "auto"  # auto/copy: copy weights out of a private file mapping; mapped: leave them
+    huge_pages: str = "auto"  # auto: CPU weight copies and quantized weights in transparent huge pages; off
     int4_dequant: str = "auto"  # CPU int4 prefill unpacking: auto/compiled (inductor kernel) or eager
     graph_backend: Any = "auto"
     prefill_chunk: int = 0  # tokens per prefill chunk; 0 = the whole prompt at once
@@ -349,7 +351,9 @@ def _huge_page_empty_like(t: torch.Tensor) -> Optional[torch.Tensor]:
     and the 6B shape's bf16 decode took 445 ms/token from a 4 KiB copy against 349-402 from the
     checkpoint's file mapping, which that kernel (6.18) maps in 2 MiB folios."""
     nbytes = t.numel() * t.element_size()
-    if nbytes < _HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE") or not _transparent_huge_pages():
+    if t.device.type != "cpu" or nbytes < _HUGE_PAGE_BYTES:
+        return None
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not _transparent_huge_pages():
         return None
     size = nbytes + _HUGE_PAGE_BYTES
     try:
@@ -365,14 +369,23 @@ def _huge_page_empty_like(t: torch.Tensor) -> Optional[torch.Tensor]:
     return out.view(t.dtype).view(t.shape)
 
 
-def move_weights_off_files(module: nn.Module) -> int:
+def _into_huge_pages(t: torch.Tensor) -> None:
+    """Move ``t``'s values into transparent huge pages (``_huge_page_empty_like``) where offered."""
+    fresh = _huge_page_empty_like(t)
+    if fresh is not None:
+        fresh.copy_(t.detach())
+        t.data = fresh
+
+
+def move_weights_off_files(module: nn.Module, huge_pages: bool = True) -> int:
     """Copy every CPU parameter and buffer of ``module`` that is a view of a file mapping into
     ordinary process memory; returns the bytes copied.
 
     ``from_pretrained`` can leave the weights as views of the mmap-ed safetensors file (page-cache
     pages): a decode step streams them 13 % slower than the same weights in private memory (the
     6B shape in bf16 on a 2-core Xeon: 645 against 563 ms/token). Copies of 2 MiB and more go to
-    transparent huge pages where the kernel offers them (``_huge_page_empty_like``). One tensor at a time, so the
+    transparent huge pages where the kernel offers them (``_huge_page_empty_like``), unless
+    ``huge_pages`` is False. One tensor at a time, so the
     extra memory is one tensor's; skipped (weights left where they are) when the copies would not
     fit in the memory available, where the mapping is what lets the model run at all."""
     ranges = _file_mapped_ranges()
@@ -403,7 +416,7 @@ def move_weights_off_files(module: nn.Module) -> int:
         for t in todo:
             first = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
             last = first + t.numel() * t.element_size()
-            fresh = _huge_page_empty_like(t)
+            fresh = _huge_page_empty_like(t) if huge_pages else None
             if fresh is None:
                 fresh = t.detach().clone(memory_format=torch.contiguous_format)
             else:
@@ -1823,7 +1836,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         grouped = bits == 8 and bool(getattr(self.config, "quantization_int8_group_size", 0))  # int8 only
         backends = resolve_backends(self.options, device, dtype, bits=bits, grouped=grouped)
         if device.type == "cpu" and self.options.cpu_weights != "mapped":
-            moved = move_weights_off_files(self)
+            moved = move_weights_off_files(self, self.options.huge_pages != "off")
             if moved:
                 logger.info(f"copied {moved / 2**30:.2f} GiB of weights out of the checkpoint's file mapping")
         for module in self.modules():
@@ -4228,12 +4241,15 @@ def quantize_model(
                 )
     scratch = DequantScratch()  # one prefill buffer for the whole model
     option = getattr(model.config, "quant_kernel", None)
+    huge_pages = _layer_option("huge_pages", getattr(model.config, "huge_pages", None))[0] != "off"
 
     def convert(linear, layer_bits):
         layer = QuantizedLinear.from_linear(
             linear, layer_bits, groups[layer_bits], empty_init=empty_init, device=device
         )
         layer.scratch, layer.kernel_option = scratch, option
+        if huge_pages and not empty_init:  # a CPU layer's int8/int4 weight, streamed every step
+            _into_huge_pages(layer.weight)
         return layer
 
     with torch.no_grad():

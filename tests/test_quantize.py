@@ -2,6 +2,7 @@
 reference, accuracy, THUDM's pre-quantized checkpoints, save/load, graph mode, generate, errors,
 and a library we did not write (torchao) on the same weights."""
 
+import copy
 import json
 import shutil
 import sys
@@ -877,3 +878,32 @@ def test_int4_keeps_a_width_no_int4_kernel_takes_in_int8_and_says_so(tmp_path, c
     assert reloaded.transformer.encoder.layers[0].mlp.dense_4h_to_h.bits == 8
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, quantized)
+
+
+def test_quantized_weights_of_2_mib_and_more_go_to_huge_pages_unless_turned_off(monkeypatch):
+    config = M.ChatGLMConfig(
+        num_layers=1,
+        hidden_size=1024,
+        ffn_hidden_size=2048,  # dense_h_to_4h: 4096 x 1024 int8 = 4 MiB
+        num_attention_heads=8,
+        kv_channels=128,
+        multi_query_group_num=2,
+        padded_vocab_size=512,
+        seq_length=64,
+    )
+    torch.manual_seed(0)
+    base = M.ChatGLMForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 512, (1, 6))
+    logits = {}
+    for setting in ("auto", "off"):
+        monkeypatch.setenv("CHATGLM_HUGE_PAGES", setting)
+        model = copy.deepcopy(base).quantize(8)
+        big = model.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight
+        huge = big.data_ptr() % (2 << 20) == 0  # torch's allocator never aligns to 2 MiB
+        assert huge == (setting == "auto" and M._transparent_huge_pages()), setting
+        with torch.no_grad():
+            logits[setting] = model(ids).logits
+    assert torch.equal(logits["auto"], logits["off"])  # where the bytes live changes nothing else
+    monkeypatch.setenv("CHATGLM_HUGE_PAGES", "yes")
+    with pytest.raises(ValueError, match="CHATGLM_HUGE_PAGES='yes' is not valid; use one of: auto, off"):
+        copy.deepcopy(base).quantize(8)
