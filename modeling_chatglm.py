@@ -748,7 +748,7 @@ def _linear_dot(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         or x.dtype != torch.bfloat16
         or weight.dtype != torch.bfloat16
         or not weight.is_contiguous()
-        or (bias is not None and bias.dtype != torch.bfloat16)
+        or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))
     ):
         return linear(x)
     row = x.reshape(-1).contiguous()
@@ -3717,8 +3717,9 @@ class _NativeDot:
                 cls.failure = str(exc)
                 # Once per process: auto then runs torch's (slower) kernels, and should say why.
                 logger.warning(
-                    f"quant_kernel cpu_dot is unavailable here ({cls.failure}); the cpu kernel runs "
-                    "instead (install a C compiler with OpenMP, e.g. gcc, for the faster int4 decode)"
+                    f"our C kernels (quant_kernel cpu_dot, linear_backend dot) are unavailable here "
+                    f"({cls.failure}); torch's kernels run instead (install a C compiler with OpenMP, "
+                    "e.g. gcc, for the faster int8/int4 and bf16 decode)"
                 )
         return cls.lib
 

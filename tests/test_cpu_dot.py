@@ -291,7 +291,11 @@ def test_without_a_compiler_auto_keeps_cpu_and_cpu_dot_says_why(monkeypatch, cap
         assert M.resolve_quant_kernel("auto", cpu, torch.bfloat16, 4) == "cpu"
         assert M.resolve_quant_kernel("auto", cpu, torch.bfloat16, 4) == "cpu"
     assert "did not run" in M._NativeDot.failure
-    warnings = [r.getMessage() for r in caplog.records if "cpu_dot is unavailable" in r.getMessage()]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if "C kernels (quant_kernel cpu_dot, linear_backend dot) are unavailable" in r.getMessage()
+    ]
     assert len(warnings) == 1 and "/nonexistent/cc" in warnings[0], warnings  # once, with the cause
     with pytest.raises(RuntimeError) as raised:
         M.resolve_quant_kernel("cpu_dot", cpu, torch.bfloat16, 4)
