@@ -893,6 +893,9 @@ def test_quantized_weights_of_2_mib_and_more_go_to_huge_pages_unless_turned_off(
     )
     torch.manual_seed(0)
     base = M.ChatGLMForConditionalGeneration(config).eval()
+    with torch.no_grad():  # (the constructor may leave weights uninitialised)
+        for p in base.parameters():
+            p.normal_(std=0.05)
     ids = torch.randint(0, 512, (1, 6))
     logits = {}
     for setting in ("auto", "off"):
@@ -903,6 +906,7 @@ def test_quantized_weights_of_2_mib_and_more_go_to_huge_pages_unless_turned_off(
         assert huge == (setting == "auto" and M._transparent_huge_pages()), setting
         with torch.no_grad():
             logits[setting] = model(ids).logits
+    assert logits["off"].isfinite().all()
     assert torch.equal(logits["auto"], logits["off"])  # where the bytes live changes nothing else
     monkeypatch.setenv("CHATGLM_HUGE_PAGES", "yes")
     with pytest.raises(ValueError, match="CHATGLM_HUGE_PAGES='yes' is not valid; use one of: auto, off"):
