@@ -369,12 +369,15 @@ def _huge_page_empty_like(t: torch.Tensor) -> Optional[torch.Tensor]:
     return out.view(t.dtype).view(t.shape)
 
 
-def _into_huge_pages(t: torch.Tensor) -> None:
-    """Move ``t``'s values into transparent huge pages (``_huge_page_empty_like``) where offered."""
+def _into_huge_pages(t: torch.Tensor) -> bool:
+    """Move ``t``'s values into transparent huge pages (``_huge_page_empty_like``) where offered;
+    whether it did."""
     fresh = _huge_page_empty_like(t)
-    if fresh is not None:
-        fresh.copy_(t.detach())
-        t.data = fresh
+    if fresh is None:
+        return False
+    fresh.copy_(t.detach())
+    t.data = fresh
+    return True
 
 
 def move_weights_off_files(module: nn.Module, huge_pages: bool = True) -> int:
@@ -416,12 +419,8 @@ def move_weights_off_files(module: nn.Module, huge_pages: bool = True) -> int:
         for t in todo:
             first = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
             last = first + t.numel() * t.element_size()
-            fresh = _huge_page_empty_like(t) if huge_pages else None
-            if fresh is None:
-                fresh = t.detach().clone(memory_format=torch.contiguous_format)
-            else:
-                fresh.copy_(t.detach())
-            t.data = fresh
+            if not (huge_pages and _into_huge_pages(t)):
+                t.data = t.detach().clone(memory_format=torch.contiguous_format)
             # The pages wholly inside this tensor, right after its copy: the footprint stays the
             # model plus one tensor (a page shared with the next tensor would be read back).
             _page_out([(-(-first // page) * page, last // page * page)])
@@ -2999,7 +2998,7 @@ def _chunked_dequantized_gemm(x, weight, scale, bits: int, gemm_dtype, int4_dequ
 def _dequantize_int8_groups(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
     """``out`` = grouped int8 ``weight`` times its scales (``scale`` already in ``out``'s dtype):
     the cpu_dot library's one-pass loop where that library is loaded (4096x4096 to bf16: 1.6 ms
-    against 2.9 in the eager ops on a 2-core Zen 5, the same values), else a conversion and an
+    against 2.9 in the eager ops on a 2-core EPYC Zen 4, the same values), else a conversion and an
     in-place multiply (1.4x faster than one mixed-dtype multiply)."""
     lib = _NativeDot.lib
     if (
