@@ -710,6 +710,56 @@ def _linear_gemv(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+# The C kernels' next-tile prefetch (see the note above cg_dot8_x4 in _NATIVE_DOT_SOURCE): the
+# largest four-row tile, in bytes, that prefetches the next one while it is read, for the int8 /
+# int4 kernels and for the bf16 one. "near": small tiles only (measured best on a 2-core EPYC
+# Zen 4; from 16 KiB int8 tiles on it was slower there); "all": every tile (a 2-core EPYC Zen 5:
+# int8 layers of 4096-wide rows 24-28 GB/s near against 40-50 all, int4 4096x13696 33 against 50).
+_DOT_PREFETCH = MappingProxyType({"near": (12288, 65536), "all": (2**62, 2**62)})
+_DOT_PREFETCH_ENV = "CHATGLM_DOT_PREFETCH"
+
+
+def _amd_family_in(info: str) -> int:
+    """The family number of the first processor in ``info`` (/proc/cpuinfo's text) if it is an AMD
+    one (Zen 4 is 25, Zen 5 26), else 0."""
+    fields = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition(":") for line in info.splitlines()[:32])
+        if value
+    )
+    if fields.get("vendor_id") != "AuthenticAMD":
+        return 0
+    try:
+        return int(fields.get("cpu family", "0"))
+    except ValueError:
+        return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _amd_cpu_family() -> int:
+    """This machine's AMD CPU family (``_amd_family_in``), 0 elsewhere or unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return _amd_family_in(f.read(1 << 16))
+    except OSError:
+        return 0
+
+
+def _dot_prefetch_mode() -> str:
+    """CHATGLM_DOT_PREFETCH resolved: near or all (auto: all on AMD Zen 5 and later, else near)."""
+    option = (os.environ.get(_DOT_PREFETCH_ENV) or "auto").strip().lower()
+    if option == "auto":
+        return "all" if _amd_cpu_family() >= 26 else "near"
+    if option not in _DOT_PREFETCH:
+        raise ValueError(f"{_DOT_PREFETCH_ENV}={option!r} is not valid; use one of: auto, near, all")
+    return option
+
+
+def _dot_prefetch_tiles() -> Tuple[int, int]:
+    """(int8/int4, bf16) tile bytes up to which the C kernels prefetch the next tile."""
+    return _DOT_PREFETCH[_dot_prefetch_mode()]
+
+
 def _dot_gemv_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [k] bf16 . weight [n, k] bf16 (contiguous, CPU) (+ bias [n] bf16): the cpu_dot library's
     bf16 kernel, float32 sums rounded once to bf16 (as ``torch.mv``'s)."""
@@ -724,6 +774,7 @@ def _dot_gemv_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         weight.shape[0],
         0 if bias is None else bias.data_ptr(),
         y.data_ptr(),
+        _dot_prefetch_tiles()[1],
         torch.get_num_threads(),
     )
     return y.to(x.dtype)
@@ -922,6 +973,8 @@ def resolve_backends(
         )
     if linear == "dot" and _NativeDot.load() is None:
         raise ValueError(_native_dot_error("linear_backend", "dot"))
+    if linear == "dot" or quant == "cpu_dot":
+        _dot_prefetch_mode()  # a bad CHATGLM_DOT_PREFETCH is refused here, not at the first step
     for note in fallbacks:
         logger.warning(note)
     compile_settings = None
@@ -3397,22 +3450,22 @@ static float cg_dot4(const int8_t *w, const int8_t *qe, const int8_t *qo, const 
 #endif
 
 #if CG_PATH == 2
-/* A tile (four rows) of at most this many bytes prefetches the next tile while it is read, so the
-   memory stays one tile ahead: four short streams (1-3 KiB rows) barely trained the hardware's
-   prefetcher, and reading ran at half speed (2-core EPYC Zen 4, 2 threads: 65024x1024 int8 12
-   against 25 GB/s, 8192x2752 int8 20 against 25-32, int4 27392x4096 15-19 against 26-30).
-   From 16 KiB tiles on it was slower than without (int8 27392x4096 19-22 against 21-27 GB/s),
-   so larger tiles prefetch within their rows (int4) or not at all (int8). The bf16 kernel keeps
-   its next-tile prefetch up to 64 KiB (27392x4096, 32 KiB tiles: 90 % of the read yardstick). */
-#define CG_NEAR_TILE 12288
-#define CG_NEAR_TILE_BF16 65536
+/* A tile (four rows) of at most `near_tile` bytes (the caller's, see _dot_prefetch_tiles)
+   prefetches the next tile while it is read, so the memory stays one tile ahead: four short
+   streams (1-3 KiB rows) barely trained the hardware's prefetcher, and reading ran at half speed
+   (2-core EPYC Zen 4, 2 threads: 65024x1024 int8 12 against 25 GB/s, 8192x2752 int8 20 against
+   25-32, int4 27392x4096 15-19 against 26-30). There, from 16 KiB tiles on it was slower than
+   without (int8 27392x4096 19-22 against 21-27 GB/s), so larger tiles prefetch within their rows
+   (int4) or not at all (int8); on a Zen 5 every tile size gained from it (int8 4096-wide rows,
+   16 KiB tiles: 24-28 against 40-50 GB/s). */
 /* Four output rows at a time (AVX-512): the activation block is loaded once for all four, and
    four independent accumulations keep the dot-product units busy. */
 static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float *xs,
-                       const int32_t *xsum, const void *ws, int bf16, int64_t group, float *out) {
+                       const int32_t *xsum, const void *ws, int bf16, int64_t group, int64_t near_tile,
+                       float *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     int64_t groups = k / group;
-    int near = 4 * k <= CG_NEAR_TILE;
+    int near = 4 * k <= near_tile;
     __m512 acc[4];
     for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < k / 64; b++) {
@@ -3420,7 +3473,7 @@ static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float 
         __m512i init = cg_two_lanes(-128 * xsum[2 * b], -128 * xsum[2 * b + 1]);
         __m512 s = cg_two_halves(xs[2 * b], xs[2 * b + 1]);
         int64_t g0 = 2 * b * 32 / group, g1 = (2 * b + 1) * 32 / group;
-        if (near) /* the next tile, at the rate this one is read: see CG_NEAR_TILE */
+        if (near) /* the next tile, at the rate this one is read: see near_tile above */
             for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w + 4 * k + b * 256 + r * 64), _MM_HINT_T0);
         for (int r = 0; r < 4; r++) {
             __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + r * k + b * 64)), flip);
@@ -3434,10 +3487,10 @@ static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float 
 
 static void cg_dot4_x4(const int8_t *w, int64_t k, const int8_t *qe, const int8_t *qo, const float *xs,
                        const int32_t *xsum, const void *ws, int64_t groups, int bf16, int64_t per_group,
-                       float *out) {
+                       int64_t near_tile, float *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x88), low = _mm512_set1_epi8(0x0F);
     int64_t stride = k / 2;
-    int near = 4 * stride <= CG_NEAR_TILE;
+    int near = 4 * stride <= near_tile;
     __m512 acc[4];
     float sw[4];
     for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
@@ -3467,10 +3520,10 @@ static void cg_dot4_x4(const int8_t *w, int64_t k, const int8_t *qe, const int8_
    first and 8-15 the second; a last half vector (k % 128 == 64) is loaded zero-extended. */
 static void cg_dot4_x4_fine(const int8_t *w, int64_t k, const int8_t *qe, const int8_t *qo, const float *xs,
                             const int32_t *xsum, const void *ws, int64_t groups, int bf16, int64_t group,
-                            float *out) {
+                            int64_t near_tile, float *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x88), low = _mm512_set1_epi8(0x0F);
     int64_t stride = k / 2, blocks = k / 64;
-    int near = 4 * stride <= CG_NEAR_TILE;
+    int near = 4 * stride <= near_tile;
     __m512 acc[4];
     for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b += 2) {
@@ -3514,10 +3567,10 @@ static void cg_dot4_x4_fine(const int8_t *w, int64_t k, const int8_t *qe, const 
 int cg_bf16_path(void) { return CG_BF16; }
 
 void cg_gemv_bf16(const uint16_t *x, int64_t k, const uint16_t *w, int64_t n, const uint16_t *bias,
-                  float *y, int threads) {
+                  float *y, int64_t near_tile, int threads) {
 #if CG_BF16
     int64_t tiles = n / 4, full = k / 32 * 32;
-    int near = 4 * k * 2 <= CG_NEAR_TILE_BF16;
+    int near = 4 * k * 2 <= near_tile;
     __mmask32 tail = (__mmask32)((1ull << (k - full)) - 1ull);
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tiles + (n - 4 * tiles); t++) {
@@ -3542,6 +3595,7 @@ void cg_gemv_bf16(const uint16_t *x, int64_t k, const uint16_t *w, int64_t n, co
             y[j + r] = _mm512_reduce_add_ps(acc[r]) + (bias ? cg_bf16(bias[j + r]) : 0.f);
     }
 #else
+    (void)near_tile;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t j = 0; j < n; j++) {
         float acc = 0.f;
@@ -3582,7 +3636,8 @@ void cg_dequant8(const int8_t *w, int64_t n, int64_t k, const void *ws, int ws_b
 
 /* y[m, n] = x[m, k] . dequantized(w)[n, k]^T, activations quantized per block; 0 on success. */
 int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
-            const void *ws, int ws_bf16, int64_t group, float *y, int threads) {
+            const void *ws, int ws_bf16, int64_t group, float *y, int64_t near_tile, int threads) {
+    (void)near_tile; /* read by the AVX-512 tiles only */
     if (k % 64 || group % (bits == 8 ? 32 : 64) || k % group) return 1;
     int64_t block = bits == 8 ? 32 : (k % 128 || group % 128 ? 64 : 128), blocks = k / block;
     int8_t *q = (int8_t *)malloc((size_t)(m * k));
@@ -3606,9 +3661,10 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
             const int32_t *sr = xsum + r * blocks;
             const int8_t *wj = w + j * row_bytes;
             if (count == 4) {
-                if (bits == 8) cg_dot8_x4(wj, k, qr, xr, sr, row_scale, ws_bf16, group, v);
-                else if (block == 128) cg_dot4_x4(wj, k, qr, qr + k / 2, xr, sr, row_scale, groups, ws_bf16, group / 128, v);
-                else cg_dot4_x4_fine(wj, k, qr, qr + k / 2, xr, sr, row_scale, groups, ws_bf16, group, v);
+                if (bits == 8) cg_dot8_x4(wj, k, qr, xr, sr, row_scale, ws_bf16, group, near_tile, v);
+                else if (block == 128)
+                    cg_dot4_x4(wj, k, qr, qr + k / 2, xr, sr, row_scale, groups, ws_bf16, group / 128, near_tile, v);
+                else cg_dot4_x4_fine(wj, k, qr, qr + k / 2, xr, sr, row_scale, groups, ws_bf16, group, near_tile, v);
             } else if (bits == 4 && block == 128) {
                 v[0] = cg_dot4(wj, qr, qr + k / 2, xr, sr, row_scale, ws_bf16, group, k);
             } else
@@ -3700,10 +3756,11 @@ class _NativeDot:
             ctypes.c_int,
             i64,
             ptr,
+            i64,
             ctypes.c_int,
         ]
         lib.cg_dequant8.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int, ctypes.c_int]
-        lib.cg_gemv_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+        lib.cg_gemv_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
         return lib
 
     @classmethod
@@ -3752,6 +3809,7 @@ def _native_dot_gemm(lib, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         int(scale.dtype == torch.bfloat16),
         group,
         out.data_ptr(),
+        _dot_prefetch_tiles()[0],
         torch.get_num_threads(),
     )
     if status:
@@ -3799,6 +3857,7 @@ class _CpuDotKernel:
     def prepare(layer, dtype):
         if _NativeDot.load() is None:
             raise RuntimeError(_native_dot_error())
+        _dot_prefetch_mode()  # a bad CHATGLM_DOT_PREFETCH is refused here, not mid-forward
         fast_half = _cpu_has_fast_half_gemm()
         layer.weight.data = layer.weight.data.contiguous()
         scale = layer.weight_scale.data

@@ -302,3 +302,69 @@ def test_without_a_compiler_auto_keeps_cpu_and_cpu_dot_says_why(monkeypatch, cap
     message = str(raised.value)
     assert "\n" not in message and "config.quant_kernel='cpu_dot'" in message
     assert "install a C compiler" in message and "CHATGLM_QUANT_KERNEL=cpu" in message
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "bits, out_features, in_features, group",
+    # Tiles over 12 KiB, where "near" does not prefetch the next one and "all" does: int8 rows of
+    # 4096 bytes (16 KiB tiles, the 6B shape's), int4 rows of 8192 columns, int4 in blocks of 64.
+    [(8, 35, 4096, 32), (8, 36, 4096, 0), (4, 35, 8192, 128), (4, 36, 6208, 64)],
+    ids=["int8-g32", "int8-per-channel", "int4-g128", "int4-g64"],
+)
+def test_the_next_tile_prefetch_leaves_the_products_unchanged(monkeypatch, bits, out_features, in_features, group):
+    weight, scale = _stored(bits, out_features, in_features, group, torch.bfloat16, offset=1)
+    x = torch.randn(2, in_features, generator=torch.Generator().manual_seed(2))
+    lib = M._NativeDot.load()
+    outs = {}
+    for mode in ("near", "all"):
+        monkeypatch.setenv("CHATGLM_DOT_PREFETCH", mode)
+        outs[mode] = M._native_dot_gemm(lib, x, weight, scale, bits, group or in_features)
+    assert torch.equal(outs["near"], outs["all"])
+    dense = M.dequantize_weight(weight, scale, bits).double()
+    exact = block_quantized(x, M._native_dot_block(bits, in_features, group or in_features)) @ dense.t()
+    assert rel_error(outs["all"], exact) <= 2e-6
+
+
+@needs_kernel
+def test_the_bf16_kernel_gives_the_same_row_with_either_prefetch(monkeypatch):
+    # 8256 columns: 66 KiB tiles, over the bf16 kernel's 64 KiB "near" limit; a masked tail too.
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(37, 8256, generator=g).to(torch.bfloat16)
+    x = torch.randn(8256, generator=g).to(torch.bfloat16)
+    outs = {}
+    for mode in ("near", "all"):
+        monkeypatch.setenv("CHATGLM_DOT_PREFETCH", mode)
+        outs[mode] = M._dot_gemv_eager(x, weight, None)
+    assert torch.equal(outs["near"], outs["all"])
+    want = weight.double() @ x.double()
+    assert ((outs["all"].double() - want).abs() <= 2**-8 * want.abs() + 1e-4 * want.abs().max()).all()
+
+
+_CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 2\nflags\t\t: fpu avx2\n"
+
+
+@pytest.mark.parametrize(
+    "vendor, family, want",
+    [("AuthenticAMD", 26, 26), ("AuthenticAMD", 25, 25), ("GenuineIntel", 6, 0)],
+)
+def test_the_amd_family_is_read_from_cpuinfo(vendor, family, want):
+    assert M._amd_family_in(_CPUINFO.format(vendor=vendor, family=family)) == want
+    assert M._amd_family_in("") == 0
+
+
+@pytest.mark.parametrize("family, want", [(26, "all"), (27, "all"), (25, "near"), (0, "near")])
+def test_auto_prefetches_every_tile_from_zen_5_on(monkeypatch, family, want):
+    monkeypatch.setattr(M, "_amd_cpu_family", lambda: family)
+    monkeypatch.delenv("CHATGLM_DOT_PREFETCH", raising=False)
+    assert M._dot_prefetch_mode() == want
+    monkeypatch.setenv("CHATGLM_DOT_PREFETCH", "near" if want == "all" else "all")
+    assert M._dot_prefetch_mode() != want  # named, it overrides the CPU's default
+
+
+@needs_kernel
+def test_a_bad_prefetch_setting_is_refused_when_the_kernel_is_chosen(monkeypatch):
+    layer = quantized_layer(128, 64, 8, 32, torch.float32, "cpu_dot")
+    monkeypatch.setenv("CHATGLM_DOT_PREFETCH", "sometimes")
+    with pytest.raises(ValueError, match=r"^CHATGLM_DOT_PREFETCH='sometimes' is not valid; use one of: auto, near, all$"):
+        layer.select_kernel(torch.device("cpu"), torch.float32, "cpu_dot")
