@@ -312,7 +312,9 @@ def test_without_a_compiler_auto_keeps_cpu_and_cpu_dot_says_why(monkeypatch, cap
     [(8, 35, 4096, 32), (8, 36, 4096, 0), (4, 35, 8192, 128), (4, 36, 6208, 64)],
     ids=["int8-g32", "int8-per-channel", "int4-g128", "int4-g64"],
 )
-def test_the_next_tile_prefetch_leaves_the_products_unchanged(monkeypatch, bits, out_features, in_features, group):
+def test_the_next_tile_prefetch_leaves_the_products_unchanged(
+    monkeypatch, bits, out_features, in_features, group
+):
     weight, scale = _stored(bits, out_features, in_features, group, torch.bfloat16, offset=1)
     x = torch.randn(2, in_features, generator=torch.Generator().manual_seed(2))
     lib = M._NativeDot.load()
@@ -341,7 +343,9 @@ def test_the_bf16_kernel_gives_the_same_row_with_either_prefetch(monkeypatch):
     assert ((outs["all"].double() - want).abs() <= 2**-8 * want.abs() + 1e-4 * want.abs().max()).all()
 
 
-_CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 2\nflags\t\t: fpu avx2\n"
+_CPUINFO = (
+    "processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 2\nflags\t\t: fpu avx2\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -366,5 +370,7 @@ def test_auto_prefetches_every_tile_from_zen_5_on(monkeypatch, family, want):
 def test_a_bad_prefetch_setting_is_refused_when_the_kernel_is_chosen(monkeypatch):
     layer = quantized_layer(128, 64, 8, 32, torch.float32, "cpu_dot")
     monkeypatch.setenv("CHATGLM_DOT_PREFETCH", "sometimes")
-    with pytest.raises(ValueError, match=r"^CHATGLM_DOT_PREFETCH='sometimes' is not valid; use one of: auto, near, all$"):
+    with pytest.raises(
+        ValueError, match=r"^CHATGLM_DOT_PREFETCH='sometimes' is not valid; use one of: auto, near, all$"
+    ):
         layer.select_kernel(torch.device("cpu"), torch.float32, "cpu_dot")
