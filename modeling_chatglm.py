@@ -3634,6 +3634,37 @@ void cg_dequant8(const int8_t *w, int64_t n, int64_t k, const void *ws, int ws_b
     }
 }
 
+/* The benchmark's read yardstick (chatglm_bench.hardware): one pass over `rows` rows of `row`
+   bytes (a multiple of 64), read as the tiles above read a weight: four rows at a time, all
+   threads, the next tile prefetched when it is at most `near_tile` bytes. Returns the sum of
+   the bytes (unsigned), so that none is skipped and a test can check the pass. */
+int64_t cg_stream_read(const int8_t *p, int64_t rows, int64_t row, int64_t near_tile, int threads) {
+    int64_t total = 0;
+    int near = 4 * row <= near_tile;
+    #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total)
+    for (int64_t t = 0; t < rows / 4; t++) {
+        const int8_t *w = p + 4 * t * row;
+#if CG_PATH == 2
+        const __m512i zero = _mm512_setzero_si512();
+        __m512i acc = zero;
+        for (int64_t b = 0; b < row / 64; b++) {
+            if (near)
+                for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w + 4 * row + b * 256 + r * 64), _MM_HINT_T0);
+            for (int r = 0; r < 4; r++) /* eight byte sums per vector, in 64-bit lanes */
+                acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_loadu_si512((const void *)(w + r * row + b * 64)), zero));
+        }
+        total += _mm512_reduce_add_epi64(acc);
+#else
+        (void)near;
+        const uint8_t *u = (const uint8_t *)w;
+        int64_t s = 0;
+        for (int64_t i = 0; i < 4 * row; i++) s += u[i];
+        total += s;
+#endif
+    }
+    return total;
+}
+
 /* y[m, n] = x[m, k] . dequantized(w)[n, k]^T, activations quantized per block; 0 on success. */
 int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
             const void *ws, int ws_bf16, int64_t group, float *y, int64_t near_tile, int threads) {
@@ -3744,6 +3775,7 @@ class _NativeDot:
         lib.cg_dequant8.restype = None
         lib.cg_bf16_path.restype = ctypes.c_int
         lib.cg_gemv_bf16.restype = None
+        lib.cg_stream_read.restype = ctypes.c_int64
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.cg_gemm.argtypes = [
             ctypes.c_int,
@@ -3761,6 +3793,7 @@ class _NativeDot:
         ]
         lib.cg_dequant8.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int, ctypes.c_int]
         lib.cg_gemv_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
+        lib.cg_stream_read.argtypes = [ptr, i64, i64, i64, ctypes.c_int]
         return lib
 
     @classmethod
@@ -3790,6 +3823,24 @@ class _NativeDot:
         """Whether its bf16 kernel (linear_backend 'dot') uses AVX512-BF16 here."""
         lib = cls.load()
         return lib is not None and lib.cg_bf16_path() == 1
+
+
+def native_stream_read(buffer: torch.Tensor, row_bytes: int = 4096) -> Optional[int]:
+    """One pass over ``buffer`` (a contiguous CPU tensor of a whole number of four-row tiles of
+    ``row_bytes``) read as the int8 ``cpu_dot`` kernel streams a weight (``cg_stream_read``): the
+    benchmark's read yardstick. Returns the bytes' sum, or None where the library is not built."""
+    lib = _NativeDot.load()
+    if lib is None:
+        return None
+    if not buffer.is_contiguous() or buffer.device.type != "cpu" or row_bytes % 64:
+        raise ValueError(
+            "native_stream_read takes a contiguous CPU tensor and rows of a multiple of 64 bytes"
+        )
+    nbytes = buffer.numel() * buffer.element_size()
+    rows = nbytes // row_bytes // 4 * 4
+    return lib.cg_stream_read(
+        buffer.data_ptr(), rows, row_bytes, _dot_prefetch_tiles()[0], torch.get_num_threads()
+    )
 
 
 def _native_dot_gemm(lib, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int, group: int):

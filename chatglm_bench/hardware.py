@@ -77,13 +77,33 @@ def known_peak(name: str) -> Optional[Peak]:
 YARDSTICK_MIN_BYTES = 2**30
 
 
+def _native_reads(weight: torch.Tensor) -> list:
+    """Reads of ``weight``'s bytes as our C decode kernels stream theirs (modeling_chatglm's
+    ``native_stream_read``: four rows at a time, the next tile prefetched), from where it is and
+    from a copy in transparent huge pages (where the model keeps its CPU weights when Linux
+    offers them); none where that library is not built here."""
+    try:
+        import modeling_chatglm as modeling
+    except ImportError:
+        return []
+    if modeling.native_stream_read(weight[:4]) is None:
+        return []
+    reads = [lambda: modeling.native_stream_read(weight)]
+    huge = modeling._huge_page_empty_like(weight)
+    if huge is not None:
+        huge.copy_(weight)
+        reads += [lambda: modeling.native_stream_read(huge), huge.sum]
+    return reads
+
+
 def _best_read_rate(nbytes: int, passes: int) -> float:
-    """GB/s of the fastest of ``passes`` passes over an ``nbytes`` buffer, each pass read twice:
-    by a reduction and by a one-row float32 GEMV over it as a [rows, 1024] weight, as the decode
-    kernels stream their weights (both on every thread torch uses)."""
-    weight = torch.ones(max(1, nbytes // 4096), 1024, dtype=torch.float32)
+    """GB/s of the fastest of ``passes`` passes over an ``nbytes`` buffer, each pass read by every
+    reader: a reduction, a one-row float32 GEMV over it as a [rows, 1024] weight, and our C
+    kernels' tiled read in small and in huge pages (``_native_reads``), as the decode kernels
+    stream their weights (all on every thread torch uses)."""
+    weight = torch.ones(max(4, nbytes // 4096 // 4 * 4), 1024, dtype=torch.float32)
     x = torch.ones(1, 1024, dtype=torch.float32)
-    reads = (weight.sum, lambda: torch.nn.functional.linear(x, weight))
+    reads = (weight.sum, lambda: torch.nn.functional.linear(x, weight), *_native_reads(weight))
     for read in reads:
         read()  # first touch and any one-time setup
     best = float("inf")
@@ -144,7 +164,8 @@ def hardware_reference(device: torch.device, dtype: torch.dtype, working_set_byt
             name,
             measure_cpu_bandwidth(working_set_bytes),
             rates[best],
-            f"measured here: best read bandwidth (all threads, best of 5 passes of a sum and a GEMV) over "
+            f"measured here: best read bandwidth (all threads, best of 5 passes of a sum, a GEMV and our "
+            f"kernels' tiled read, small and huge pages) over "
             f"{sizes}, best 1024^3 matmul ({dtype_name(best)})",
         )
     peak = known_peak(name)

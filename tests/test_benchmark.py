@@ -692,6 +692,22 @@ def test_bandwidth_yardstick_reads_at_least_a_gib_and_the_working_set_and_keeps_
     assert hardware.measure_cpu_bandwidth(12 * 2**30) == 20.0 and read == [2**30]
 
 
+def test_bandwidth_yardstick_reads_as_our_kernels_do_where_they_build():
+    import modeling_chatglm as modeling
+    from chatglm_bench import hardware
+
+    weight = torch.ones(64, 1024)
+    reads = hardware._native_reads(weight)
+    if modeling._NativeDot.load() is None:
+        assert reads == []
+    else:
+        # The tiled read of the buffer itself (every byte: 64 x 4096 bytes of float32 ones), and
+        # a copy in huge pages where Linux offers them.
+        assert int(reads[0]()) == 64 * 1024 * sum(torch.ones(1).view(torch.uint8).tolist())
+        assert len(reads) in (1, 3)
+    assert hardware._best_read_rate(2**20, 1) > 0
+
+
 def test_small_rates_keep_three_significant_digits():
     from chatglm_bench.report import _fmt_significant
 

@@ -374,3 +374,18 @@ def test_a_bad_prefetch_setting_is_refused_when_the_kernel_is_chosen(monkeypatch
         ValueError, match=r"^CHATGLM_DOT_PREFETCH='sometimes' is not valid; use one of: auto, near, all$"
     ):
         layer.select_kernel(torch.device("cpu"), torch.float32, "cpu_dot")
+
+
+@pytest.mark.parametrize("path", [2, 1, 0])
+@pytest.mark.parametrize("mode", ["near", "all"])
+def test_the_yardstick_read_passes_over_every_byte(monkeypatch, path_libraries, path, mode):
+    monkeypatch.setattr(M._NativeDot, "lib", _library(path_libraries, path))
+    monkeypatch.setenv("CHATGLM_DOT_PREFETCH", mode)
+    buffer = torch.randint(
+        -128, 128, (12, 4096), dtype=torch.int8, generator=torch.Generator().manual_seed(4)
+    )
+    assert M.native_stream_read(buffer) == buffer.view(torch.uint8).long().sum().item()
+    # A partial last tile is left out: whole tiles of four rows only.
+    assert M.native_stream_read(buffer[:7].contiguous()) == buffer[:4].view(torch.uint8).long().sum().item()
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        M.native_stream_read(buffer[:, ::2])
