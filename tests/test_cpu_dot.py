@@ -389,3 +389,52 @@ def test_the_yardstick_read_passes_over_every_byte(monkeypatch, path_libraries, 
     assert M.native_stream_read(buffer[:7].contiguous()) == buffer[:4].view(torch.uint8).long().sum().item()
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         M.native_stream_read(buffer[:, ::2])
+
+
+@pytest.mark.parametrize("path", [2, 0])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "in_features, group, scale_dtype",
+    [(256, 0, torch.bfloat16), (512, 128, torch.bfloat16), (384, 64, torch.float32)],
+    ids=["per-channel", "g128", "g64-fp32-scale"],
+)
+def test_int4_unpacks_in_c_to_the_eager_ops_values(
+    path_libraries, monkeypatch, path, out_dtype, in_features, group, scale_dtype
+):
+    monkeypatch.setattr(M._NativeDot, "lib", _library(path_libraries, path))
+    weight, scale = _stored(4, 37, in_features, group, scale_dtype, offset=0, seed=5)
+    half = in_features // 2
+    want = torch.zeros(37, in_features, dtype=out_dtype)
+    M._int4_halves_into(weight, scale, want[:, :half], want[:, half:])
+    got = torch.full(
+        (37, in_features), float("nan"), dtype=out_dtype
+    )  # as a reused chunk: the halves are views
+    assert M._native_int4_halves_into(weight, scale, got[:, :half], got[:, half:])
+    assert torch.equal(got, want)
+    # int4_dequant=eager keeps the eager ops (auto's use of it: the next test).
+    calls = []
+    monkeypatch.setattr(M, "_native_int4_halves_into", lambda *a: calls.append(1) or False)
+    M._Int4Unpacker.run("eager", weight, scale, got[:, :half], got[:, half:])
+    assert calls == []
+
+
+@needs_kernel
+def test_int4_unpack_leaves_what_it_does_not_take_to_the_other_paths():
+    weight, scale = _stored(4, 8, 128, 0, torch.bfloat16)
+    out = torch.empty(8, 128, dtype=torch.float16)
+    assert not M._native_int4_halves_into(weight, scale, out[:, :64], out[:, 64:])  # fp16 out
+    out = torch.empty(8, 128)
+    assert not M._native_int4_halves_into(weight[:, ::2], scale, out[:, :32], out[:, 32:64])  # strided weight
+
+
+@needs_kernel
+def test_auto_unpacks_int4_prefill_in_c(monkeypatch):
+    weight, scale = _stored(4, 16, 256, 128, torch.bfloat16, seed=6)
+    monkeypatch.setattr(
+        M._Int4Unpacker, "_run_compiled", lambda *a: pytest.fail("auto ran the inductor kernel")
+    )
+    out = torch.empty(16, 256, dtype=torch.bfloat16)
+    M._Int4Unpacker.run("auto", weight, scale, out[:, :128], out[:, 128:])
+    want = torch.empty_like(out)
+    M._int4_halves_into(weight, scale, want[:, :128], want[:, 128:])
+    assert torch.equal(out, want)

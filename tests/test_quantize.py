@@ -267,7 +267,8 @@ def test_compiled_int4_unpacking_equals_the_eager_one(dtype):
 
 
 def _inductor_missing(monkeypatch):
-    """torch.compile as on a machine where inductor cannot build its kernel (no C++ compiler)."""
+    """torch.compile as on a machine where inductor cannot build its kernel (no C++ compiler),
+    where our C library did not build either."""
 
     def compile_without_a_compiler(fn, **kwargs):
         def compiled(*args):
@@ -278,6 +279,7 @@ def _inductor_missing(monkeypatch):
     monkeypatch.setattr(M._Int4Unpacker, "_compiled", None)
     monkeypatch.setattr(M._Int4Unpacker, "failure", None)
     monkeypatch.setattr(M.torch, "compile", compile_without_a_compiler)
+    monkeypatch.setattr(M._NativeDot, "lib", None)
 
 
 def test_int4_prefill_unpacks_in_eager_ops_with_one_warning_where_inductor_cannot_compile(
@@ -316,7 +318,7 @@ def test_int4_dequant_option_is_checked(monkeypatch):
         M.RuntimeOptions.from_config(golden_config("tiny-chatglm3"))
 
 
-@pytest.mark.parametrize("unpack", ["eager", "compiled"])
+@pytest.mark.parametrize("unpack", ["eager", "compiled", "auto"])
 def test_int4_model_prefill_matches_the_math_reference_with_each_unpacking(monkeypatch, unpack):
     # 80 prompt tokens: the quantized layers take the prefill path (from 64 rows).
     monkeypatch.setenv("CHATGLM_INT4_DEQUANT", unpack)
