@@ -714,7 +714,7 @@ def _linear_gemv(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # largest four-row tile, in bytes, that prefetches the next one while it is read, for the int8 /
 # int4 kernels and for the bf16 one. "near": small tiles only (measured best on a 2-core EPYC
 # Zen 4; from 16 KiB int8 tiles on it was slower there); "all": every tile (a 2-core EPYC Zen 5:
-# int8 layers of 4096-wide rows 24-28 GB/s near against 40-50 all, int4 4096x13696 33 against 50).
+# int8 layers of 4096-wide rows 24-32 GB/s near against 34-50 all, int4 4096x13696 32-35 against 35-50).
 _DOT_PREFETCH = MappingProxyType({"near": (12288, 65536), "all": (2**62, 2**62)})
 _DOT_PREFETCH_ENV = "CHATGLM_DOT_PREFETCH"
 
@@ -3497,7 +3497,7 @@ static float cg_dot4(const int8_t *w, const int8_t *qe, const int8_t *qo, const 
    25-32, int4 27392x4096 15-19 against 26-30). There, from 16 KiB tiles on it was slower than
    without (int8 27392x4096 19-22 against 21-27 GB/s), so larger tiles prefetch within their rows
    (int4) or not at all (int8); on a Zen 5 every tile size gained from it (int8 4096-wide rows,
-   16 KiB tiles: 24-28 against 40-50 GB/s). */
+   16 KiB tiles: 24-32 against 34-50 GB/s). */
 /* Four output rows at a time (AVX-512): the activation block is loaded once for all four, and
    four independent accumulations keep the dot-product units busy. */
 static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float *xs,
