@@ -2935,7 +2935,7 @@ def _int4_halves_into(weight, scale, even: torch.Tensor, odd: torch.Tensor) -> N
 
 
 def _native_int4_halves_into(weight, scale, even: torch.Tensor, odd: torch.Tensor) -> bool:
-    """``_int4_halves_into`` by the cpu_dot library's one-pass loop (``cg_dequant4``), bitwise the
+    """``_int4_halves_into`` by the cpu_dot library's one-pass loop (``cg_dequant``), bitwise the
     same values, where that library is loaded and the operands suit it (CPU; contiguous weight
     and scales; even / odd: float32 or bf16 rows of unit stride, equally spaced); whether it ran.
     4096x4096 to bf16 on a 2-core EPYC Zen 5: 1.1 ms against 1.9 for the inductor kernel."""
@@ -2953,21 +2953,28 @@ def _native_int4_halves_into(weight, scale, even: torch.Tensor, odd: torch.Tenso
         or odd.shape != weight.shape
     ):
         return False
-    groups = scale.shape[1] if scale.dim() == 2 else 1
-    lib.cg_dequant4(
+    _native_dequant(lib, 4, weight, scale, even, odd)
+    return True
+
+
+def _native_dequant(
+    lib, bits: int, weight, scale, even: torch.Tensor, odd: Optional[torch.Tensor] = None
+) -> None:
+    """``lib``'s ``cg_dequant`` on checked operands: int8 into ``even``, int4 into ``even`` and ``odd``."""
+    lib.cg_dequant(
+        bits,
         weight.data_ptr(),
         weight.shape[0],
         weight.shape[1],
         scale.data_ptr(),
         int(scale.dtype == torch.bfloat16),
-        groups,
+        scale.shape[1] if scale.dim() == 2 else 1,
         even.data_ptr(),
-        odd.data_ptr(),
+        None if odd is None else odd.data_ptr(),
         even.stride(0),
         int(even.dtype == torch.bfloat16),
         torch.get_num_threads(),
     )
-    return True
 
 
 class _Int4Unpacker:
@@ -3101,17 +3108,7 @@ def _dequantize_int8_groups(weight: torch.Tensor, scale: torch.Tensor, out: torc
         and weight.device.type == "cpu"
         and all(t.is_contiguous() for t in (weight, scale, out))
     ):
-        lib.cg_dequant8(
-            weight.data_ptr(),
-            weight.shape[0],
-            weight.shape[1],
-            scale.data_ptr(),
-            int(scale.dtype == torch.bfloat16),
-            weight.shape[1] // scale.shape[1],
-            out.data_ptr(),
-            int(out.dtype == torch.bfloat16),
-            torch.get_num_threads(),
-        )
+        _native_dequant(lib, 8, weight, scale, out)
         return
     out.copy_(weight)
     out.view(out.shape[0], scale.shape[1], -1).mul_(scale[:, :, None])
@@ -3645,56 +3642,38 @@ void cg_gemv_bf16(const uint16_t *x, int64_t k, const uint16_t *w, int64_t n, co
 #endif
 }
 
-/* Grouped int8 [n, k] (scales ws, one per `group` columns of a row) -> out [n, k] = q * scale in
-   float32 (out_bf16 0) or bfloat16 rounded to nearest even (1): prefill's dequantized weight in
-   one pass over the bytes (eager ops take a conversion and a multiply). The compiler vectorises
-   the inner loop for the CPU it builds for. */
-void cg_dequant8(const int8_t *w, int64_t n, int64_t k, const void *ws, int ws_bf16, int64_t group,
-                 void *out, int out_bf16, int threads) {
-    int64_t groups = k / group;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t j = 0; j < n; j++) {
-        const int8_t *row = w + j * k;
-        for (int64_t g = 0; g < groups; g++) {
-            float s = cg_scale(ws, ws_bf16, j * groups + g);
-            const int8_t *src = row + g * group;
-            if (out_bf16) {
-                uint16_t *dst = (uint16_t *)out + j * k + g * group;
-                for (int64_t i = 0; i < group; i++) {
-                    float f = (float)src[i] * s;
-                    uint32_t u;
-                    memcpy(&u, &f, 4);
-                    dst[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-                }
-            } else {
-                float *dst = (float *)out + j * k + g * group;
-                for (int64_t i = 0; i < group; i++) dst[i] = (float)src[i] * s;
-            }
-        }
-    }
-}
-
-/* Stored int4 [n, half] (THUDM's bytes: column 2i in the high nibble, 2i+1 in the low, both
-   signed) -> even [n, half] (the high nibbles) and odd [n, half] (the low ones), rows `stride`
-   elements apart, each value q * scale in float32 (out_bf16 0) or bfloat16 rounded to nearest
-   even (1), scales ws one per (half / groups) bytes of a row: prefill's unpacked weight in one
-   pass, bitwise _int4_halves' values. */
+/* float32 -> bfloat16, rounded to nearest even (as torch's conversion, for finite values). */
 static inline uint16_t cg_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
-void cg_dequant4(const int8_t *w, int64_t n, int64_t half, const void *ws, int ws_bf16, int64_t groups,
-                 void *even, void *odd, int64_t stride, int out_bf16, int threads) {
-    int64_t span = half / groups;
+
+/* Prefill's dequantized weight in one pass over the bytes (eager ops take a conversion and a
+   multiply, and int4 an unpacking), each value q * scale in float32 (out_bf16 0) or bfloat16
+   rounded to nearest even (1), one scale of ws per (row_bytes / groups) bytes of a row:
+   - bits 8, grouped int8 [n, row_bytes] -> even [n, row_bytes];
+   - bits 4, THUDM's int4 [n, row_bytes] (column 2i in a byte's high nibble, 2i+1 in its low
+     one, both signed) -> even [n, row_bytes] (the high nibbles) and odd (the low ones), bitwise
+     _int4_halves' values.
+   Output rows are `stride` elements apart. The compiler vectorises the inner loops for the CPU
+   it builds for. */
+void cg_dequant(int bits, const int8_t *w, int64_t n, int64_t row_bytes, const void *ws, int ws_bf16,
+                int64_t groups, void *even, void *odd, int64_t stride, int out_bf16, int threads) {
+    int64_t span = row_bytes / groups;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t j = 0; j < n; j++) {
-        const int8_t *row = w + j * half;
         for (int64_t g = 0; g < groups; g++) {
             float s = cg_scale(ws, ws_bf16, j * groups + g);
-            const int8_t *src = row + g * span;
+            const int8_t *src = w + j * row_bytes + g * span;
             int64_t at = j * stride + g * span;
-            if (out_bf16) {
+            if (bits == 8 && out_bf16) {
+                uint16_t *e = (uint16_t *)even + at;
+                for (int64_t i = 0; i < span; i++) e[i] = cg_to_bf16((float)src[i] * s);
+            } else if (bits == 8) {
+                float *e = (float *)even + at;
+                for (int64_t i = 0; i < span; i++) e[i] = (float)src[i] * s;
+            } else if (out_bf16) {
                 uint16_t *e = (uint16_t *)even + at, *o = (uint16_t *)odd + at;
                 for (int64_t i = 0; i < span; i++) {
                     e[i] = cg_to_bf16((float)(src[i] >> 4) * s);
@@ -3849,11 +3828,10 @@ class _NativeDot:
             shutil.rmtree(directory, ignore_errors=True)
         lib.cg_path.restype = ctypes.c_int
         lib.cg_gemm.restype = ctypes.c_int
-        lib.cg_dequant8.restype = None
+        lib.cg_dequant.restype = None
         lib.cg_bf16_path.restype = ctypes.c_int
         lib.cg_gemv_bf16.restype = None
         lib.cg_stream_read.restype = ctypes.c_int64
-        lib.cg_dequant4.restype = None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.cg_gemm.argtypes = [
             ctypes.c_int,
@@ -3869,10 +3847,8 @@ class _NativeDot:
             i64,
             ctypes.c_int,
         ]
-        lib.cg_dequant8.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, ptr, ctypes.c_int, ctypes.c_int]
-        lib.cg_gemv_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
-        lib.cg_stream_read.argtypes = [ptr, i64, i64, i64, ctypes.c_int]
-        lib.cg_dequant4.argtypes = [
+        lib.cg_dequant.argtypes = [
+            ctypes.c_int,
             ptr,
             i64,
             i64,
@@ -3885,6 +3861,8 @@ class _NativeDot:
             ctypes.c_int,
             ctypes.c_int,
         ]
+        lib.cg_gemv_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ctypes.c_int]
+        lib.cg_stream_read.argtypes = [ptr, i64, i64, i64, ctypes.c_int]
         return lib
 
     @classmethod
