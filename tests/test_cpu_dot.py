@@ -376,6 +376,7 @@ def test_a_bad_prefetch_setting_is_refused_when_the_kernel_is_chosen(monkeypatch
         layer.select_kernel(torch.device("cpu"), torch.float32, "cpu_dot")
 
 
+@needs_kernel
 @pytest.mark.parametrize("path", [2, 1, 0])
 @pytest.mark.parametrize("mode", ["near", "all"])
 def test_the_yardstick_read_passes_over_every_byte(monkeypatch, path_libraries, path, mode):
@@ -391,6 +392,7 @@ def test_the_yardstick_read_passes_over_every_byte(monkeypatch, path_libraries, 
         M.native_stream_read(buffer[:, ::2])
 
 
+@needs_kernel
 @pytest.mark.parametrize("path", [2, 0])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
