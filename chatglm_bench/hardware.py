@@ -86,7 +86,7 @@ def _native_reads(weight: torch.Tensor) -> list:
         import modeling_chatglm as modeling
     except ImportError:
         return []
-    if modeling.native_stream_read(weight[:4]) is None:
+    if modeling._NativeDot.load() is None:
         return []
     reads = [lambda: modeling.native_stream_read(weight)]
     huge = modeling._huge_page_empty_like(weight)
