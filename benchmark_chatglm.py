@@ -361,5 +361,14 @@ def run(args) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """End with ``code``: through :func:`chatglm_bench.distributed.end_process` when this run
+    got as far as importing it (a tensor-parallel run skips the interpreter's teardown there)."""
+    distributed = sys.modules.get("chatglm_bench.distributed")  # not imported for a usage error
+    if distributed is not None:
+        distributed.end_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -216,7 +216,8 @@ def _launch(launcher: str, ranks: int, out: Path) -> str:
         deepspeed_cli = Path(sys.executable).with_name("deepspeed")
         prefix = [str(deepspeed_cli), "--num_accelerators", str(ranks), "--master_port", port]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    # A crash says where it happened (Python frames of every thread) in the output we assert on.
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONFAULTHANDLER="1")
     done = subprocess.run(
         [*prefix, str(SCRIPT), "--out", str(out)],
         cwd=REPO,
@@ -266,7 +267,8 @@ def test_benchmark_under_the_deepspeed_launcher_prints_once_with_per_rank_bytes(
     port = str(_free_port())
     deepspeed_cli = Path(sys.executable).with_name("deepspeed")
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    # A crash says where it happened (Python frames of every thread) in the output we assert on.
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONFAULTHANDLER="1")
     argv = [
         str(deepspeed_cli),
         "--num_accelerators",
@@ -381,3 +383,27 @@ def test_a_cpu_rank_is_pinned_to_its_share_with_as_many_threads():
     assert result.returncode == 0, result.stderr[-2000:]
     cores, threads, torch_threads, pinned = result.stdout.split()
     assert int(threads) == int(torch_threads) == max(1, int(cores) // 2) and pinned == "True"
+
+
+_END_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import atexit
+from chatglm_bench import distributed
+atexit.register(lambda: print("teardown ran"))
+distributed._opened_group = sys.argv[2] == "opened"
+print("results", end="")  # still in the pipe's buffer
+distributed.end_process(3)
+"""
+
+
+@pytest.mark.parametrize("group", ["opened", "none"])
+def test_end_process_keeps_the_code_and_the_output_and_skips_teardown_after_a_group(group):
+    """A multi-rank process ends at once (no interpreter teardown: the SIGABRT/SIGBUS at exit),
+    yet its buffered output and exit code survive; a single process exits the normal way."""
+    result = subprocess.run(
+        [sys.executable, "-c", _END_SCRIPT, str(REPO), group], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout.startswith("results"), result.stdout
+    assert ("teardown ran" in result.stdout) == (group == "none"), result.stdout

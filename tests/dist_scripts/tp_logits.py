@@ -73,6 +73,7 @@ def main() -> None:
     from chatglm_bench.distributed import (
         close_distributed,
         detect_env,
+        end_process,
         gather_per_rank,
         init_distributed,
         rank_param_bytes,
@@ -117,6 +118,7 @@ def main() -> None:
         }
         Path(args.out).write_text(json.dumps(result, indent=1))
     close_distributed()
+    end_process(0)
 
 
 if __name__ == "__main__":
