@@ -282,6 +282,34 @@ def test_graph_mode_calls_the_kernel_as_one_op():
     assert "chatglm3.native_dot.default" in targets, targets
 
 
+@needs_kernel
+def test_eager_calls_the_kernel_itself_and_graph_mode_the_op():
+    """Eager skips the op dispatch (it cost more than a small layer's product); graph mode
+    keeps the one op, whose Python kernel runs where dynamo is compiling."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = quantized_layer(256, 96, 8, 32, torch.bfloat16, "cpu_dot", seed=5)
+    x = torch.randn(1, 256).bfloat16()
+    with torch.no_grad():
+        seen = Ops()
+        with seen:
+            eager = layer(x)
+        assert seen.names and not any("native_dot" in name for name in seen.names), seen.names
+        # The op itself gives the same product (graph mode's path), the bias added as forward does.
+        scale, group = layer._kernel_state[:2]
+        op = M._NATIVE_DOT(x, layer.weight, scale, 8, group).to(x.dtype) + layer.bias
+    assert torch.equal(eager, op)
+
+
 def test_without_a_compiler_auto_keeps_cpu_and_cpu_dot_says_why(monkeypatch, caplog):
     monkeypatch.setattr(M._NativeDot, "lib", None)
     monkeypatch.setattr(M._NativeDot, "failure", None)

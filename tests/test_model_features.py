@@ -377,3 +377,25 @@ def test_set_runtime_options_validates_and_leaves_the_config_alone():
     assert model.config.exe_mode is None and model.config.kv_cache is None
     with pytest.raises(ValueError, match="config.exe_mode='graph' is not valid"):
         model.transformer.set_runtime_options(exe_mode="graph")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_rotary_embedding_rounds_bit_for_bit_as_the_original_formula(dtype):
+    """The pair rotation (query and key heads in one call) against the original's arithmetic
+    written out: four products and two sums of the pairs, each rounded to the dtype."""
+    import modeling_chatglm as M
+
+    rotary = M.RotaryEmbedding(64, dtype=dtype)
+    table = rotary.forward_impl(4096, 64, dtype, "cpu")  # [positions, 32, 2]: (cos, sin)
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 4096, (2, 9), generator=generator)
+    x = (torch.randn(2, 9, 6, 128, generator=generator) * 10).to(dtype)
+    rope = table[positions].unsqueeze(2)  # [b, s, 1, 32, 2]
+    x0, x1 = x[..., :64:2], x[..., 1:64:2]
+    cos, sin = rope[..., 0], rope[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(3)
+    expected = torch.cat([rotated, x[..., 64:]], -1)
+    got = M.rotate_pairs(x, M.rope_factors(table)[positions])
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(bits), expected.view(bits))
+    assert torch.equal(M.apply_rotary_pos_emb(x, table[positions]).view(bits), expected.view(bits))
