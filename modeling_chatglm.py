@@ -1019,16 +1019,10 @@ def resolve_backends(
 # ---------------------------------------------------------------------------------------------
 
 
-def rope_factors(rope: torch.Tensor) -> torch.Tensor:
-    """The rotary table [..., rot/2, 2] (cos, sin) as each pair's two factors [..., rot/2, 2, 2]:
-    ``[..., 0, :]`` = (cos, cos) and ``[..., 1, :]`` = (-sin, sin) (see :func:`rotate_pairs`)."""
-    cos, sin = rope[..., :1], rope[..., 1:]
-    return torch.stack((torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), -2)
-
-
 def rotate_pairs(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [b, s, heads, d] on its first rot dims by ``factors`` [b, s, rot/2, 2, 2]
-    (:func:`rope_factors`): each pair (x0, x1) becomes (x0 cos - x1 sin, x1 cos + x0 sin),
+    (``[..., 0, :]`` = (cos, cos), ``[..., 1, :]`` = (-sin, sin); GLMTransformer.forward makes them
+    from the rotary table once per forward): each pair (x0, x1) becomes (x0 cos - x1 sin, x1 cos + x0 sin),
     computed as pair * (cos, cos) + swapped pair * (-sin, sin). Every product and sum is rounded
     to x's dtype exactly as the original's four products and two sums are (negation is exact), in
     three arithmetic ops and a flip where the written-out form takes six, eight selects and a
@@ -1040,11 +1034,6 @@ def rotate_pairs(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     factors = factors.unsqueeze(2)  # [b, s, 1, rot/2, 2, 2]: the same for every head
     rotated = pairs * factors[..., 0, :] + pairs.flip(-1) * factors[..., 1, :]
     return torch.cat((rotated.flatten(3), x[..., 2 * half :]), dim=-1)
-
-
-def apply_rotary_pos_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [b, s, heads, d] by ``rope`` [b, s, rot/2, 2] (cos, sin) on its first rot dims."""
-    return rotate_pairs(x, rope_factors(rope))
 
 
 class RotaryEmbedding(nn.Module):
@@ -1205,7 +1194,7 @@ class SelfAttention(nn.Module):
         )
 
     def forward(self, hidden_states, rotary_pos_emb, step: "_Step"):
-        """``hidden_states`` [b, s, h]; ``rotary_pos_emb`` [b, s, rot/2, 2, 2] (:func:`rope_factors`);
+        """``hidden_states`` [b, s, h]; ``rotary_pos_emb`` [b, s, rot/2, 2, 2] (see :func:`rotate_pairs`);
         ``step.cache`` stores the new K/V and returns everything to attend to under ``step.keep``."""
         b, s, _ = hidden_states.shape
         d = self.hidden_size_per_attention_head
@@ -1326,12 +1315,14 @@ class GLMTransformer(nn.Module):
 
     def forward(self, hidden_states, rotary_pos_emb, step: "_Step", output_hidden_states: bool = False):
         """``hidden_states`` [b, s, h] -> (hidden [b, s, h], every layer's input + the output, or None).
-        ``rotary_pos_emb`` [b, s, rot/2, 2] (cos, sin): each layer gets its factors (rope_factors),
-        made once here."""
+        ``rotary_pos_emb`` [b, s, rot/2, 2] (cos, sin): the layers get each pair's factors
+        (:func:`rotate_pairs`), made once here, in the compiled region: as the compiled function's
+        input their [.., 2, 2] strides met a chunk's storage offset by duck sizing and recompiled."""
         all_hidden_states = () if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training
         if rotary_pos_emb is not None:
-            rotary_pos_emb = rope_factors(rotary_pos_emb)
+            cos, sin = rotary_pos_emb[..., :1], rotary_pos_emb[..., 1:]
+            rotary_pos_emb = torch.stack((torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), -2)
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
