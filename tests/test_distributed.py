@@ -401,8 +401,13 @@ distributed.end_process(3)
 def test_end_process_keeps_the_code_and_the_output_and_skips_teardown_after_a_group(group):
     """A multi-rank process ends at once (no interpreter teardown: the SIGABRT/SIGBUS at exit),
     yet its buffered output and exit code survive; a single process exits the normal way."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a buffered pipe
     result = subprocess.run(
-        [sys.executable, "-c", _END_SCRIPT, str(REPO), group], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _END_SCRIPT, str(REPO), group],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert result.returncode == 3, result.stderr[-2000:]
     assert result.stdout.startswith("results"), result.stdout
