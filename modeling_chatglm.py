@@ -669,6 +669,32 @@ def _cache_write_npu(buffer, dim, slots, update):
     _require_torch_npu("kv_cache='static' on NPU").scatter_update_(buffer, starts, update.contiguous(), dim)
 
 
+class ShardedLinear(nn.Linear):
+    """This rank's part of a tensor-parallel projection (the model's tensor-parallel contract, with
+    ``SelfAttention.replicate_kv_groups``): an ``nn.Linear`` over the rank's slice of the weight
+    whose product then goes through ``combine``, which returns the layer's whole output (the
+    all-reduce of a layer split along its input, the gather of one split along its output). Every
+    linear backend runs the slice as it runs a whole layer (``gemv``, ``dot``: the one-row kernels,
+    where a layer of another class gets its own forward), then combines."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], combine: Callable):
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.combine = combine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(F.linear(x, self.weight, self.bias))
+
+
+# The layers the one-row kernels run themselves (anything else runs its own forward).
+_PLAIN_LINEARS = (nn.Linear, ShardedLinear)
+
+
+def _combined(linear: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    return linear.combine(out) if type(linear) is ShardedLinear else out
+
+
 def _gemv_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.mv(weight, x) if bias is None else torch.addmv(bias, weight, x)
 
@@ -715,14 +741,14 @@ def _linear_gemv(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     row reads it 20-30 % slower (27392x4096 bf16, 2-core Xeon: 8.6 ms against 10.3-11.8 ms).
     Anything else (several rows, a layer DeepSpeed or quantization replaced) runs the layer's
     own forward. Numerically the same product: fp32 accumulation, one rounding per output."""
-    if x.shape[-1] != x.numel() or type(linear) is not nn.Linear:
+    if x.shape[-1] != x.numel() or type(linear) not in _PLAIN_LINEARS:
         return linear(x)
     out = (
         _GEMV(x.reshape(-1), linear.weight, linear.bias)
         if _is_compiling()
         else _gemv_eager(x.reshape(-1), linear.weight, linear.bias)
     )
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return _combined(linear, out.view(*x.shape[:-1], out.shape[-1]))
 
 
 # The C kernels' next-tile prefetch (see the note above cg_dot8_x4 in _NATIVE_DOT_SOURCE): the
@@ -809,7 +835,7 @@ def _linear_dot(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
     if (
         x.shape[-1] != x.numel()
-        or type(linear) is not nn.Linear
+        or type(linear) not in _PLAIN_LINEARS
         or x.dtype != torch.bfloat16
         or weight.dtype != torch.bfloat16
         or not weight.is_contiguous()
@@ -818,7 +844,7 @@ def _linear_dot(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return linear(x)
     row = x.reshape(-1).contiguous()
     out = _DOT_GEMV(row, weight, bias) if _is_compiling() else _dot_gemv_eager(row, weight, bias)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return _combined(linear, out.view(*x.shape[:-1], out.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4392,7 +4418,7 @@ def quantize_model(
     _group_size_argument("int8_group_size", int8_group_size)
     for block, (parent_name, name) in targets:
         linear = getattr(getattr(block, parent_name), name)
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, nn.Linear) or isinstance(linear, ShardedLinear):
             raise TypeError(
                 f"quantize() found {type(linear).__name__} at {parent_name}.{name}, not nn.Linear "
                 "(e.g. after DeepSpeed AutoTP sharding); quantize before sharding is not "

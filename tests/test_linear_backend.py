@@ -101,6 +101,53 @@ def test_several_rows_and_replaced_layers_run_the_layers_own_forward():
     assert torch.equal(modeling._linear_gemv(scaled, one), scaled(one))
 
 
+@pytest.mark.parametrize("exe_mode", ["eager", "dynamo"])
+@pytest.mark.parametrize("linear", ["gemv", pytest.param("dot", marks=needs_dot), "aten"])
+def test_a_sharded_layer_runs_the_backends_kernel_on_its_slice_then_combines(monkeypatch, linear, exe_mode):
+    # Two "ranks" of a layer split by output rows, in one process: each computes its rows with the
+    # backend and the combine puts them in place, as the tensor-parallel gather does.
+    project = modeling.LINEAR_BACKENDS[linear]
+    layer = _layer(torch.bfloat16, True, out_features=80)
+    kernel_rows = []
+    if linear == "gemv":
+        real = modeling._gemv_eager
+        monkeypatch.setattr(
+            modeling, "_gemv_eager", lambda x, w, b: kernel_rows.append(w.shape[0]) or real(x, w, b)
+        )
+
+    def shard(r):
+        rows = slice(40 * r, 40 * (r + 1))
+
+        def combine(y):
+            whole = y.new_zeros(*y.shape[:-1], 80)
+            whole[..., rows] = y
+            return whole
+
+        return modeling.ShardedLinear(layer.weight[rows].clone(), layer.bias[rows].clone(), combine)
+
+    shards = [shard(0), shard(1)]
+    x = torch.randn(1, 1, 96).to(torch.bfloat16)
+    run = (
+        (lambda s, t: project(s, t))
+        if exe_mode == "eager"
+        else torch.compile(project, fullgraph=True, backend="eager")
+    )
+    got = run(shards[0], x) + run(shards[1], x)
+    assert got.shape == (1, 1, 80)
+    # The same kernel on fewer rows: each output exactly as the whole layer's own backend gives it
+    # (oneDNN's GEMM, aten, may block 40 rows otherwise than 80: within bf16's rounding there).
+    want = project(layer, x)
+    if linear == "aten":
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
+    else:
+        assert torch.equal(got, want)
+    if linear == "gemv" and exe_mode == "eager":
+        assert kernel_rows == [40, 40, 80]  # the one-row kernel ran on each slice, not F.linear
+    assert torch.equal(
+        shards[0](x)[..., 40:], torch.zeros(1, 1, 40, dtype=torch.bfloat16)
+    )  # its forward combines too
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("linear", ["gemv", pytest.param("dot", marks=needs_dot)])
 def test_one_row_kernels_in_a_full_graph_are_one_op_with_the_eager_result(linear, bias):

@@ -96,6 +96,23 @@ def main() -> None:
     model = shard_model(model, env, torch.float32)
     diffs = {kind: (run_logits(model, kind) - reference[kind]).abs().max().item() for kind in kinds}
     attention = model.transformer.encoder.layers[0].self_attention
+
+    # bf16 on a CPU: one-row decode steps run the projections through the gemv kernel, shards too.
+    half = build_tiny_model().to(torch.bfloat16)
+    half_reference = run_logits(half, "static").float()
+    half = shard_model(half, env, torch.bfloat16)
+    half_diff = (run_logits(half, "static").float() - half_reference).abs().max().item()
+    block = half.transformer.encoder.layers[0]
+    layer_types = {
+        name: type(getattr(getattr(block, parent), name)).__name__
+        for parent, name in (
+            ("self_attention", "query_key_value"),
+            ("self_attention", "dense"),
+            ("mlp", "dense_h_to_4h"),
+            ("mlp", "dense_4h_to_h"),
+        )
+    }
+    layer_types["output_layer"] = type(half.transformer.output_layer).__name__
     mine = {
         "rank": env.rank,
         "local_rank_arg": args.local_rank,
@@ -104,6 +121,10 @@ def main() -> None:
         "heads": attention.num_attention_heads_per_partition,
         "kv_groups": attention.num_multi_query_groups_per_partition,
         "max_abs_diff": diffs,
+        "bf16_max_abs_diff": half_diff,
+        "bf16_max_abs_logit": half_reference.abs().max().item(),
+        "layer_types": layer_types,
+        "output_rows": model.transformer.output_layer.weight.shape[0],
     }
     ranks = gather_per_rank(mine, env)
     if env.is_rank0:
