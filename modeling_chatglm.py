@@ -3537,9 +3537,9 @@ static float cg_dot4(const int8_t *w, const int8_t *qe, const int8_t *qo, const 
    streams (1-3 KiB rows) barely trained the hardware's prefetcher, and reading ran at half speed
    (2-core EPYC Zen 4, 2 threads: 65024x1024 int8 12 against 25 GB/s, 8192x2752 int8 20 against
    25-32, int4 27392x4096 15-19 against 26-30). There, from 16 KiB tiles on it was slower than
-   without (int8 27392x4096 19-22 against 21-27 GB/s), so larger tiles prefetch within their rows
-   (int4) or not at all (int8); on a Zen 5 every tile size gained from it (int8 4096-wide rows,
-   16 KiB tiles: 24-32 against 34-50 GB/s). */
+   without (int8 27392x4096 19-22 against 21-27 GB/s), so larger tiles prefetch 8 vectors ahead
+   within their rows instead (int8 too since 2026-12-03, measured on a Xeon only); on a Zen 5
+   every tile size gained from it (int8 4096-wide rows, 16 KiB tiles: 24-32 against 34-50 GB/s). */
 /* Four output rows at a time (AVX-512): the activation block is loaded once for all four, and
    four independent accumulations keep the dot-product units busy. */
 static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float *xs,
@@ -3555,8 +3555,11 @@ static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float 
         __m512i init = cg_two_lanes(-128 * xsum[2 * b], -128 * xsum[2 * b + 1]);
         __m512 s = cg_two_halves(xs[2 * b], xs[2 * b + 1]);
         int64_t g0 = 2 * b * 32 / group, g1 = (2 * b + 1) * 32 / group;
-        if (near) /* the next tile, at the rate this one is read: see near_tile above */
-            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w + 4 * k + b * 256 + r * 64), _MM_HINT_T0);
+        /* The next tile (near_tile above), else 8 vectors ahead in each row, as the int4 rows:
+           27392x4096 24.4 against 26.2 GB/s, 4096x13696 26.6 against 28.5 (2-core Xeon; 256
+           bytes ahead gained nothing, 2048 lost at 4096-wide rows). */
+        for (int r = 0; r < 4; r++)
+            _mm_prefetch((const char *)(near ? w + 4 * k + b * 256 + r * 64 : w + r * k + b * 64 + 512), _MM_HINT_T0);
         for (int r = 0; r < 4; r++) {
             __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + r * k + b * 64)), flip);
             __m512 sr = groups == 1 ? s : _mm512_mul_ps(s, cg_two_halves(cg_scale(ws, bf16, r * groups + g0),
