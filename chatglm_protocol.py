@@ -16,6 +16,13 @@ import torch
 _CHUNK = 1 << 24
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest logit, the first one on ties (``argmax(-1)``'s choice):
+    ``max(-1)``, which is vectorised on a CPU where ``argmax`` is not (a [1, 64896] bf16 row:
+    54 against 240 us on a 2-core Xeon, paid by every timed decode step)."""
+    return logits.max(-1).indices
+
+
 def random_chunks(name: str, numel: int, generator, scale: float = 0.02):
     """The float32 values :func:`randomize_` gives parameter ``name`` (``numel`` elements), as
     consecutive flat chunks of at most ``_CHUNK``, drawn from ``generator`` exactly as it does.
@@ -97,7 +104,7 @@ def decode(
         return_dict=True,
         return_last_logit=not keep_logits,
     )
-    token = out.logits[:, -1].argmax(-1)
+    token = greedy(out.logits[:, -1])
     sync()
     prefill_s = time.perf_counter() - start
     prefill_logits = out.logits if keep_logits else None
@@ -127,7 +134,7 @@ def decode(
             return_dict=True,
             return_last_logit=True,
         )
-        token = out.logits[:, -1].argmax(-1)
+        token = greedy(out.logits[:, -1])
         sync()
         times.append(time.perf_counter() - start)
         cache = cache_of(out)

@@ -8,7 +8,7 @@ from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatglm_protocol import decode, randomize_
+from chatglm_protocol import decode, greedy, randomize_
 
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -81,3 +81,21 @@ def test_every_combination_equals_the_math_baseline(npu_module, case):
             # Every position, padded query rows too (the original lets them attend everywhere).
             diff = (a - b).abs().max().item()
             assert diff <= 1e-5, (attention, rmsnorm, cache, step, diff, config)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 3),
+    width=st.integers(1, 70000),
+    levels=st.integers(1, 4),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_greedy_is_argmax_first_index_on_ties(rows, width, levels, dtype, seed):
+    # Few distinct values, so most rows have their maximum several times: the first must win.
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (rows, width), generator=generator).to(dtype)
+    got = greedy(logits)
+    assert torch.equal(got, logits.argmax(-1))
+    first = torch.stack([(row == row.max()).nonzero()[0, 0] for row in logits])
+    assert torch.equal(got, first)
