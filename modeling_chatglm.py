@@ -3570,6 +3570,46 @@ static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float 
     for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+/* Scales i .. i+15 of ws (bf16 or float) as floats; the lanes outside mask m are zero. */
+static inline __m512 cg_scales16(const void *ws, int bf16, int64_t i, __mmask16 m) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)ws + i)), 16));
+    return _mm512_maskz_loadu_ps(m, (const float *)ws + i);
+}
+
+/* cg_dot4_x4's loop for one scale per 128-column block: every 16 blocks each row's 16 products
+   x scale * w scale are made in one vector (the same float products as one at a time) and each
+   block broadcasts its own from memory, where a scalar load, multiply and broadcast per block and
+   row had made the loop compute-bound enough to slow the stream. */
+static void cg_dot4_x4_blocks(const int8_t *w, int64_t k, const int8_t *qe, const int8_t *qo, const float *xs,
+                              const int32_t *xsum, const void *ws, int64_t groups, int bf16, int near,
+                              __m512 *acc) {
+    const __m512i flip = _mm512_set1_epi8((char)0x88), low = _mm512_set1_epi8(0x0F);
+    int64_t stride = k / 2, blocks = k / 128;
+    float cs[4][16];
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+        int64_t span = blocks - b0 < 16 ? blocks - b0 : 16;
+        __mmask16 m = (__mmask16)((1u << span) - 1u);
+        __m512 xv = _mm512_maskz_loadu_ps(m, xs + b0);
+        for (int r = 0; r < 4; r++) _mm512_storeu_ps(cs[r], _mm512_mul_ps(xv, cg_scales16(ws, bf16, r * groups + b0, m)));
+        for (int64_t c = 0; c < span; c++) {
+            int64_t b = b0 + c;
+            __m512i ev = _mm512_loadu_si512((const void *)(qe + b * 64));
+            __m512i od = _mm512_loadu_si512((const void *)(qo + b * 64));
+            __m512i init = _mm512_zextsi128_si512(_mm_cvtsi32_si128(-8 * xsum[b]));
+            for (int r = 0; r < 4; r++) {
+                _mm_prefetch((const char *)(near ? w + 4 * stride + b * 256 + r * 64 : w + r * stride + b * 64 + 512),
+                             _MM_HINT_T0);
+                __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + r * stride + b * 64)), flip);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low), lo = _mm512_and_si512(v, low);
+                __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, hi, ev), lo, od);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(cs[r][c]), acc[r]);
+            }
+        }
+    }
+}
+
 static void cg_dot4_x4(const int8_t *w, int64_t k, const int8_t *qe, const int8_t *qo, const float *xs,
                        const int32_t *xsum, const void *ws, int64_t groups, int bf16, int64_t per_group,
                        int64_t near_tile, float *out) {
@@ -3579,6 +3619,10 @@ static void cg_dot4_x4(const int8_t *w, int64_t k, const int8_t *qe, const int8_
     __m512 acc[4];
     float sw[4];
     for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    if (per_group == 1) { /* a scale per block (group 128, the default) */
+        cg_dot4_x4_blocks(w, k, qe, qo, xs, xsum, ws, groups, bf16, near, acc);
+        groups = 0;
+    }
     for (int64_t g = 0, b = 0; g < groups; g++) {
         for (int r = 0; r < 4; r++) sw[r] = cg_scale(ws, bf16, r * groups + g);
         for (int64_t e = b + per_group; b < e; b++) {

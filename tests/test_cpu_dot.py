@@ -85,6 +85,8 @@ def _stored(bits, out_features, in_features, group, scale_dtype, offset=0, seed=
         (8, 44, 384, 128, torch.bfloat16, 0),
         (4, 67, 256, 0, torch.bfloat16, 3),  # per output channel (THUDM's int4 layout)
         (4, 64, 512, 128, torch.bfloat16, 0),
+        (4, 67, 2304, 128, torch.float32, 0),  # 18 blocks: the scales 16 at a time, then two
+        (4, 40, 4096, 128, torch.bfloat16, 1),  # 32 blocks: two whole spans of 16
         (4, 40, 1024, 256, torch.float32, 0),
         # Blocks of 64 columns: a width or group that is not a multiple of 128 (a half vector last).
         (4, 67, 192, 0, torch.bfloat16, 5),
@@ -101,6 +103,8 @@ def _stored(bits, out_features, in_features, group, scale_dtype, offset=0, seed=
         "int8-g128",
         "int4-per-channel",
         "int4-g128",
+        "int4-g128-2304-fp32-scale",
+        "int4-g128-4096-unaligned",
         "int4-g256-fp32-scale",
         "int4-per-channel-192",
         "int4-704-g64",
