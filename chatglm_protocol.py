@@ -18,8 +18,8 @@ _CHUNK = 1 << 24
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The index of each row's largest logit, the first one on ties (``argmax(-1)``'s choice):
-    ``max(-1)``, which is vectorised on a CPU where ``argmax`` is not (a [1, 64896] bf16 row:
-    54 against 240 us on a 2-core Xeon, paid by every timed decode step)."""
+    ``max(-1)``, which ATen runs over four times faster on a CPU (a [1, 64896] bf16 row: 54
+    against 240 us on a 2-core Xeon, paid by every timed decode step)."""
     return logits.max(-1).indices
 
 

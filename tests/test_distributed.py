@@ -162,6 +162,19 @@ def test_replicated_kv_groups_compute_the_same_logits(groups):
         assert (run_logits(model, kind) - logits).abs().max().item() <= 1e-5, kind
 
 
+def test_quantize_refuses_a_sharded_model_by_the_layer_it_found():
+    import modeling_chatglm
+
+    model = build_tiny_model()
+    attention = model.transformer.encoder.layers[0].self_attention
+    dense = attention.dense
+    # As after sharding: the row-parallel projection is a ShardedLinear (still an nn.Linear).
+    attention.dense = modeling_chatglm.ShardedLinear(dense.weight.detach(), None, lambda y: y)
+    with pytest.raises(TypeError, match=r"ShardedLinear at self_attention\.dense.*one rank"):
+        model.quantize(8)
+    assert model.transformer.encoder.layers[0].self_attention.query_key_value.weight.dtype == torch.float32
+
+
 def test_kv_groups_that_do_not_divide_the_heads_are_refused():
     with pytest.raises(UsageError, match="cannot turn 2 KV groups into 3"):
         replicate_kv_groups(build_tiny_model(), 3)
