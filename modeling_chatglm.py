@@ -4467,7 +4467,7 @@ def quantize_model(
         linear = getattr(getattr(block, parent_name), name)
         if not isinstance(linear, nn.Linear) or isinstance(linear, ShardedLinear):
             raise TypeError(
-                f"quantize() found {type(linear).__name__} at {parent_name}.{name}, not nn.Linear "
+                f"quantize() found {type(linear).__name__} at {parent_name}.{name}, not a plain nn.Linear "
                 "(e.g. after DeepSpeed AutoTP sharding); quantize before sharding is not "
                 "supported either: run quantized models on one rank"
             )

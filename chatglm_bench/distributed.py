@@ -430,8 +430,8 @@ def shard_model(model: nn.Module, env: DistEnv, dtype: Optional[torch.dtype] = N
     ``dense_h_to_4h`` (gate and up halves apart) and ``dense_4h_to_h`` (row-parallel), and
     divides the per-rank head counts the forward reads; embedding and norms stay whole on every
     rank, and we split the output layer by vocabulary rows (:func:`_adopt_shards`, which also
-    turns AutoTP's layers into the model's own layer types). Its KV-group unit is ``config.multi_query_group_num``, so we first
-    repeat KV groups until every rank owns one. DeepSpeed splits the fused ``query_key_value``
+    turns AutoTP's layers into the model's own layer types). Its KV-group unit is
+    ``config.multi_query_group_num``, so we first repeat KV groups until every rank owns one. DeepSpeed splits the fused ``query_key_value``
     itself for 2 groups (1-2 ranks); for more groups we cut it for this rank the same way,
     q, k and v each into equal parts, and hide it from AutoTP while it runs."""
     if env.world_size == 1:
