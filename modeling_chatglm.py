@@ -3583,10 +3583,11 @@ static inline __m512 cg_scales16(const void *ws, int bf16, int64_t i, __mmask16 
    scale are made in one vector (the same float products as one at a time) and broadcast from
    memory per block, where a scalar load, multiply and broadcast per block and row had made the
    loop compute-bound enough to slow the stream. `near`: prefetch the next tile (rows short
-   enough that a four-row tile would), else 8 vectors ahead within each row. 2-core Xeon, GB/s
-   against four rows with scalar scales: 27392x4096 24.9-25.8 -> 28.7-30.0, 4096x13696
-   25.0-25.1 -> 28.4-29.0, 4608x4096 23.6-24.7 -> 25.3-26.8 (eight rows alone: 25.9-26.0 there
-   against 26.6-27.1 for four; both kept for the bigger layers' sake). */
+   enough that a four-row tile would), else 8 vectors ahead within each row. 2-core Xeon, GB/s,
+   interleaved rounds: the vector scales on four rows, 27392x4096 24.9-25.8 -> 26.3-28.0,
+   4096x13696 25.0-25.1 -> 25.6-25.8; then eight rows, 27392x4096 23.4-28.0 -> 28.1-28.4,
+   4096x13696 26.5-26.7 -> 28.0-28.2, but 4608x4096 23.2-27.1 -> 26.0-26.1 (kept for the bigger
+   layers' sake). */
 static void cg_dot4_x8(const int8_t *w, int64_t k, const int8_t *qe, const int8_t *qo, const float *xs,
                        const int32_t *xsum, const void *ws, int64_t groups, int bf16, int near, float *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x88), low = _mm512_set1_epi8(0x0F);
