@@ -1049,10 +1049,10 @@ def rotate_pairs(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [b, s, heads, d] on its first rot dims by ``factors`` [b, s, rot/2, 2, 2]
     (``[..., 0, :]`` = (cos, cos), ``[..., 1, :]`` = (-sin, sin); GLMTransformer.forward makes
     them from the rotary table once per forward): each pair (x0, x1) becomes (x0 cos - x1 sin,
-    x1 cos + x0 sin), computed as pair * (cos, cos) + swapped pair * (-sin, sin). Every product and sum is rounded
-    to x's dtype exactly as the original's four products and two sums are (negation is exact), in
-    three arithmetic ops and a flip where the written-out form takes six, eight selects and a
-    stack; the query and key heads of a layer go through one call (an eager decode step of the
+    x1 cos + x0 sin), computed as pair * (cos, cos) + swapped pair * (-sin, sin). Every product
+    and sum is rounded to x's dtype exactly as the original's four products and two sums are
+    (negation is exact), in three arithmetic ops and a flip where the written-out form takes
+    six, eight selects and a stack; the query and key heads of a layer go through one call (an eager decode step of the
     4-layer small model ran ~400 ATen ops, 160 of them rotary)."""
     b, s, heads, _ = x.shape
     half = factors.shape[-3]
@@ -1221,7 +1221,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden_states, rotary_pos_emb, step: "_Step"):
         """``hidden_states`` [b, s, h]; ``rotary_pos_emb`` [b, s, rot/2, 2, 2] (the factors of
-        :func:`rotate_pairs`); ``step.cache`` stores the new K/V and returns everything to attend to under ``step.keep``."""
+        :func:`rotate_pairs`); ``step.cache`` stores the new K/V and returns everything to attend
+        to under ``step.keep``."""
         b, s, _ = hidden_states.shape
         d = self.hidden_size_per_attention_head
         heads = self.num_attention_heads_per_partition

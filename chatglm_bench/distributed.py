@@ -470,15 +470,6 @@ def shard_model(model: nn.Module, env: DistEnv, dtype: Optional[torch.dtype] = N
     return module
 
 
-# The block projections AutoTP may replace, as (parent, name).
-BLOCK_LINEARS = (
-    ("self_attention", "query_key_value"),
-    ("self_attention", "dense"),
-    ("mlp", "dense_h_to_4h"),
-    ("mlp", "dense_4h_to_h"),
-)
-
-
 def _summed(all_reduce, group, bias: Optional[torch.Tensor]):
     # A layer split along its input: the ranks' partial products add up to the output (in
     # place, as AutoTP's own row-parallel layer does), then the whole bias once.
@@ -503,10 +494,10 @@ def _gathered(all_reduce, group, start: int, rows: int):
     return combine
 
 
-def _autotp_forward_of(layer: nn.Module, classes) -> bool:
-    # ``layer`` is one of AutoTP's ``classes`` and runs that class's own forward (no subclass
-    # that computes something else).
-    return any(isinstance(layer, cls) and type(layer).forward is cls.forward for cls in classes if cls)
+def _autotp_layer(layer: nn.Module, cls) -> bool:
+    # ``layer`` is an instance of AutoTP's ``cls`` that runs that class's own forward (no
+    # subclass that computes something else).
+    return cls is not None and isinstance(layer, cls) and type(layer).forward is cls.forward
 
 
 def _adopt_shards(model: nn.Module, env: DistEnv, deepspeed) -> None:
@@ -529,18 +520,19 @@ def _adopt_shards(model: nn.Module, env: DistEnv, deepspeed) -> None:
     column = getattr(layers, "LinearLayer", None)
     row = getattr(layers, "LinearAllreduce", None)
     all_reduce = deepspeed.comm.inference_all_reduce
-    for block in model.transformer.encoder.layers:
-        for parent_name, name in BLOCK_LINEARS:
-            parent = getattr(block, parent_name)
-            layer = getattr(parent, name)
-            weight, bias = layer.weight.detach(), layer.bias
-            bias = None if bias is None else bias.detach()
-            if _autotp_forward_of(layer, [column]) and not getattr(layer, "gather_output", False):
+    for parent in list(model.transformer.encoder.layers.modules()):
+        for name, layer in list(parent.named_children()):
+            column_parallel = _autotp_layer(layer, column) and not getattr(layer, "gather_output", False)
+            if not column_parallel and not _autotp_layer(layer, row):
+                continue
+            weight = layer.weight.detach()
+            bias = None if layer.bias is None else layer.bias.detach()
+            if column_parallel:
                 plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
                 plain.weight = nn.Parameter(weight, requires_grad=False)
                 plain.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
                 setattr(parent, name, plain)
-            elif _autotp_forward_of(layer, [row]):
+            else:
                 group = getattr(layer, "mp_group", None)
                 setattr(parent, name, sharded_linear(weight, None, _summed(all_reduce, group, bias)))
     head = model.transformer.output_layer
