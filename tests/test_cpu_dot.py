@@ -361,18 +361,33 @@ def test_the_next_tile_prefetch_leaves_the_products_unchanged(
 
 
 @needs_kernel
-def test_the_bf16_kernel_gives_the_same_row_with_either_prefetch(monkeypatch):
-    # 8256 columns: 66 KiB tiles, over the bf16 kernel's 64 KiB "near" limit; a masked tail too.
+@pytest.mark.parametrize("k", [4224, 4160, 4100, 96, 31])
+def test_the_bf16_kernel_rounds_each_exact_sum_once_at_every_width(k):
+    # Widths: whole 128-column steps, then 32-column ones, then a masked tail, and a tail alone.
+    # Small whole numbers make every float32 sum exact, so each output must be torch's rounding of
+    # the exact product, bitwise; 37 rows (odd) split unevenly between the threads.
+    g = torch.Generator().manual_seed(k)
+    weight = torch.randint(-8, 9, (37, k), generator=g).to(torch.bfloat16)
+    x = torch.randint(-8, 9, (k,), generator=g).to(torch.bfloat16)
+    bias = torch.randint(-64, 65, (37,), generator=g).to(torch.bfloat16)
+    exact = weight.double() @ x.double() + bias.double()
+    out = M._dot_gemv_eager(x, weight, bias)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, exact.to(torch.bfloat16))
+    assert torch.equal(M._dot_gemv_eager(x, weight, None), (exact - bias.double()).to(torch.bfloat16))
+
+
+@needs_kernel
+def test_the_bf16_kernel_sums_random_rows_in_float32_and_keeps_a_nan():
     g = torch.Generator().manual_seed(3)
     weight = torch.randn(37, 8256, generator=g).to(torch.bfloat16)
     x = torch.randn(8256, generator=g).to(torch.bfloat16)
-    outs = {}
-    for mode in ("near", "all"):
-        monkeypatch.setenv("CHATGLM_DOT_PREFETCH", mode)
-        outs[mode] = M._dot_gemv_eager(x, weight, None)
-    assert torch.equal(outs["near"], outs["all"])
-    want = weight.double() @ x.double()
-    assert ((outs["all"].double() - want).abs() <= 2**-8 * want.abs() + 1e-4 * want.abs().max()).all()
+    weight[5, 100] = float("nan")
+    out = M._dot_gemv_eager(x, weight, None)
+    keep = torch.arange(37) != 5
+    assert torch.isnan(out[5]) and not torch.isnan(out[keep]).any()
+    want = (weight.double() @ x.double())[keep]
+    assert ((out[keep].double() - want).abs() <= 2**-8 * want.abs() + 1e-4 * want.abs().max()).all()
 
 
 _CPUINFO = (
