@@ -802,6 +802,25 @@ def _dot_prefetch_tile() -> int:
     return _DOT_PREFETCH[_dot_prefetch_mode()]
 
 
+# Rows a tile of the int4 C kernel takes with a scale per 128-column block (the default group):
+# eight (cg_dot4_x8: each activation vector serves eight rows, the block scales made 16 at a
+# time) measured faster on a 2-core Xeon (27392x4096 +2-6 %), four (cg_dot4_x4) on a 2-core EPYC
+# Zen 5, where the eight rows' streams read slower (interleaved rounds, GB/s: 27392x4096 38.9 ->
+# 41.4, 4096x13696 32.7 -> 39.5, 4608x4096 37.9 -> 41.2, 4096x4096 38.3 -> 41.5). auto: four on
+# AMD Zen 5 and later, else eight (the other CPUs as measured or as before).
+_DOT_INT4_ROWS_ENV = "CHATGLM_DOT_INT4_ROWS"
+
+
+def _dot_int4_rows() -> int:
+    """CHATGLM_DOT_INT4_ROWS resolved: 4 or 8 (auto: 4 on AMD Zen 5 and later, else 8)."""
+    option = (os.environ.get(_DOT_INT4_ROWS_ENV) or "auto").strip().lower()
+    if option == "auto":
+        return 4 if _amd_cpu_family() >= 26 else 8
+    if option not in ("4", "8"):
+        raise ValueError(f"{_DOT_INT4_ROWS_ENV}={option!r} is not valid; use one of: auto, 4, 8")
+    return int(option)
+
+
 def _dot_gemv_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [k] bf16 . weight [n, k] bf16 (contiguous, CPU) (+ bias [n] bf16): the cpu_dot library's
     bf16 kernel, float32 sums rounded once to bf16 (as ``torch.mv``'s)."""
@@ -1014,8 +1033,9 @@ def resolve_backends(
         )
     if linear == "dot" and _NativeDot.load() is None:
         raise ValueError(_native_dot_error("linear_backend", "dot"))
-    if quant == "cpu_dot":
-        _dot_prefetch_mode()  # a bad CHATGLM_DOT_PREFETCH is refused here, not at the first step
+    if quant == "cpu_dot":  # a bad CHATGLM_DOT_* setting is refused here, not at the first step
+        _dot_prefetch_mode()
+        _dot_int4_rows()
     for note in fallbacks:
         logger.warning(note)
     compile_settings = None
@@ -3824,7 +3844,8 @@ int64_t cg_stream_read(const int8_t *p, int64_t rows, int64_t row, int64_t near_
 
 /* y[m, n] = x[m, k] . dequantized(w)[n, k]^T, activations quantized per block; 0 on success. */
 int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
-            const void *ws, int ws_bf16, int64_t group, float *y, int64_t near_tile, int threads) {
+            const void *ws, int ws_bf16, int64_t group, float *y, int64_t near_tile, int int4_rows,
+            int threads) {
     (void)near_tile; /* read by the AVX-512 tiles only */
     if (k % 64 || group % (bits == 8 ? 32 : 64) || k % group) return 1;
     int64_t block = bits == 8 ? 32 : (k % 128 || group % 128 ? 64 : 128), blocks = k / block;
@@ -3835,9 +3856,9 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
     for (int64_t r = 0; r < m; r++)
         cg_quantize_row(x + r * k, k, block, bits == 4, q + r * k, xs + r * blocks, xsum + r * blocks);
     int64_t groups = k / group, row_bytes = bits == 8 ? k : k / 2;
-    /* Rows [0, tile * tiles) go `tile` at a time: eight for int4 with a scale per 128-column
-       block (cg_dot4_x8), else four. */
-    int64_t tile = bits == 4 && block == 128 && group == 128 ? 8 : 4;
+    /* Rows [0, tile * tiles) go `tile` at a time: int4 with a scale per 128-column block
+       `int4_rows` (8: cg_dot4_x8, 4: cg_dot4_x4; see _dot_int4_rows), else four. */
+    int64_t tile = bits == 4 && block == 128 && group == 128 && int4_rows == 8 ? 8 : 4;
     int64_t tiles = CG_PATH == 2 ? n / tile : 0;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tiles + (n - tile * tiles); t++) {
@@ -3952,6 +3973,7 @@ class _NativeDot:
             ptr,
             i64,
             ctypes.c_int,
+            ctypes.c_int,
         ]
         lib.cg_dequant.argtypes = [
             ctypes.c_int,
@@ -4036,6 +4058,7 @@ def _native_dot_gemm(lib, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         group,
         out.data_ptr(),
         _dot_prefetch_tile(),
+        _dot_int4_rows(),
         torch.get_num_threads(),
     )
     if status:
@@ -4083,7 +4106,8 @@ class _CpuDotKernel:
     def prepare(layer, dtype):
         if _NativeDot.load() is None:
             raise RuntimeError(_native_dot_error())
-        _dot_prefetch_mode()  # a bad CHATGLM_DOT_PREFETCH is refused here, not mid-forward
+        _dot_prefetch_mode()  # a bad CHATGLM_DOT_* setting is refused here, not mid-forward
+        _dot_int4_rows()
         fast_half = _cpu_has_fast_half_gemm()
         layer.weight.data = layer.weight.data.contiguous()
         scale = layer.weight_scale.data

@@ -361,6 +361,43 @@ def test_the_next_tile_prefetch_leaves_the_products_unchanged(
 
 
 @needs_kernel
+@pytest.mark.parametrize("in_features", [2304, 4096])  # 18 and 32 blocks of 128 columns
+def test_int4_tiles_of_four_and_eight_rows_give_the_exact_products(monkeypatch, in_features):
+    # 45 rows: five tiles of eight and a remainder of five, or eleven of four and one row.
+    weight, scale = _stored(4, 45, in_features, 128, torch.bfloat16, offset=1)
+    x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(5))
+    lib = M._NativeDot.load()
+    outs = {}
+    for rows in ("4", "8"):
+        monkeypatch.setenv("CHATGLM_DOT_INT4_ROWS", rows)
+        outs[rows] = M._native_dot_gemm(lib, x, weight, scale, 4, 128)
+    # The same products, scaled in another order (x4: per block and row; x8: 16 blocks at once).
+    exact = block_quantized(x, 128) @ M.dequantize_weight(weight, scale, 4).double().t()
+    for rows, out in outs.items():
+        assert rel_error(out, exact) <= 2e-6, rows
+    if lib.cg_path() == 2:  # the AVX-512 tiles (elsewhere every row runs alone)
+        assert not torch.equal(outs["4"], outs["8"])  # both tile kinds really ran
+
+
+@pytest.mark.parametrize("family, want", [(26, 4), (27, 4), (25, 8), (0, 8)])
+def test_int4_tiles_take_four_rows_from_zen_5_on(monkeypatch, family, want):
+    monkeypatch.setattr(M, "_amd_cpu_family", lambda: family)
+    assert M._dot_int4_rows() == want
+    monkeypatch.setenv("CHATGLM_DOT_INT4_ROWS", str(12 - want))
+    assert M._dot_int4_rows() == 12 - want  # named, it overrides the CPU's default
+
+
+@needs_kernel
+def test_a_bad_int4_rows_setting_is_refused_when_the_kernel_is_chosen(monkeypatch):
+    layer = quantized_layer(128, 128, 4, 128, torch.float32, "cpu_dot")
+    monkeypatch.setenv("CHATGLM_DOT_INT4_ROWS", "16")
+    with pytest.raises(
+        ValueError, match=r"^CHATGLM_DOT_INT4_ROWS='16' is not valid; use one of: auto, 4, 8$"
+    ):
+        layer.select_kernel(torch.device("cpu"), torch.float32, "cpu_dot")
+
+
+@needs_kernel
 @pytest.mark.parametrize("k", [4224, 4160, 4100, 96, 31])
 def test_the_bf16_kernel_rounds_each_exact_sum_once_at_every_width(k):
     # Widths: whole 128-column steps, then 32-column ones, then a masked tail, and a tail alone.
