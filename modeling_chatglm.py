@@ -3728,7 +3728,7 @@ static inline uint16_t cg_to_bf16_any(float f) {
    sums, each rounded once to bf16. With AVX512-BF16 (`vdpbf16ps`: pairs of bf16 products added
    into float32 lanes) one weight row at a time, 128 columns a step into four accumulators: each
    thread reads one sequential stream, which the hardware prefetcher follows best (a 2-core EPYC
-   Zen 5, 27392x4096 / 4096x13696 / 4608x4096 / 4096x4096, interleaved rounds: 9-15 % faster
+   Zen 5, 27392x4096 / 4096x13696 / 4608x4096 / 4096x4096, interleaved rounds: 9-16 % faster
    than four rows at a time with software prefetch). Elsewhere plain C (correct, not fast). */
 #if CG_PATH == 2 && defined(__AVX512BF16__)
 #  define CG_BF16 1
