@@ -845,9 +845,9 @@ _DOT_GEMV = _opaque_op("dot_gemv", _dot_gemv_eager, lambda x, weight, bias: x.ne
 
 def _linear_dot(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One bf16 row (a batch-1 decode step) on a CPU through our C kernel (``cg_gemv_bf16`` in
-    ``_NATIVE_DOT_SOURCE``: AVX512-BF16 ``vdpbf16ps``, one weight row at a time, each thread one
-    sequential stream). On a CPU with AVX512-BF16 and no AMX (AMD Zen 4/5) ATen's ``mv`` and oneDNN's
-    GEMM are compute-bound for one row; this reads the weight at the memory's rate. Anything
+    ``_NATIVE_DOT_SOURCE``: AVX512-BF16 ``vdpbf16ps``, one weight row at a time, each thread
+    one sequential stream). On a CPU with AVX512-BF16 and no AMX (AMD Zen 4/5) ATen's ``mv`` and
+    oneDNN's GEMM are compute-bound for one row; this reads the weight at the memory's rate. Anything
     else (several rows, other dtypes, a layer DeepSpeed or quantization replaced) runs the
     layer's own forward. Numerically a product in float32 sums (in another order than ATen's),
     rounded once per output."""

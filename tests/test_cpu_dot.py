@@ -362,7 +362,7 @@ def test_the_next_tile_prefetch_leaves_the_products_unchanged(
 
 @needs_kernel
 @pytest.mark.parametrize("in_features", [2304, 4096])  # 18 and 32 blocks of 128 columns
-def test_int4_tiles_of_four_and_eight_rows_give_the_exact_products(monkeypatch, in_features):
+def test_int4_tiles_of_four_and_eight_rows_both_give_the_block_products(monkeypatch, in_features):
     # 45 rows: five tiles of eight and a remainder of five, or eleven of four and one row.
     weight, scale = _stored(4, 45, in_features, 128, torch.bfloat16, offset=1)
     x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(5))
