@@ -802,23 +802,25 @@ def _dot_prefetch_tile() -> int:
     return _DOT_PREFETCH[_dot_prefetch_mode()]
 
 
-# Rows a tile of the int4 C kernel takes with a scale per 128-column block (the default group):
-# eight (cg_dot4_x8: each activation vector serves eight rows, the block scales made 16 at a
-# time) measured faster on a 2-core Xeon (27392x4096 +2-6 %), four (cg_dot4_x4) on a 2-core EPYC
-# Zen 5, where the eight rows' streams read slower (interleaved rounds, GB/s: 27392x4096 38.9 ->
-# 41.4, 4096x13696 32.7 -> 39.5, 4608x4096 37.9 -> 41.2, 4096x4096 38.3 -> 41.5). auto: four on
-# AMD Zen 5 and later, else eight (the other CPUs as measured or as before).
-_DOT_INT4_ROWS_ENV = "CHATGLM_DOT_INT4_ROWS"
+# Rows per tile of the int8 / int4 C kernels. "wide": int8 four rows (cg_dot8_x4), int4 with a
+# scale per 128-column block (the default group) eight (cg_dot4_x8: each activation vector serves
+# eight rows, the block scales made 16 at a time), measured faster on a 2-core Xeon (int4
+# 27392x4096 +2-6 %). "narrow": int8 two rows, int4 four (cg_dot4_x4), measured faster on a 2-core
+# EPYC Zen 5, where fewer streams per thread read faster (interleaved rounds, median GB/s, int4
+# 27392x4096 38.9 -> 41.4, 4096x13696 32.7 -> 39.5, 4608x4096 37.9 -> 41.2, 4096x4096 38.3 -> 41.5;
+# int8 36.4 -> 39.3, 33.9 -> 35.4, 35.6 -> 37.8, 36.3 -> 40.1). auto: narrow on AMD Zen 5 and
+# later, else wide (the other CPUs as measured or as before).
+_DOT_TILES_ENV = "CHATGLM_DOT_TILES"
 
 
-def _dot_int4_rows() -> int:
-    """CHATGLM_DOT_INT4_ROWS resolved: 4 or 8 (auto: 4 on AMD Zen 5 and later, else 8)."""
-    option = (os.environ.get(_DOT_INT4_ROWS_ENV) or "auto").strip().lower()
+def _dot_tiles() -> str:
+    """CHATGLM_DOT_TILES resolved: narrow or wide (auto: narrow on AMD Zen 5 and later, else wide)."""
+    option = (os.environ.get(_DOT_TILES_ENV) or "auto").strip().lower()
     if option == "auto":
-        return 4 if _amd_cpu_family() >= 26 else 8
-    if option not in ("4", "8"):
-        raise ValueError(f"{_DOT_INT4_ROWS_ENV}={option!r} is not valid; use one of: auto, 4, 8")
-    return int(option)
+        return "narrow" if _amd_cpu_family() >= 26 else "wide"
+    if option not in ("narrow", "wide"):
+        raise ValueError(f"{_DOT_TILES_ENV}={option!r} is not valid; use one of: auto, narrow, wide")
+    return option
 
 
 def _dot_gemv_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -1035,7 +1037,7 @@ def resolve_backends(
         raise ValueError(_native_dot_error("linear_backend", "dot"))
     if quant == "cpu_dot":  # a bad CHATGLM_DOT_* setting is refused here, not at the first step
         _dot_prefetch_mode()
-        _dot_int4_rows()
+        _dot_tiles()
     for note in fallbacks:
         logger.warning(note)
     compile_settings = None
@@ -3561,16 +3563,17 @@ static float cg_dot4(const int8_t *w, const int8_t *qe, const int8_t *qo, const 
    without (int8 27392x4096 19-22 against 21-27 GB/s), so larger tiles prefetch 8 vectors ahead
    within their rows instead (int8 too since 2026-12-03, measured on a Xeon only); on a Zen 5
    every tile size gained from it (int8 4096-wide rows, 16 KiB tiles: 24-32 against 34-50 GB/s). */
-/* Four output rows at a time (AVX-512): the activation block is loaded once for all four, and
-   four independent accumulations keep the dot-product units busy. */
-static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float *xs,
-                       const int32_t *xsum, const void *ws, int bf16, int64_t group, int64_t near_tile,
-                       float *out) {
+/* `rows` (2 or 4, a constant where it is inlined) output rows at a time (AVX-512): the
+   activation block is loaded once for all of them, and independent accumulations keep the
+   dot-product units busy. */
+static inline __attribute__((always_inline)) void cg_dot8_rows(
+    const int rows, const int8_t *w, int64_t k, const int8_t *q, const float *xs, const int32_t *xsum,
+    const void *ws, int bf16, int64_t group, int64_t near_tile, float *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     int64_t groups = k / group;
-    int near = 4 * k <= near_tile;
+    int near = rows * k <= near_tile;
     __m512 acc[4];
-    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < k / 64; b++) {
         __m512i qv = _mm512_loadu_si512((const void *)(q + b * 64));
         __m512i init = cg_two_lanes(-128 * xsum[2 * b], -128 * xsum[2 * b + 1]);
@@ -3579,16 +3582,27 @@ static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float 
         /* The next tile (near_tile above), else 8 vectors ahead in each row, as the int4 rows:
            27392x4096 24.4 against 26.2 GB/s, 4096x13696 26.6 against 28.5 (2-core Xeon; 256
            bytes ahead gained nothing, 2048 lost at 4096-wide rows). */
-        for (int r = 0; r < 4; r++)
-            _mm_prefetch((const char *)(near ? w + 4 * k + b * 256 + r * 64 : w + r * k + b * 64 + 512), _MM_HINT_T0);
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < rows; r++)
+            _mm_prefetch((const char *)(near ? w + rows * k + b * 64 * rows + r * 64 : w + r * k + b * 64 + 512),
+                         _MM_HINT_T0);
+        for (int r = 0; r < rows; r++) {
             __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + r * k + b * 64)), flip);
             __m512 sr = groups == 1 ? s : _mm512_mul_ps(s, cg_two_halves(cg_scale(ws, bf16, r * groups + g0),
                                                                           cg_scale(ws, bf16, r * groups + g1)));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wu, qv)), sr, acc[r]);
         }
     }
-    for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+static void cg_dot8_x4(const int8_t *w, int64_t k, const int8_t *q, const float *xs, const int32_t *xsum,
+                       const void *ws, int bf16, int64_t group, int64_t near_tile, float *out) {
+    cg_dot8_rows(4, w, k, q, xs, xsum, ws, bf16, group, near_tile, out);
+}
+
+static void cg_dot8_x2(const int8_t *w, int64_t k, const int8_t *q, const float *xs, const int32_t *xsum,
+                       const void *ws, int bf16, int64_t group, int64_t near_tile, float *out) {
+    cg_dot8_rows(2, w, k, q, xs, xsum, ws, bf16, group, near_tile, out);
 }
 
 /* Scales i .. i+15 of ws (bf16 or float) as floats; the lanes outside mask m are zero. */
@@ -3844,7 +3858,7 @@ int64_t cg_stream_read(const int8_t *p, int64_t rows, int64_t row, int64_t near_
 
 /* y[m, n] = x[m, k] . dequantized(w)[n, k]^T, activations quantized per block; 0 on success. */
 int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n,
-            const void *ws, int ws_bf16, int64_t group, float *y, int64_t near_tile, int int4_rows,
+            const void *ws, int ws_bf16, int64_t group, float *y, int64_t near_tile, int narrow,
             int threads) {
     (void)near_tile; /* read by the AVX-512 tiles only */
     if (k % 64 || group % (bits == 8 ? 32 : 64) || k % group) return 1;
@@ -3856,9 +3870,9 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
     for (int64_t r = 0; r < m; r++)
         cg_quantize_row(x + r * k, k, block, bits == 4, q + r * k, xs + r * blocks, xsum + r * blocks);
     int64_t groups = k / group, row_bytes = bits == 8 ? k : k / 2;
-    /* Rows [0, tile * tiles) go `tile` at a time: int4 with a scale per 128-column block
-       `int4_rows` (8: cg_dot4_x8, 4: cg_dot4_x4; see _dot_int4_rows), else four. */
-    int64_t tile = bits == 4 && block == 128 && group == 128 && int4_rows == 8 ? 8 : 4;
+    /* Rows [0, tile * tiles) go `tile` at a time (see _dot_tiles): int4 with a scale per
+       128-column block 8 (cg_dot4_x8) or, `narrow`, 4; int8 4 or, `narrow`, 2; else four. */
+    int64_t tile = bits == 4 && block == 128 && group == 128 ? (narrow ? 4 : 8) : (bits == 8 && narrow ? 2 : 4);
     int64_t tiles = CG_PATH == 2 ? n / tile : 0;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tiles + (n - tile * tiles); t++) {
@@ -3874,6 +3888,8 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
             const int8_t *wj = w + j * row_bytes;
             if (count == 8) {
                 cg_dot4_x8(wj, k, qr, qr + k / 2, xr, sr, row_scale, groups, ws_bf16, 4 * row_bytes <= near_tile, v);
+            } else if (count == 2) {
+                cg_dot8_x2(wj, k, qr, xr, sr, row_scale, ws_bf16, group, near_tile, v);
             } else if (count == 4) {
                 if (bits == 8) cg_dot8_x4(wj, k, qr, xr, sr, row_scale, ws_bf16, group, near_tile, v);
                 else if (block == 128)
@@ -4058,7 +4074,7 @@ def _native_dot_gemm(lib, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         group,
         out.data_ptr(),
         _dot_prefetch_tile(),
-        _dot_int4_rows(),
+        int(_dot_tiles() == "narrow"),
         torch.get_num_threads(),
     )
     if status:
@@ -4107,7 +4123,7 @@ class _CpuDotKernel:
         if _NativeDot.load() is None:
             raise RuntimeError(_native_dot_error())
         _dot_prefetch_mode()  # a bad CHATGLM_DOT_* setting is refused here, not mid-forward
-        _dot_int4_rows()
+        _dot_tiles()
         fast_half = _cpu_has_fast_half_gemm()
         layer.weight.data = layer.weight.data.contiguous()
         scale = layer.weight_scale.data

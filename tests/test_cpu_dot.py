@@ -368,31 +368,49 @@ def test_int4_tiles_of_four_and_eight_rows_both_give_the_block_products(monkeypa
     x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(5))
     lib = M._NativeDot.load()
     outs = {}
-    for rows in ("4", "8"):
-        monkeypatch.setenv("CHATGLM_DOT_INT4_ROWS", rows)
-        outs[rows] = M._native_dot_gemm(lib, x, weight, scale, 4, 128)
+    for tiles in ("narrow", "wide"):
+        monkeypatch.setenv("CHATGLM_DOT_TILES", tiles)
+        outs[tiles] = M._native_dot_gemm(lib, x, weight, scale, 4, 128)
     # The same products, scaled in another order (x4: per block and row; x8: 16 blocks at once).
     exact = block_quantized(x, 128) @ M.dequantize_weight(weight, scale, 4).double().t()
-    for rows, out in outs.items():
-        assert rel_error(out, exact) <= 2e-6, rows
+    for tiles, out in outs.items():
+        assert rel_error(out, exact) <= 2e-6, tiles
     if lib.cg_path() == 2:  # the AVX-512 tiles (elsewhere every row runs alone)
-        assert not torch.equal(outs["4"], outs["8"])  # both tile kinds really ran
-
-
-@pytest.mark.parametrize("family, want", [(26, 4), (27, 4), (25, 8), (0, 8)])
-def test_int4_tiles_take_four_rows_from_zen_5_on(monkeypatch, family, want):
-    monkeypatch.setattr(M, "_amd_cpu_family", lambda: family)
-    assert M._dot_int4_rows() == want
-    monkeypatch.setenv("CHATGLM_DOT_INT4_ROWS", str(12 - want))
-    assert M._dot_int4_rows() == 12 - want  # named, it overrides the CPU's default
+        assert not torch.equal(outs["narrow"], outs["wide"])  # both tile kinds really ran
 
 
 @needs_kernel
-def test_a_bad_int4_rows_setting_is_refused_when_the_kernel_is_chosen(monkeypatch):
+@pytest.mark.parametrize("group", [32, 0])  # grouped, per output channel
+def test_int8_tiles_of_two_and_four_rows_give_the_same_products(monkeypatch, group):
+    # 43 rows: 21 tiles of two and one row, or ten of four and three rows; each row's sums are
+    # made by the same instructions either way, so the outputs are bitwise the same.
+    weight, scale = _stored(8, 43, 4096, group, torch.bfloat16, offset=1)
+    x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(6))
+    lib = M._NativeDot.load()
+    outs = {}
+    for tiles in ("narrow", "wide"):
+        monkeypatch.setenv("CHATGLM_DOT_TILES", tiles)
+        outs[tiles] = M._native_dot_gemm(lib, x, weight, scale, 8, group or 4096)
+    assert torch.equal(outs["narrow"], outs["wide"])
+    exact = block_quantized(x, 32) @ M.dequantize_weight(weight, scale, 8).double().t()
+    assert rel_error(outs["narrow"], exact) <= 2e-6
+
+
+@pytest.mark.parametrize("family, want", [(26, "narrow"), (27, "narrow"), (25, "wide"), (0, "wide")])
+def test_the_tiles_are_narrow_from_zen_5_on(monkeypatch, family, want):
+    monkeypatch.setattr(M, "_amd_cpu_family", lambda: family)
+    assert M._dot_tiles() == want
+    other = "wide" if want == "narrow" else "narrow"
+    monkeypatch.setenv("CHATGLM_DOT_TILES", other)
+    assert M._dot_tiles() == other  # named, it overrides the CPU's default
+
+
+@needs_kernel
+def test_a_bad_tiles_setting_is_refused_when_the_kernel_is_chosen(monkeypatch):
     layer = quantized_layer(128, 128, 4, 128, torch.float32, "cpu_dot")
-    monkeypatch.setenv("CHATGLM_DOT_INT4_ROWS", "16")
+    monkeypatch.setenv("CHATGLM_DOT_TILES", "16")
     with pytest.raises(
-        ValueError, match=r"^CHATGLM_DOT_INT4_ROWS='16' is not valid; use one of: auto, 4, 8$"
+        ValueError, match=r"^CHATGLM_DOT_TILES='16' is not valid; use one of: auto, narrow, wide$"
     ):
         layer.select_kernel(torch.device("cpu"), torch.float32, "cpu_dot")
 
