@@ -787,14 +787,20 @@ def _amd_cpu_family() -> int:
         return 0
 
 
+def _cpu_tuned_option(env: str, choices: Tuple[str, str], zen5: str) -> str:
+    """The C kernels' setting ``env`` resolved to one of ``choices``: auto is ``zen5`` on AMD Zen 5
+    and later, the other choice elsewhere; anything else is refused in one line."""
+    option = (os.environ.get(env) or "auto").strip().lower()
+    if option == "auto":
+        return zen5 if _amd_cpu_family() >= 26 else next(c for c in choices if c != zen5)
+    if option not in choices:
+        raise ValueError(f"{env}={option!r} is not valid; use one of: auto, {', '.join(choices)}")
+    return option
+
+
 def _dot_prefetch_mode() -> str:
     """CHATGLM_DOT_PREFETCH resolved: near or all (auto: all on AMD Zen 5 and later, else near)."""
-    option = (os.environ.get(_DOT_PREFETCH_ENV) or "auto").strip().lower()
-    if option == "auto":
-        return "all" if _amd_cpu_family() >= 26 else "near"
-    if option not in _DOT_PREFETCH:
-        raise ValueError(f"{_DOT_PREFETCH_ENV}={option!r} is not valid; use one of: auto, near, all")
-    return option
+    return _cpu_tuned_option(_DOT_PREFETCH_ENV, ("near", "all"), "all")
 
 
 def _dot_prefetch_tile() -> int:
@@ -815,12 +821,13 @@ _DOT_TILES_ENV = "CHATGLM_DOT_TILES"
 
 def _dot_tiles() -> str:
     """CHATGLM_DOT_TILES resolved: narrow or wide (auto: narrow on AMD Zen 5 and later, else wide)."""
-    option = (os.environ.get(_DOT_TILES_ENV) or "auto").strip().lower()
-    if option == "auto":
-        return "narrow" if _amd_cpu_family() >= 26 else "wide"
-    if option not in ("narrow", "wide"):
-        raise ValueError(f"{_DOT_TILES_ENV}={option!r} is not valid; use one of: auto, narrow, wide")
-    return option
+    return _cpu_tuned_option(_DOT_TILES_ENV, ("narrow", "wide"), "narrow")
+
+
+def _check_dot_settings() -> None:
+    """Refuse a bad CHATGLM_DOT_* setting where the kernel is chosen, not at the first step."""
+    _dot_prefetch_mode()
+    _dot_tiles()
 
 
 def _dot_gemv_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -1035,9 +1042,8 @@ def resolve_backends(
         )
     if linear == "dot" and _NativeDot.load() is None:
         raise ValueError(_native_dot_error("linear_backend", "dot"))
-    if quant == "cpu_dot":  # a bad CHATGLM_DOT_* setting is refused here, not at the first step
-        _dot_prefetch_mode()
-        _dot_tiles()
+    if quant == "cpu_dot":
+        _check_dot_settings()
     for note in fallbacks:
         logger.warning(note)
     compile_settings = None
@@ -4122,8 +4128,7 @@ class _CpuDotKernel:
     def prepare(layer, dtype):
         if _NativeDot.load() is None:
             raise RuntimeError(_native_dot_error())
-        _dot_prefetch_mode()  # a bad CHATGLM_DOT_* setting is refused here, not mid-forward
-        _dot_tiles()
+        _check_dot_settings()
         fast_half = _cpu_has_fast_half_gemm()
         layer.weight.data = layer.weight.data.contiguous()
         scale = layer.weight_scale.data

@@ -396,25 +396,6 @@ def test_int8_tiles_of_two_and_four_rows_give_the_same_products(monkeypatch, gro
     assert rel_error(outs["narrow"], exact) <= 2e-6
 
 
-@pytest.mark.parametrize("family, want", [(26, "narrow"), (27, "narrow"), (25, "wide"), (0, "wide")])
-def test_the_tiles_are_narrow_from_zen_5_on(monkeypatch, family, want):
-    monkeypatch.setattr(M, "_amd_cpu_family", lambda: family)
-    assert M._dot_tiles() == want
-    other = "wide" if want == "narrow" else "narrow"
-    monkeypatch.setenv("CHATGLM_DOT_TILES", other)
-    assert M._dot_tiles() == other  # named, it overrides the CPU's default
-
-
-@needs_kernel
-def test_a_bad_tiles_setting_is_refused_when_the_kernel_is_chosen(monkeypatch):
-    layer = quantized_layer(128, 128, 4, 128, torch.float32, "cpu_dot")
-    monkeypatch.setenv("CHATGLM_DOT_TILES", "16")
-    with pytest.raises(
-        ValueError, match=r"^CHATGLM_DOT_TILES='16' is not valid; use one of: auto, narrow, wide$"
-    ):
-        layer.select_kernel(torch.device("cpu"), torch.float32, "cpu_dot")
-
-
 @needs_kernel
 @pytest.mark.parametrize("k", [4224, 4160, 4100, 96, 31])
 def test_the_bf16_kernel_rounds_each_exact_sum_once_at_every_width(k):
@@ -459,22 +440,38 @@ def test_the_amd_family_is_read_from_cpuinfo(vendor, family, want):
     assert M._amd_family_in("") == 0
 
 
-@pytest.mark.parametrize("family, want", [(26, "all"), (27, "all"), (25, "near"), (0, "near")])
-def test_auto_prefetches_every_tile_from_zen_5_on(monkeypatch, family, want):
+# (env, its resolver's name, auto on Zen 5 and later, auto elsewhere)
+_CPU_TUNED = [
+    ("CHATGLM_DOT_PREFETCH", "_dot_prefetch_mode", "all", "near"),
+    ("CHATGLM_DOT_TILES", "_dot_tiles", "narrow", "wide"),
+]
+
+
+@pytest.mark.parametrize("env, resolver, zen5, other", _CPU_TUNED, ids=["prefetch", "tiles"])
+@pytest.mark.parametrize("family", [26, 27, 25, 0])
+def test_auto_takes_the_zen_5_setting_from_zen_5_on(monkeypatch, env, resolver, zen5, other, family):
     monkeypatch.setattr(M, "_amd_cpu_family", lambda: family)
-    monkeypatch.delenv("CHATGLM_DOT_PREFETCH", raising=False)
-    assert M._dot_prefetch_mode() == want
-    monkeypatch.setenv("CHATGLM_DOT_PREFETCH", "near" if want == "all" else "all")
-    assert M._dot_prefetch_mode() != want  # named, it overrides the CPU's default
+    want, named = (zen5, other) if family >= 26 else (other, zen5)
+    assert getattr(M, resolver)() == want
+    monkeypatch.setenv(env, named)
+    assert getattr(M, resolver)() == named  # named, it overrides the CPU's default
 
 
 @needs_kernel
-def test_a_bad_prefetch_setting_is_refused_when_the_kernel_is_chosen(monkeypatch):
-    layer = quantized_layer(128, 64, 8, 32, torch.float32, "cpu_dot")
-    monkeypatch.setenv("CHATGLM_DOT_PREFETCH", "sometimes")
-    with pytest.raises(
-        ValueError, match=r"^CHATGLM_DOT_PREFETCH='sometimes' is not valid; use one of: auto, near, all$"
-    ):
+@pytest.mark.parametrize(
+    "env, value, bits, group, choices",
+    [
+        ("CHATGLM_DOT_PREFETCH", "sometimes", 8, 32, "near, all"),
+        ("CHATGLM_DOT_TILES", "16", 4, 128, "narrow, wide"),
+    ],
+    ids=["prefetch", "tiles"],
+)
+def test_a_bad_kernel_setting_is_refused_when_the_kernel_is_chosen(
+    monkeypatch, env, value, bits, group, choices
+):
+    layer = quantized_layer(128, 64 if bits == 8 else 128, bits, group, torch.float32, "cpu_dot")
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValueError, match=rf"^{env}='{value}' is not valid; use one of: auto, {choices}$"):
         layer.select_kernel(torch.device("cpu"), torch.float32, "cpu_dot")
 
 
