@@ -3449,27 +3449,14 @@ static inline __m512 cg_two_halves(float a, float b) {
 #endif
 
 /* int8 weight [n, k] x int8 activations in blocks of 32. ws: the row's scales, one per `group`
-   columns (a multiple of 32); per output channel (group == k) the caller applies it instead. */
+   columns (a multiple of 32); per output channel (group == k) the caller applies it instead.
+   AVX2, else plain C (AVX-512 runs cg_dot8_rows for every row). */
 static inline float cg_scale8(const void *ws, int bf16, int64_t group, int64_t k, int64_t b) {
     return group == k ? 1.f : cg_scale(ws, bf16, b * 32 / group);
 }
 static float cg_dot8(const int8_t *w, const int8_t *q, const float *xs, const int32_t *xsum,
                      const void *ws, int bf16, int64_t group, int64_t k) {
-#if CG_PATH == 2
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t b = 0; b < k / 64; b++) {
-        /* (w + 128) as u8 times q: the sum is w.q + 128 * sum(q), removed up front; lanes 0-7
-           hold the first 32-column block, lanes 8-15 the second. */
-        __m512i d = cg_two_lanes(-128 * xsum[2 * b], -128 * xsum[2 * b + 1]);
-        __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + b * 64)), flip);
-        d = _mm512_dpbusd_epi32(d, wu, _mm512_loadu_si512((const void *)(q + b * 64)));
-        __m512 s = cg_two_halves(xs[2 * b] * cg_scale8(ws, bf16, group, k, 2 * b),
-                                 xs[2 * b + 1] * cg_scale8(ws, bf16, group, k, 2 * b + 1));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-#elif CG_PATH == 1
+#if CG_PATH == 1
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < k / 32; b++) {
@@ -3590,17 +3577,19 @@ static inline __m512 cg_block_scales(const void *ws, int bf16, int64_t row, int6
    without (int8 27392x4096 19-22 against 21-27 GB/s), so larger tiles prefetch 8 vectors ahead
    within their rows instead (int8 too since 2026-12-03, measured on a Xeon only); on a Zen 5
    every tile size gained from it (int8 4096-wide rows, 16 KiB tiles: 24-32 against 34-50 GB/s). */
-/* `rows` (2 or 4, a constant where it is inlined) output rows at a time (AVX-512): the
+/* `rows` (1, 2 or 4, a constant where it is inlined) output rows at a time (AVX-512; one for the
+   rows a tile leaves, so that every row's sums are made by the same instructions): the
    activation block is loaded once for all of them, and independent accumulations keep the
    dot-product units busy. Each 64-byte vector holds two 32-column blocks (lanes 0-7, 8-15); every
    16 blocks each row's 16 products activation scale x weight scale are made in one vector, and a
-   lane permutation gives each step its two (the same float products as one at a time). Per step
-   and row that is five vector operations where the scalar loads, conversions and broadcasts of
-   two scales had been fourteen: in cache, one thread, 128x4096, two rows 30 -> 57 GB/s, four
-   44 -> 60 (a 2-core EPYC Zen 5). The vector loads of the scales wait on memory where the scalar
-   ones did not (the next row's scales had arrived by their step): the next tile's scales are
-   prefetched at the start of each tile, without which the weight stream slowed (27392x4096,
-   two rows, 48 against 41 GB/s). */
+   lane permutation gives each step its two. (w + 128) as u8 times q sums to w.q + 128 * sum(q):
+   that is taken off per 16 blocks in float (-128 * sum(q) times the same products), not per
+   step in the integer sums. Per step and row that is five vector operations where the scalar
+   loads, conversions and broadcasts of two scales had been fourteen: in cache, one thread,
+   128x4096, two rows 30 -> 57 GB/s, four 44 -> 64 (a 2-core EPYC Zen 5). The vector loads of the
+   scales wait on memory where the scalar ones did not (the next row's scales had arrived by
+   their step): the next tile's scales are prefetched at the start of each tile, without which
+   the weight stream slowed (27392x4096, two rows, 48 against 41 GB/s). */
 static inline __attribute__((always_inline)) void cg_dot8_rows(
     const int rows, const int8_t *w, int64_t k, const int8_t *q, const float *xs, const int32_t *xsum,
     const void *ws, int bf16, int64_t group, int64_t near_tile, float *out) {
@@ -3618,12 +3607,12 @@ static inline __attribute__((always_inline)) void cg_dot8_rows(
         __m512 xv = _mm512_maskz_loadu_ps(m, xs + b0), cs[4];
         for (int r = 0; r < rows; r++) /* groups == 1: one scale per output channel, the caller's */
             cs[r] = groups == 1 ? xv : _mm512_mul_ps(xv, cg_block_scales(ws, bf16, r * groups, b0, span, group / 32));
+        __m512 corr = _mm512_mul_ps(_mm512_set1_ps(-128.f), _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, xsum + b0)));
+        for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(cs[r], corr, acc[r]);
         __m512i sel = pair0; /* lanes 0-7: block b's product, 8-15: block b + 1's */
         for (int64_t c = 0; c < span; c += 2, sel = _mm512_add_epi32(sel, two)) {
             int64_t b = b0 + c;
             __m512i qv = _mm512_loadu_si512((const void *)(q + b * 32));
-            /* (w + 128) as u8 times q: the sum is w.q + 128 * sum(q), removed up front. */
-            __m512i init = cg_two_lanes(-128 * xsum[b], -128 * xsum[b + 1]);
             /* The next tile (near_tile above), else 8 vectors ahead in each row, as the int4 rows:
                27392x4096 24.4 against 26.2 GB/s, 4096x13696 26.6 against 28.5 (2-core Xeon; 256
                bytes ahead gained nothing, 2048 lost at 4096-wide rows). */
@@ -3632,7 +3621,7 @@ static inline __attribute__((always_inline)) void cg_dot8_rows(
                              _MM_HINT_T0);
             for (int r = 0; r < rows; r++) {
                 __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + r * k + b * 32)), flip);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wu, qv)),
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, qv)),
                                          _mm512_permutexvar_ps(sel, cs[r]), acc[r]);
             }
         }
@@ -3950,6 +3939,8 @@ int cg_gemm(int bits, const float *x, int64_t m, int64_t k, const int8_t *w, int
                 else cg_dot4_x4_fine(wj, k, qr, qr + k / 2, xr, sr, row_scale, groups, ws_bf16, group, near_tile, v);
             } else if (bits == 4 && block == 128) {
                 v[0] = cg_dot4(wj, qr, qr + k / 2, xr, sr, row_scale, ws_bf16, group, k);
+            } else if (bits == 8) {
+                cg_dot8_rows(1, wj, k, qr, xr, sr, row_scale, ws_bf16, group, near_tile, v);
             } else
 #endif
             {
