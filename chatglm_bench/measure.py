@@ -329,11 +329,13 @@ def run_plan(
     iters: int,
     device: torch.device,
     progress=None,
+    after_row: Optional[Callable[[], None]] = None,
 ) -> Tuple[List[Measurement], Optional[torch.Tensor]]:
     """Every plan entry at every batch size, by the same :func:`measure`. ``model_for(entry)``
-    gives the model an entry runs. Returns the records and the tokens of the first steady run
-    (the answers a real checkpoint gives). Ctrl-C raises :class:`Interrupted` with the rows
-    finished so far."""
+    gives the model an entry runs; ``after_row``, if given, is called after each row is recorded
+    (the benchmark reads the memory bandwidth again there). Returns the records and the tokens of
+    the first steady run (the answers a real checkpoint gives). Ctrl-C raises
+    :class:`Interrupted` with the rows finished so far."""
     records: List[Measurement] = []
     answers = None
     try:
@@ -356,6 +358,8 @@ def run_plan(
                 records.append(record)
                 if answers is None:
                     answers = steady.tokens
+                if after_row is not None:
+                    after_row()
     except KeyboardInterrupt:
         raise Interrupted(records, answers, len(entries) * len(batches)) from None
     return records, answers

@@ -55,6 +55,13 @@ def test_preset_run_labels_random_weights_and_writes_json_and_plot(capsys, tmp_p
         assert r["decode_ms_p50"] <= r["decode_ms_p90"] <= r["decode_ms_p99"]
         assert r["new_tokens"] == 4 and r["input_len"] == 16
     assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # On a CPU the yardstick was read again after each of the two rows, and the best read is the
+    # bandwidth every row's "% BW" is set against.
+    reference = payload["environment"]["hardware_reference"]
+    assert "the best of 3 reads, at the start and after each row" in reference["source"], reference
+    low, high = (float(v) for v in reference["source"].rsplit(": ", 1)[1].split(" GB/s")[0].split("-"))
+    assert low <= high and reference["bandwidth_gbs"] == pytest.approx(high, abs=0.06)
+    assert f"{reference['bandwidth_gbs']:.1f} GB/s" in out.split("hardware reference")[1].splitlines()[0]
 
 
 def test_ablation_runs_baseline_each_optimization_and_all(capsys):
@@ -690,6 +697,20 @@ def test_bandwidth_yardstick_reads_at_least_a_gib_and_the_working_set_and_keeps_
     read.clear()
     # A large one streams from memory: only the >= 1 GiB buffer.
     assert hardware.measure_cpu_bandwidth(12 * 2**30) == 20.0 and read == [2**30]
+
+
+def test_the_yardstick_of_a_run_is_its_best_read_and_says_how_many_and_their_range():
+    from chatglm_bench.hardware import HardwareRef, best_over_run
+
+    start = HardwareRef("cpu", 48.0, 0.9, "measured here")
+    # A fast minute after a slow start: the best read wins, and the source names the reads.
+    ref = best_over_run(start, [81.2, 50.0])
+    assert ref.bandwidth_gbs == 81.2 and ref.tflops == 0.9
+    assert ref.source == "measured here; bandwidth the best of 3 reads, at the start and after each row: 48.0-81.2 GB/s"
+    assert best_over_run(start, [40.0]).bandwidth_gbs == 48.0  # a slower read never lowers it
+    assert best_over_run(start, []) is start  # no row finished: the start's read alone
+    nominal = HardwareRef("NVIDIA H200", None, None, "unknown device")
+    assert best_over_run(nominal, [50.0]) is nominal  # no measured bandwidth to improve on
 
 
 def test_bandwidth_yardstick_reads_as_our_kernels_do_where_they_build():
