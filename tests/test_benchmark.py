@@ -706,7 +706,10 @@ def test_the_yardstick_of_a_run_is_its_best_read_and_says_how_many_and_their_ran
     # A fast minute after a slow start: the best read wins, and the source names the reads.
     ref = best_over_run(start, [81.2, 50.0])
     assert ref.bandwidth_gbs == 81.2 and ref.tflops == 0.9
-    assert ref.source == "measured here; bandwidth the best of 3 reads, at the start and after each row: 48.0-81.2 GB/s"
+    assert (
+        ref.source
+        == "measured here; bandwidth the best of 3 reads, at the start and after each row: 48.0-81.2 GB/s"
+    )
     assert best_over_run(start, [40.0]).bandwidth_gbs == 48.0  # a slower read never lowers it
     assert best_over_run(start, []) is start  # no row finished: the start's read alone
     nominal = HardwareRef("NVIDIA H200", None, None, "unknown device")
