@@ -2953,6 +2953,16 @@ def _cpu_has_fast_half_gemm() -> bool:
         return False
 
 
+def _cpu_half_prefill() -> bool:
+    """Whether the CPU prefill of a quantized layer dequantizes to the activations' half dtype
+    for a half GEMM (else to fp32): where oneDNN reports native half GEMMs and the CPU has AMX or
+    is an AMD one. An Intel CPU with AVX512-BF16 but no AMX gains nothing per cycle from bf16
+    dot products over fp32 FMAs, and oneDNN's bf16 GEMM measured slower than its fp32 one there
+    (a 2-core Xeon, family 6 model 207, AMX not exposed; 128x4096 by 27392x4096: bf16 177 ms
+    against fp32 120 ms; the int8 and int4 layer's prefill 206 -> 132 and 196 -> 126 ms)."""
+    return _cpu_has_fast_half_gemm() and (_cpu_has_amx() or _amd_cpu_family() > 0)
+
+
 def _cpu_has_amx() -> bool:
     probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
     try:
@@ -3224,7 +3234,7 @@ class _CpuKernel:
     Both are vectorised for bf16 activations only (fp32 runs 5-10x slower), so other activation
     dtypes are rounded to bf16 for the product (accumulation is fp32 inside). From
     ``_CPU_GEMV_MAX_ROWS`` rows (prefill) the weight is dequantized into a reused buffer and an
-    ordinary GEMM runs: fp32 unless the CPU has native half GEMMs. int8 needs only a conversion
+    ordinary GEMM runs: fp32 unless a half one is the faster (``_cpu_half_prefill``). int8 needs only a conversion
     (its per-output-channel scale is applied to the GEMM's output); int4 is unpacked into even
     and odd input columns (``_Int4Unpacker``) for a half GEMM, and stays on the int4 kernel on a
     CPU without fast half GEMMs (where that kernel measured as fast as unpacking plus an fp32
@@ -3235,16 +3245,16 @@ class _CpuKernel:
 
     @staticmethod
     def prepare(layer, dtype):
-        fast_half = _cpu_has_fast_half_gemm()
+        half = _cpu_half_prefill()
         if layer.bits == 8 and layer.weight_scale.dim() == 2:
             # Grouped int8, which torch's kernel does not take (cpu_dot does): every row count
             # dequantizes for a GEMM.
-            return (None, fast_half)
+            return (None, half)
         if layer.bits == 8:
             # The kernel reads the stored weight itself: realign it in place when it is not (a
             # copy, once, replacing e.g. an mmap-ed checkpoint view; no second copy is kept).
             layer.weight.data = _kernel_aligned(layer.weight.data)
-            return (layer.weight_scale.to(torch.bfloat16), fast_half)
+            return (layer.weight_scale.to(torch.bfloat16), half)
         group = _divisor_group(layer, _CpuKernel.GROUPS)
         if group is None:
             raise ValueError(
@@ -3260,8 +3270,11 @@ class _CpuKernel:
         # 4096x4096 at 128 rows on a 2-core Sapphire Rapids VM: 5.3 ms against 28.5 ms for the
         # int4 kernel's own AMX path. Unpacked in eager ops (44 ms there) the AMX kernel is faster.
         mode = _resolve_int4_dequant(layer.int4_dequant)
-        dequantize_prefill = fast_half and (mode != "eager" or not _cpu_has_amx())
-        return (packed, scales_and_zeros, group, mode, dequantize_prefill)
+        dequantize_prefill = _cpu_has_fast_half_gemm() and (mode != "eager" or not _cpu_has_amx())
+        # fp32 where a half GEMM is not the faster one (_cpu_half_prefill): the int4 kernel
+        # itself measured slower still there (27392x4096 at 128 rows: 216 ms, bf16 193, fp32 125).
+        gemm_dtype = None if half else torch.float32
+        return (packed, scales_and_zeros, group, mode, gemm_dtype, dequantize_prefill)
 
     @staticmethod
     def matmul(layer, x):
@@ -3270,7 +3283,7 @@ class _CpuKernel:
             if layer.bits == 8:
                 return _dequantized_gemm(layer, x, x.dtype if state[-1] else torch.float32)
             if state[-1]:  # int4: dequantize for prefill (only with fast half GEMMs)
-                return _dequantized_gemm(layer, x, x.dtype, state[3])
+                return _dequantized_gemm(layer, x, state[4] or x.dtype, state[3])
         xb = _kernel_aligned(x.to(torch.bfloat16))
         if layer.bits == 8:
             out = torch._weight_int8pack_mm(xb, layer.weight, state[0])
@@ -4167,7 +4180,7 @@ class _CpuDotKernel:
         if _NativeDot.load() is None:
             raise RuntimeError(_native_dot_error())
         _check_dot_settings()
-        fast_half = _cpu_has_fast_half_gemm()
+        fast_half = _cpu_half_prefill()
         layer.weight.data = layer.weight.data.contiguous()
         scale = layer.weight_scale.data
         if scale.dtype not in (torch.float32, torch.bfloat16):
@@ -4176,7 +4189,7 @@ class _CpuDotKernel:
         group = layer.group_size or layer.in_features
         mode = _resolve_int4_dequant(layer.int4_dequant) if layer.bits == 4 else "eager"
         # Prefill (64 rows and more) dequantizes for a GEMM, as the cpu kernel does: a half GEMM
-        # where the CPU has fast ones, else fp32 (on an AVX2 CPU unpacking plus an fp32 GEMM
+        # where that is the faster (_cpu_half_prefill), else fp32 (on an AVX2 CPU unpacking plus an fp32 GEMM
         # measured as fast as torch's int4 kernel). An int4 layer whose unpacking runs in eager
         # ops on AMX (44 ms for 4096x4096) keeps the dot kernel for its rows instead.
         dequantize_prefill = layer.bits == 8 or mode != "eager" or not _cpu_has_amx()

@@ -200,6 +200,43 @@ def test_prefill_dequantizes_to_fp32_on_a_cpu_without_fast_half_gemms(monkeypatc
     assert rel_error(out, x.double() @ dense.t() + layer.bias.double()) <= 6e-3
 
 
+@pytest.mark.parametrize(
+    "kernel, bits, group", [("cpu_dot", 8, 32), ("cpu_dot", 4, 0), ("cpu", 8, 0), ("cpu", 4, 32)]
+)
+@pytest.mark.parametrize(
+    "amx, amd_family, gemm_dtype",
+    [(True, 0, torch.bfloat16), (False, 26, torch.bfloat16), (False, 0, torch.float32)],
+    ids=["intel-amx", "amd-zen5", "intel-avx512bf16-no-amx"],
+)
+def test_prefill_gemm_is_half_with_amx_or_on_amd_and_fp32_on_an_intel_cpu_without_amx(
+    monkeypatch, kernel, bits, group, amx, amd_family, gemm_dtype
+):
+    # oneDNN reports native bf16 on all three; only where bf16 dot products beat fp32 FMAs per
+    # cycle (AMX, AMD's AVX512-BF16) does the prefill take a half GEMM.
+    if kernel == "cpu_dot" and M._NativeDot.load() is None:
+        pytest.skip("the cpu_dot kernel does not build here (no C compiler with OpenMP)")
+    monkeypatch.setenv("CHATGLM_INT4_DEQUANT", "eager")  # no inductor compile in this test
+    monkeypatch.setattr(M, "_cpu_has_fast_half_gemm", lambda: True)
+    monkeypatch.setattr(M, "_cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(M, "_amd_cpu_family", lambda: amd_family)
+    layer = quantized_layer(256, 96, bits, group, torch.bfloat16, kernel, seed=3)
+    x = torch.randn(80, 256, generator=torch.Generator().manual_seed(9)).bfloat16()
+    calls = []
+    real = M._dequantized_gemm
+    monkeypatch.setattr(
+        M, "_dequantized_gemm", lambda layer, x, dtype, *a: calls.append(dtype) or real(layer, x, dtype, *a)
+    )
+    with torch.no_grad():
+        out = layer(x)
+    # int4 unpacked in eager ops on AMX stays on its kernel's rows (the faster there).
+    on_rows = amx and bits == 4
+    assert layer.kernel_name == kernel and calls == ([] if on_rows else [gemm_dtype])
+    dense = M.dequantize_weight(layer.weight, layer.weight_scale, bits).double()
+    # The dot kernel's rows round the activations to int8 blocks: a looser bound there.
+    bound = 1.5e-2 if on_rows and kernel == "cpu_dot" else 6e-3
+    assert rel_error(out, x.double() @ dense.t() + layer.bias.double()) <= bound
+
+
 @needs_kernel
 @pytest.mark.parametrize(
     "bits, in_features, group",
