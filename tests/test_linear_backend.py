@@ -442,3 +442,41 @@ def test_large_weight_copies_ask_for_huge_pages_where_the_kernel_offers_them():
     del big
     assert fresh.sum().isfinite()  # the memory outlives the source and stays readable
     assert modeling._huge_page_empty_like(torch.zeros(1000)) is None  # under 2 MiB: not worth a page
+
+
+@pytest.mark.parametrize(
+    "amx, amd_family, fp32_prefill", [(False, 0, True), (False, 26, False), (True, 0, False)]
+)
+def test_dot_prefill_runs_fp32_gemms_only_where_half_gemms_are_the_slower(
+    monkeypatch, amx, amd_family, fp32_prefill
+):
+    # An Intel CPU with AVX512-BF16 but no AMX: oneDNN's bf16 GEMM is slower than its fp32 one.
+    monkeypatch.setattr(modeling, "_cpu_has_fast_half_gemm", lambda: True)
+    monkeypatch.setattr(modeling, "_cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(modeling, "_amd_cpu_family", lambda: amd_family)
+    chosen = modeling.resolve_backends(modeling.RuntimeOptions(linear_backend="dot"), "cpu", torch.bfloat16)
+    want = modeling._linear_dot_fp32_prefill if fp32_prefill else modeling.LINEAR_BACKENDS["dot"]
+    assert chosen.linear == "dot" and chosen.project is want
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_prefill_is_the_fp32_product_rounded_once_in_eager_and_graph_mode(monkeypatch, bias):
+    if modeling._NativeDot.load() is None:
+        pytest.skip("the dot kernel does not build here (no C compiler with OpenMP)")
+    monkeypatch.setattr(modeling, "_DEQUANT_CHUNK_ROWS", 32)  # several chunks, a short last one
+    layer = _layer(torch.bfloat16, bias, in_features=128, out_features=80)
+    x = torch.randn(2, 40, 128, generator=torch.Generator().manual_seed(4)).bfloat16()  # 80 rows
+    reference = nn.functional.linear(
+        x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float()
+    )
+    project = modeling._linear_dot_fp32_prefill
+    with torch.no_grad():
+        out = project(layer, x)
+        assert out.dtype == torch.bfloat16 and out.shape == (2, 40, 80)
+        # fp32 sums in another order than the reference's: equal up to a rare last-bit flip.
+        assert (out.float() - reference.bfloat16().float()).abs().max() <= reference.abs().max() * 2**-7
+        assert (out.float() - reference).abs().max() <= reference.abs().max() * 2**-8
+        compiled = torch.compile(lambda t: project(layer, t), fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), out)
+        one_row = project(layer, x[:1, :1])  # a decode step: the dot kernel, not the fp32 GEMMs
+        assert torch.equal(one_row, modeling._linear_dot(layer, x[:1, :1]))
