@@ -42,6 +42,7 @@ import json
 import math
 import mmap
 import os
+import threading
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -2901,18 +2902,28 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> t
 
 
 class DequantScratch:
-    """One float buffer shared by all quantized layers of a model, reused for every prefill GEMM
-    (eager only; a compiled graph lets the compiler plan its own memory)."""
+    """One float buffer per thread, shared by all quantized layers of a model and reused for
+    every prefill GEMM. Per thread: two threads prefilling on one model at once (a server) would
+    otherwise write their weight chunks into the same memory and get each other's products. A
+    copy of the model (``copy.deepcopy``, pickling) starts with no buffer."""
 
     def __init__(self):
-        self.buffer: Optional[torch.Tensor] = None
+        self._local = threading.local()
+
+    @property
+    def buffer(self) -> Optional[torch.Tensor]:
+        """This thread's buffer (None before its first prefill)."""
+        return getattr(self._local, "buffer", None)
 
     def get(self, shape, dtype, device) -> torch.Tensor:
         numel = math.prod(shape)
         buffer = self.buffer
         if buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < numel:
-            self.buffer = buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._local.buffer = buffer = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(shape)
+
+    def __reduce__(self):
+        return (DequantScratch, ())
 
 
 def _divisor_group(layer, allowed) -> Optional[int]:
@@ -2958,9 +2969,9 @@ def _cpu_has_fast_half_gemm() -> bool:
 
 
 def _cpu_half_prefill() -> bool:
-    """Whether the CPU prefill of a quantized layer dequantizes to the activations' half dtype
-    for a half GEMM (else to fp32): where oneDNN reports native half GEMMs and the CPU has AMX or
-    is an AMD one. An Intel CPU with AVX512-BF16 but no AMX gains nothing per cycle from bf16
+    """Whether a CPU prompt runs half GEMMs (a quantized layer dequantized to the activations'
+    half dtype; a bf16 layer on the ``dot`` backend as it is), else fp32 ones: where oneDNN
+    reports native half GEMMs and the CPU has AMX or is an AMD one. An Intel CPU with AVX512-BF16 but no AMX gains nothing per cycle from bf16
     dot products over fp32 FMAs, and oneDNN's bf16 GEMM measured slower than its fp32 one there
     (a 2-core Xeon, family 6 model 207, AMX not exposed; 128x4096 by 27392x4096: bf16 177 ms
     against fp32 120 ms; the int8 and int4 layer's prefill 206 -> 132 and 196 -> 126 ms)."""

@@ -230,6 +230,31 @@ def test_prefill_path_dequantizes_in_chunks_through_one_buffer(monkeypatch, bits
     assert layer.scratch.buffer.numel() == 40 * 160
 
 
+def test_prefill_buffer_is_per_thread_and_a_copied_layer_starts_without_one():
+    import copy
+    import pickle
+    import threading
+
+    layer = _layer(160, 96, 8, 32, torch.float32, "cpu")
+    x = torch.randn(70, 160, generator=torch.Generator().manual_seed(12))
+    expected = M._dequantized_gemm(layer, x, torch.float32)
+    mine = layer.scratch.buffer
+    seen = {}
+
+    def other_thread():  # a second request on the same model, e.g. a server's worker thread
+        seen["out"] = M._dequantized_gemm(layer, x, torch.float32)
+        seen["buffer"] = layer.scratch.buffer
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert torch.equal(seen["out"], expected)
+    assert seen["buffer"].data_ptr() != mine.data_ptr() and layer.scratch.buffer is mine
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.scratch is not layer.scratch and clone.scratch.buffer is None
+        assert torch.equal(M._dequantized_gemm(clone, x, torch.float32), expected)
+
+
 def _every_byte_weight(rows: int, in_features: int) -> torch.Tensor:
     """An int4 stored weight [rows, in // 2] holding every byte value (every nibble pair)."""
     return (torch.arange(rows * in_features // 2) * 7 % 256).to(torch.uint8).view(torch.int8).view(rows, -1)
