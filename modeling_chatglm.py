@@ -2918,7 +2918,10 @@ class DequantScratch:
     def get(self, shape, dtype, device) -> torch.Tensor:
         numel = math.prod(shape)
         buffer = self.buffer
-        if buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < numel:
+        stale = buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < numel
+        # A buffer made under torch.inference_mode cannot be written outside it (a prompt under
+        # inference_mode, then generate() under no_grad): a new one then.
+        if stale or (buffer.is_inference() and not torch.is_inference_mode_enabled()):
             self._local.buffer = buffer = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(shape)
 

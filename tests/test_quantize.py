@@ -255,6 +255,19 @@ def test_prefill_buffer_is_per_thread_and_a_copied_layer_starts_without_one():
         assert torch.equal(M._dequantized_gemm(clone, x, torch.float32), expected)
 
 
+def test_prefill_under_no_grad_after_one_under_inference_mode():
+    # e.g. a prompt scored under torch.inference_mode, then generate() (no_grad) on the same model
+    layer = _layer(160, 96, 8, 32, torch.float32, "cpu")
+    x = torch.randn(70, 160, generator=torch.Generator().manual_seed(12))
+    dense = M.dequantize_weight(layer.weight, layer.weight_scale, 8).float()
+    with torch.inference_mode():
+        first = M._dequantized_gemm(layer, x, torch.float32)
+        dense_first = M._fp32_prefill_gemm(x, dense, None)  # the dense prompt path's buffer too
+    with torch.no_grad():
+        assert torch.equal(M._dequantized_gemm(layer, x, torch.float32), first)
+        assert torch.equal(M._fp32_prefill_gemm(x, dense, None), dense_first)
+
+
 def _every_byte_weight(rows: int, in_features: int) -> torch.Tensor:
     """An int4 stored weight [rows, in // 2] holding every byte value (every nibble pair)."""
     return (torch.arange(rows * in_features // 2) * 7 % 256).to(torch.uint8).view(torch.int8).view(rows, -1)
