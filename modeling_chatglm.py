@@ -3166,22 +3166,33 @@ def _dequantized_gemm(layer, x, gemm_dtype, int4_dequant: str = "eager"):
     )
 
 
+def _chunked_gemm(xg: torch.Tensor, out_features: int, in_features: int, scratch, fill) -> torch.Tensor:
+    """xg [m, in] times a weight [out, in] that ``fill(chunk, start, stop)`` writes, rows
+    ``start:stop`` at a time (``_DEQUANT_CHUNK_ROWS``), into one reused ``scratch`` buffer of
+    xg's dtype: [m, out] in that dtype."""
+    rows = min(_DEQUANT_CHUNK_ROWS, out_features)
+    buffer = scratch.get((rows, in_features), xg.dtype, xg.device)
+    out_t = torch.empty(out_features, xg.shape[0], dtype=xg.dtype, device=xg.device)  # [out, m]
+    for start in range(0, out_features, rows):
+        stop = min(start + rows, out_features)
+        chunk = buffer[: stop - start]
+        fill(chunk, start, stop)
+        torch.mm(chunk, xg.t(), out=out_t[start:stop])
+    return out_t.t()
+
+
 def _chunked_dequantized_gemm(x, weight, scale, bits: int, gemm_dtype, int4_dequant: str, scratch):
     out_features = weight.shape[0]
     in_features = weight.shape[1] * (2 if bits == 4 else 1)
     xg = x.to(gemm_dtype)
     if bits == 4:
         xg = _even_odd_columns(xg)
-    rows = min(_DEQUANT_CHUNK_ROWS, out_features)
-    buffer = scratch.get((rows, in_features), gemm_dtype, x.device)
-    out_t = torch.empty(out_features, x.shape[0], dtype=gemm_dtype, device=x.device)  # [out, m]
     half = in_features // 2
     grouped_int8 = bits == 8 and scale.dim() == 2  # the scale does not commute with the GEMM
     if grouped_int8:
         scale = scale.to(gemm_dtype).contiguous()
-    for start in range(0, out_features, rows):
-        stop = min(start + rows, out_features)
-        chunk = buffer[: stop - start]
+
+    def fill(chunk, start, stop):
         if grouped_int8:
             _dequantize_int8_groups(weight[start:stop], scale[start:stop], chunk)
         elif bits == 8:
@@ -3190,8 +3201,8 @@ def _chunked_dequantized_gemm(x, weight, scale, bits: int, gemm_dtype, int4_dequ
             _Int4Unpacker.run(
                 int4_dequant, weight[start:stop], scale[start:stop], chunk[:, :half], chunk[:, half:]
             )
-        torch.mm(chunk, xg.t(), out=out_t[start:stop])
-    out = out_t.t()
+
+    out = _chunked_gemm(xg, out_features, in_features, scratch, fill)
     if bits == 8 and scale.dim() == 1:
         out = out * scale.to(gemm_dtype)
     return out.to(x.dtype).contiguous()
@@ -3245,17 +3256,12 @@ def _fp32_prefill_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     sums (+ bias) rounded once to x's dtype, as a half GEMM rounds its fp32 accumulators. For
     prefill where half GEMMs are the slower (``_cpu_half_prefill``): 128x4096 by 27392x4096 on
     a 2-core Xeon without AMX, 122 ms against 177 for oneDNN's bf16 GEMM."""
-    out_features, in_features = weight.shape
-    rows = min(_DEQUANT_CHUNK_ROWS, out_features)
-    buffer = _DENSE_PREFILL_SCRATCH.get((rows, in_features), torch.float32, x.device)
-    xf = x.float()
-    out_t = torch.empty(out_features, x.shape[0], dtype=torch.float32, device=x.device)  # [out, m]
-    for start in range(0, out_features, rows):
-        stop = min(start + rows, out_features)
-        chunk = buffer[: stop - start]
-        chunk.copy_(weight[start:stop])
-        torch.mm(chunk, xf.t(), out=out_t[start:stop])
-    out = out_t.t()
+    out = _chunked_gemm(
+        x.float(),
+        *weight.shape,
+        _DENSE_PREFILL_SCRATCH,
+        lambda chunk, start, stop: chunk.copy_(weight[start:stop]),
+    )
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).contiguous()
@@ -4247,7 +4253,7 @@ class _CpuDotKernel:
         if _NativeDot.load() is None:
             raise RuntimeError(_native_dot_error())
         _check_dot_settings()
-        fast_half = _cpu_half_prefill()
+        half = _cpu_half_prefill()
         layer.weight.data = layer.weight.data.contiguous()
         scale = layer.weight_scale.data
         if scale.dtype not in (torch.float32, torch.bfloat16):
@@ -4260,7 +4266,7 @@ class _CpuDotKernel:
         # measured as fast as torch's int4 kernel). An int4 layer whose unpacking runs in eager
         # ops on AMX (44 ms for 4096x4096) keeps the dot kernel for its rows instead.
         dequantize_prefill = layer.bits == 8 or mode != "eager" or not _cpu_has_amx()
-        gemm_dtype = None if fast_half else torch.float32
+        gemm_dtype = None if half else torch.float32
         return (scale, group, mode, gemm_dtype, dequantize_prefill)
 
     @staticmethod
